@@ -1,0 +1,39 @@
+"""cclm_jax: Cross-View Language Modeling (CCLM, Zeng et al., ACL 2023) in JAX/Flax."""
+from setuptools import find_packages, setup
+
+# Ranges that work on Python 3.11 (jax 0.10.2, flax 0.12.8) and on a Python 3.12 TPU VM.
+INSTALL_REQUIRES = [
+    "jax>=0.10.2,<0.13",
+    "flax>=0.12.8,<0.13",
+    "optax>=0.2.5,<0.3",
+    "orbax-checkpoint>=0.11.20,<0.13",
+    "tensorflow-cpu>=2.19,<2.23",
+    "tensorflow-datasets>=4.9.8,<4.11",
+    "tensorboard>=2.19,<2.23",
+    "sentencepiece>=0.2.0,<0.3",
+    "ml-collections>=1.0,<1.3",
+    "clu>=0.0.12,<0.1",
+    "numpy>=1.26,<3",
+    "pillow>=10,<14",
+    "matplotlib>=3.8,<4",
+    "absl-py>=2.1,<3",
+]
+
+EXTRAS_REQUIRE = {
+    "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "chex>=0.1.90,<0.2"],
+    # torch 2.13.0 is the local CPU wheel on the dev machines; any 2.x with weights_only works.
+    "torch": ["torch>=2.4,<3", "safetensors>=0.4,<1"],
+    "tpu": ["jax[tpu]>=0.10.2,<0.13"],
+    "gpu": ["jax[cuda12]>=0.10.2,<0.13"],
+}
+
+setup(
+    name="cclm_jax",
+    version="0.1.0",
+    description="Cross-View Language Modeling (CCLM) in JAX/Flax: pre-training, fine-tuning, PyTorch interop",
+    packages=find_packages(include=["cclm_jax", "cclm_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+    entry_points={"console_scripts": ["cclm-jax=cclm_jax.main:run"]},
+)
