@@ -1,0 +1,231 @@
+"""XLM-R/BERT post-LN text stack with fusion layers (the CCLM text tower), Flax Linen.
+
+Layers `0 .. fusion_layer-1` are the text encoder; layers `fusion_layer .. num_layers-1` add a
+cross-attention block (query from the text stream, key/value from a condition: image tokens, or the other
+sentence's text-encoder states) between self-attention and the FFN (spec §1.3). Position ids start at 0,
+token-type row 0 is always added, self-attention masks are (1-m)*-10000 and cross-attention masks (1-m)*-1e9.
+
+Shapes: ids/atts (B, L) int; hidden states (B, L, D); condition (B, Lc, Dc) with Dc the encoder width.
+Parameter names mirror the PyTorch `bert.*` keys (`encoder.layer.{i}` <-> `layer_{i}`).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from cclm_jax.models.common import DenseGeneral, LayerNorm, attention_softmax, param_with_axes
+
+SELF_MASK_VALUE = -10000.0
+CROSS_MASK_VALUE = -1e9
+
+
+def self_attention_bias(atts: jax.Array) -> jax.Array:
+    """(B, L) {0,1} mask -> (B, 1, 1, L) float32 additive bias, (1-m) * -10000."""
+    return ((1.0 - atts.astype(jnp.float32)) * SELF_MASK_VALUE)[:, None, None, :]
+
+
+def cross_attention_bias(atts: jax.Array) -> jax.Array:
+    """(B, Lc) {0,1} mask -> (B, 1, 1, Lc) float32 additive bias, (1-m) * -1e9."""
+    return ((1.0 - atts.astype(jnp.float32)) * CROSS_MASK_VALUE)[:, None, None, :]
+
+
+def bert_init(std: float = 0.02):
+    """BERT's N(0, std) weight initialisation."""
+    return nn.initializers.normal(stddev=std)
+
+
+class AttentionCore(nn.Module):
+    """Query/key/value projections and scaled dot-product attention (torch `*.self`).
+
+    x (B, L, D) queries; kv (B, Lk, Dk) key/value source; bias (B, 1, 1, Lk) additive float32.
+    Returns the context (B, L, nH, hd).
+    """
+
+    num_heads: int
+    head_dim: int
+    attention_dropout: float
+    deterministic: bool = True
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, kv: jax.Array, bias: jax.Array) -> jax.Array:
+        def proj(name, inputs):
+            return DenseGeneral((self.num_heads, self.head_dim), axes=("embed", "heads", None),
+                                dtype=self.dtype, kernel_init=bert_init(), name=name)(inputs)
+
+        q = proj("query", x) * (self.head_dim ** -0.5)
+        k = proj("key", kv)
+        v = proj("value", kv)
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) + bias
+        probs = attention_softmax(scores)
+        probs = nn.Dropout(self.attention_dropout)(probs, deterministic=self.deterministic)
+        return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v)
+
+
+class ResidualOutput(nn.Module):
+    """dense -> dropout -> LayerNorm(. + residual) (torch `*.output`); `axis` = the contracted input dims."""
+
+    hidden: int
+    axes: tuple
+    axis: tuple
+    dropout: float
+    eps: float
+    deterministic: bool = True
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, residual: jax.Array) -> jax.Array:
+        y = DenseGeneral(self.hidden, axis=self.axis, axes=self.axes, dtype=self.dtype,
+                         kernel_init=bert_init(), name="dense")(x)
+        y = nn.Dropout(self.dropout)(y, deterministic=self.deterministic)
+        return LayerNorm(self.eps, name="LayerNorm")(y + residual).astype(self.dtype)
+
+
+class Attention(nn.Module):
+    """BERT attention block, self or cross: LN(x + dropout(dense(attention(x, kv)))); (B, L, D)."""
+
+    hidden: int
+    num_heads: int
+    dropout: float
+    attention_dropout: float
+    eps: float
+    deterministic: bool = True
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, kv: jax.Array, bias: jax.Array) -> jax.Array:
+        head_dim = self.hidden // self.num_heads
+        context = AttentionCore(self.num_heads, head_dim, self.attention_dropout, self.deterministic,
+                                self.dtype, name="self")(x, kv, bias)
+        return ResidualOutput(self.hidden, ("heads", None, "embed"), (-2, -1), self.dropout, self.eps,
+                              self.deterministic, self.dtype, name="output")(context, x)
+
+
+class Intermediate(nn.Module):
+    """FFN up-projection with exact GELU (torch `intermediate`); (B, L, D) -> (B, L, F)."""
+
+    intermediate: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = DenseGeneral(self.intermediate, axes=("embed", "mlp"), dtype=self.dtype,
+                         kernel_init=bert_init(), name="dense")(x)
+        return nn.gelu(h, approximate=False)
+
+
+class TextLayer(nn.Module):
+    """One post-LN BERT layer; with `cross=True` a cross-attention block sits before the FFN."""
+
+    hidden: int
+    num_heads: int
+    intermediate: int
+    cross: bool
+    dropout: float
+    attention_dropout: float
+    eps: float
+    deterministic: bool = True
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, bias: jax.Array, cond: jax.Array | None = None,
+                 cond_bias: jax.Array | None = None) -> jax.Array:
+        def attention(name):
+            return Attention(self.hidden, self.num_heads, self.dropout, self.attention_dropout, self.eps,
+                             self.deterministic, self.dtype, name=name)
+
+        x = attention("attention")(x, x, bias)
+        if self.cross:
+            if cond is None:
+                raise ValueError("a fusion layer needs condition states (image tokens or sentence states)")
+            x = attention("crossattention")(x, cond, cond_bias)
+        h = Intermediate(self.intermediate, self.dtype, name="intermediate")(x)
+        return ResidualOutput(self.hidden, ("mlp", "embed"), (-1,), self.dropout, self.eps,
+                              self.deterministic, self.dtype, name="output")(h, x)
+
+
+class Embeddings(nn.Module):
+    """word[ids] + position[0..L-1] + token_type[0] -> LayerNorm -> dropout; (B, L) -> (B, L, D)."""
+
+    vocab_size: int
+    hidden: int
+    max_positions: int
+    type_vocab_size: int
+    dropout: float
+    eps: float
+    deterministic: bool = True
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        self.word_embeddings = param_with_axes(
+            self, "word_embeddings", bert_init(), (self.vocab_size, self.hidden), ("vocab", "embed"))
+        self.position_embeddings = param_with_axes(
+            self, "position_embeddings", bert_init(), (self.max_positions, self.hidden), (None, "embed"))
+        self.token_type_embeddings = param_with_axes(
+            self, "token_type_embeddings", bert_init(), (self.type_vocab_size, self.hidden), (None, "embed"))
+        self.LayerNorm = LayerNorm(self.eps)
+        self.drop = nn.Dropout(self.dropout)
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        length = ids.shape[1]
+        x = jnp.take(self.word_embeddings, ids, axis=0)
+        x = x + self.position_embeddings[:length][None] + self.token_type_embeddings[0][None, None]
+        x = self.LayerNorm(x)
+        return self.drop(x, deterministic=self.deterministic).astype(self.dtype)
+
+    def attend(self, hidden: jax.Array) -> jax.Array:
+        """Tied decoder: (..., D) -> (..., vocab) logits against the word embedding matrix."""
+        return jnp.einsum("...d,vd->...v", hidden, self.word_embeddings.astype(hidden.dtype))
+
+
+class TextStack(nn.Module):
+    """Embeddings + `num_layers` post-LN layers, the last `num_layers - fusion_layer` with cross-attention."""
+
+    vocab_size: int
+    hidden: int
+    num_heads: int
+    intermediate: int
+    num_layers: int
+    fusion_layer: int
+    max_positions: int
+    type_vocab_size: int
+    dropout: float
+    attention_dropout: float
+    eps: float
+    remat: bool = False
+    deterministic: bool = True
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        self.embeddings = Embeddings(self.vocab_size, self.hidden, self.max_positions,
+                                     self.type_vocab_size, self.dropout, self.eps, self.deterministic,
+                                     self.dtype)
+        layer_cls = nn.remat(TextLayer) if self.remat else TextLayer
+        self.layer = [
+            layer_cls(self.hidden, self.num_heads, self.intermediate, i >= self.fusion_layer,
+                      self.dropout, self.attention_dropout, self.eps, self.deterministic, self.dtype)
+            for i in range(self.num_layers)
+        ]
+
+    def encode(self, ids: jax.Array, atts: jax.Array) -> jax.Array:
+        """Text encoder ('text' mode): embeddings + layers [0, fusion_layer); (B, L) -> (B, L, D)."""
+        x = self.embeddings(ids)
+        bias = self_attention_bias(atts)
+        for layer in self.layer[: self.fusion_layer]:
+            x = layer(x, bias)
+        return x
+
+    def fuse(self, x: jax.Array, atts: jax.Array, cond: jax.Array, cond_atts: jax.Array) -> jax.Array:
+        """Fusion encoder ('fusion' mode): layers [fusion_layer, num_layers) cross-attending to `cond`."""
+        bias = self_attention_bias(atts)
+        cond_bias = cross_attention_bias(cond_atts)
+        cond = cond.astype(self.dtype)
+        for layer in self.layer[self.fusion_layer:]:
+            x = layer(x, bias, cond, cond_bias)
+        return x
+
+    def attend(self, hidden: jax.Array) -> jax.Array:
+        return self.embeddings.attend(hidden)
