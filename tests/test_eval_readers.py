@@ -231,8 +231,10 @@ def test_answer_list_keeps_file_order(tmp_path):
 
 def test_iglue_paths():
     root = "/iglue"
-    assert R.iglue_annotation_path(root, "xFlickrCO", "ja", shots="100x5") == "/iglue/xFlickrCO/annotations/ja/train_100x5.jsonl"
-    assert R.iglue_annotation_path(root, "wit", "ko", translate_test=True) == "/iglue/wit/annotations_machine-translate/test_ko_gmt.jsonl"
+    assert R.iglue_annotation_path(root, "xFlickrCO", "ja", shots="100x5") == \
+        "/iglue/xFlickrCO/annotations/ja/train_100x5.jsonl"
+    assert R.iglue_annotation_path(root, "wit", "ko", translate_test=True) == \
+        "/iglue/wit/annotations_machine-translate/test_ko_gmt.jsonl"
     assert R.iglue_annotation_path(root, "xvnli", "ru") == "/iglue/XVNLI/annotations/ru/test.jsonl"
     assert R.iglue_annotation_path(root, "marvl", "ta", translate_test=True) == \
         "/iglue/marvl/zero_shot/annotations_machine-translate/marvl-ta_gmt.jsonl"
@@ -321,4 +323,5 @@ def test_real_flickr8k_images_exist(shared_data_dir):
     for lang, n_texts in (("en", 237), ("de", 237), ("fr", 237), ("cs", 237), ("zh", 1185)):
         got = R.read_flickr8k(root / "val.jsonl", root, lang, check_images=True)
         assert len(got.images) == 237 and len(got.texts) == n_texts
-    assert np.bincount(R.read_flickr8k(root / "val.jsonl", root, "en", field="flickr8k_en").txt2img).tolist() == [5] * 237
+    five_each = R.read_flickr8k(root / "val.jsonl", root, "en", field="flickr8k_en")
+    assert np.bincount(five_each.txt2img).tolist() == [5] * 237

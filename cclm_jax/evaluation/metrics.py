@@ -173,9 +173,10 @@ def scatter_topk_scores(idx: np.ndarray, scores: np.ndarray, shape: tuple[int, i
     if idx.shape[1] > shape[1]:
         raise ValueError(f"k={idx.shape[1]} exceeds the {shape[1]} candidates of shape {shape}")
     idx = _check_index("idx", idx, shape[1])
-    for row in range(idx.shape[0]):
-        if len(np.unique(idx[row])) != idx.shape[1]:
-            raise ValueError(f"idx row {row} repeats a candidate: {idx[row].tolist()}")
+    repeats = (np.diff(np.sort(idx, axis=1), axis=1) == 0).any(axis=1)
+    if repeats.any():
+        row = int(np.flatnonzero(repeats)[0])
+        raise ValueError(f"idx row {row} repeats a candidate: {idx[row].tolist()}")
     out = np.full(shape, fill, dtype=np.result_type(scores.dtype, np.float32))
     out[np.arange(shape[0])[:, None], idx] = scores
     return out

@@ -516,13 +516,15 @@ def read_answer_list(path: PathLike) -> list[str]:
     """Candidate answers for VQA ranking: the keys of ``trainval_ans2label.json`` in file order."""
     data = _load_json(path)
     if not isinstance(data, dict):
-        raise AnnotationError(path, "top level", None, f"expected a JSON object answer -> label id, got {type(data).__name__}")
+        raise AnnotationError(path, "top level", None,
+                              f"expected a JSON object answer -> label id, got {type(data).__name__}")
     seen: dict[int, str] = {}
     for answer, label in data.items():
         if isinstance(label, bool) or not isinstance(label, int):
             raise AnnotationError(path, f"answer {answer!r}", answer, f"label id must be an int, got {label!r}")
         if label in seen:
-            raise AnnotationError(path, f"answer {answer!r}", answer, f"label id {label} already used by {seen[label]!r}")
+            raise AnnotationError(path, f"answer {answer!r}", answer,
+                                  f"label id {label} already used by {seen[label]!r}")
         seen[label] = answer
     if not data:
         raise AnnotationError(path, "top level", None, "empty answer list")
@@ -576,7 +578,8 @@ def iglue_annotation_path(iglue_root: PathLike, task: str, language: str, split:
             return os.path.join(root, "XVNLI", "annotations", language, f"{split}.jsonl")
     elif task == "marvl":
         if translate_test:
-            return os.path.join(root, "marvl", "zero_shot", "annotations_machine-translate", f"marvl-{language}_gmt.jsonl")
+            return os.path.join(root, "marvl", "zero_shot", "annotations_machine-translate",
+                                f"marvl-{language}_gmt.jsonl")
         if shots is not None:
             return os.path.join(root, "marvl", "few_shot", "annotations", f"marvl-{language}_train{shots}.jsonl")
         if split == "test":

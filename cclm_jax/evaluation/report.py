@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import re
 from collections.abc import Mapping
@@ -46,7 +47,7 @@ def validate_results(results: Results) -> None:
             for metric, value in values.items():
                 if not isinstance(metric, str):
                     raise ValueError(f"results[{task!r}][{language!r}] has a metric key {metric!r}; expected a string")
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
                     raise ValueError(f"results[{task!r}][{language!r}][{metric!r}] = {value!r} is not a finite number")
 
 
@@ -123,15 +124,17 @@ def bar_chart(task: str, per_language: Mapping[str, Mapping[str, float]], out_pa
 
 
 def write_results(results: Results, out_dir: str | os.PathLike) -> dict[str, str]:
-    """Writes ``results.json`` (exactly ``results``), ``results.md`` and ``<task>.png`` per task.
+    """Writes ``results.json`` (``results`` with values as floats), ``results.md`` and ``<task>.png`` per task.
 
     Args:
-      results: task -> language -> metric -> value (percent).
+      results: task -> language -> metric -> value (percent; Python or numpy real numbers).
       out_dir: folder, created if absent; existing files of the same names are replaced.
     Returns:
       ``{"json": path, "markdown": path, "chart:<task>": path, ...}``.
     """
     validate_results(results)
+    results = {task: {lang: {m: float(v) for m, v in values.items()} for lang, values in per_language.items()}
+               for task, per_language in results.items()}
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     written = {"json": os.path.join(out_dir, "results.json"), "markdown": os.path.join(out_dir, "results.md")}
