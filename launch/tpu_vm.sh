@@ -161,7 +161,7 @@ else
   die "the TPU VM $NAME exists but is $state; delete it ($(quote_cmd "${TPU[@]}" delete "$NAME" "${WHERE[@]}")) and run again"
 fi
 if ((DELETE)); then
-  trap 'status=$?; delete_vm; exit $status' EXIT
+  trap 'status=$?; delete_vm || note "could not delete $NAME; delete it by hand"; exit $status' EXIT
 fi
 
 # ---- 2. the code -----------------------------------------------------------------------------
