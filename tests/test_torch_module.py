@@ -146,7 +146,7 @@ def test_full_size_layout_matches_official_keys(golden_dir):
     (lambda c: c["vision"].update(image_res=256), "do not tile into windows of 7"),
     (lambda c: c["text"].update(num_heads=3), "'text.hidden_size' 128 is not divisible by 'text.num_heads' 3"),
     (lambda c: c.update(embed_dim=0), "'embed_dim': expected a positive int"),
-])
+], ids=["missing", "unknown", "stage_lists", "width", "tiling", "heads", "embed_dim"])
 def test_bad_config_is_named(edit, message):
     config = json.loads(json.dumps(TINY_CONFIG))
     edit(config)
@@ -163,7 +163,7 @@ def test_bad_config_is_named(edit, message):
     (lambda sd: sd.update({TIED_COPIES[1]: torch.zeros(1000)}), r"tied tensors differ: \['" + TIED_COPIES[1]),
     (lambda sd: sd.update({"vision_encoder.layers.1.blocks.1.attn_mask": torch.zeros(16, 49, 49)}),
      r"buffer\(s\) differ .*\['vision_encoder.layers.1.blocks.1.attn_mask'\]"),
-])
+], ids=["shape", "missing", "unexpected", "untied", "stale_buffer"])
 def test_bad_state_dict_is_named(golden_ckpt, tmp_path, edit, named):
     state_dict = dict(golden_ckpt["model"])
     edit(state_dict)

@@ -27,8 +27,8 @@ class CCLM(nn.Module):
 
     ``config`` is the architecture dict documented in ``cclm_jax.torch.config``. Images are NCHW float32,
     pixels in [0, 1] normalised with the CLIP mean (0.48145466, 0.4578275, 0.40821073) and std
-    (0.26862954, 0.26130258, 0.27577711); token ids and masks are (B, L) integer tensors. ``bbox_head`` (the 4M region objective's box regressor) is kept so that official files
-    load strictly."""
+    (0.26862954, 0.26130258, 0.27577711); token ids and masks are (B, L) integer tensors. ``bbox_head``
+    (the 4M region objective's box regressor) is kept so that official files load strictly."""
 
     def __init__(self, config: Mapping):
         super().__init__()

@@ -14,7 +14,6 @@ from torch import nn
 
 SELF_MASK_VALUE = -10000.0  # added to attention scores of padded keys in self-attention
 CROSS_MASK_VALUE = -1e9  # same for cross-attention (HF ``invert_attention_mask`` in float32)
-CROSS_MASK_VALUE_FP16 = -1e4  # HF's value when the hidden states are float16
 
 
 def additive_mask(atts: torch.Tensor, value: float, dtype: torch.dtype) -> torch.Tensor:
@@ -196,8 +195,7 @@ class TextEncoder(nn.Module):
             if cond_atts.ndim != 2 or tuple(cond_atts.shape) != tuple(cond.shape[:2]):
                 raise ValueError(f"condition attention mask: expected shape {tuple(cond.shape[:2])}, "
                                  f"got {tuple(cond_atts.shape)}")
-            value = CROSS_MASK_VALUE_FP16 if x.dtype == torch.float16 else CROSS_MASK_VALUE
-            cross_mask = additive_mask(cond_atts, value, x.dtype)
+            cross_mask = additive_mask(cond_atts, CROSS_MASK_VALUE, x.dtype)
         for i in layers:
             x = self.bert.encoder.layer[i](x, self_mask, cond, cross_mask)
         return x
