@@ -22,8 +22,8 @@ Steps (each one a gcloud command; --dry-run prints them all):
      cclm-jax train --config FILE --workdir gs://... --config.distributed=True TRAIN_ARGS...
   5. with --delete: delete the VM when the script ends, whether training succeeded or not
 
-Resume: run the same command again. The VM is reused, the code re-copied, the install is
-a no-op when nothing changed, and training resumes from the latest checkpoint in --workdir.
+Resume: run the same command again. The VM is reused, the code re-copied, the install reuses
+the venv and only updates what changed, and training resumes from the latest checkpoint in --workdir.
 A preempted spot VM must be deleted first (the error message gives the command).
 
 Options:
