@@ -169,7 +169,7 @@ class MLMHead(nn.Module):
 
 
 class TextEncoder(nn.Module):
-    """The 12-layer CCLM text stack: layers [0, fusion_layer) encode text, the rest fuse a condition
+    """The CCLM text stack (12 layers in CCLM): layers [0, fusion_layer) encode text, the rest fuse a condition
     (image tokens or another sentence's text states) through cross-attention. ``text`` is the validated
     ``config['text']`` section."""
 
