@@ -10,7 +10,7 @@ and `retrieval` (`RetrievalModel`: `text_encoder.*` = a plain BertModel, no MLM 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, Mapping
 
 import ml_collections
 import numpy as np
@@ -166,6 +166,21 @@ def to_torch_array(entry: Entry, value: np.ndarray) -> np.ndarray:
     raise ValueError(f"{entry.key}: no tensor conversion for kind {entry.kind!r}")
 
 
+def torch_shape(entry: Entry, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The official tensor shape of a parameter whose Flax shape is `shape` (no data touched)."""
+    shape = tuple(int(d) for d in shape)
+    if entry.kind == "plain":
+        return shape
+    if entry.kind == "bias":
+        return (int(np.prod(shape)),)
+    if entry.kind == "conv":
+        return (shape[3], shape[2], shape[0], shape[1])
+    if entry.kind == "linear":
+        n_in = int(np.prod(shape[: entry.in_ndims]))
+        return (int(np.prod(shape)) // n_in, n_in)
+    raise ValueError(f"{entry.key}: no tensor conversion for kind {entry.kind!r}")
+
+
 def from_torch_array(entry: Entry, tensor: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """Official tensor -> a Flax parameter of `shape`; raises ValueError on a size mismatch."""
     if entry.kind == "conv":
@@ -184,6 +199,20 @@ def from_torch_array(entry: Entry, tensor: np.ndarray, shape: tuple[int, ...]) -
         raise ValueError(f"{entry.key}: shape {tuple(tensor.shape)} does not fit parameter "
                          f"{'/'.join(entry.path)} of shape {tuple(shape)}")
     return np.array(out.reshape(shape), order="C")  # (ascontiguousarray would make 0-d arrays 1-d)
+
+
+def get_path(tree: Mapping, path: tuple[str, ...]):
+    """The leaf of a nested dict at `path` (KeyError if absent)."""
+    for part in path:
+        tree = tree[part]
+    return tree
+
+
+def set_path(tree: dict, path: tuple[str, ...], value) -> None:
+    """Put `value` at `path` of a nested dict, creating the intermediate dicts."""
+    for part in path[:-1]:
+        tree = tree.setdefault(part, {})
+    tree[path[-1]] = value
 
 
 def torch_names(model_config: ml_collections.ConfigDict, layout: str = "pretrain") -> dict[tuple[str, ...], str]:

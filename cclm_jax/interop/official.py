@@ -2,49 +2,64 @@
 
 `load(path, text_num_heads=None, **overrides) -> (model_config, params)` infers the architecture from the
 tensor shapes and key counts (depths, widths, vocabulary, window, image size, fusion layer), takes what
-shapes cannot tell (the text attention heads) from `text_num_heads`, and maps every tensor onto our Flax
-parameter tree. `save(path, model_config, params)` writes the official key set, order, shapes and dtypes,
-buffers included and the tied MLM decoder under both names. Needs the `torch` extra.
+shapes cannot tell (the text attention heads) from `text_num_heads`, else from the file's
+`config['architecture']` (written by `save`) or a `config.json` beside a `.safetensors` file, else from the
+known XLM-R widths, and maps every tensor onto our Flax parameter tree. Both layouts are recognised:
+`pretrain` (CrossViewLM) and `retrieval` (RetrievalModel, no MLM/bbox heads: those parameters are absent).
 
-Files are read with `torch.load(weights_only=True)`: a checkpoint from the internet cannot run code.
+Geometry conversion: `load(path, vision__image_res=384, vision__window_size=12)` reads a 224-px / window-7
+checkpoint into a 384-px / window-12 model the way the reference's `load_pretrained` does: relative
+position tables resized (`relpos.resize_relative_position_table`), buffers dropped (they are regenerated
+from the config on export). Without a geometry change the buffers in the file must equal the generated ones.
+
+`save(path, model_config, params)` writes the official key set, order, shapes and dtypes, buffers included
+and the tied MLM decoder under both names sharing one storage (as the official file). Its `config` holds
+`architecture` (the `export.architecture_dict` layout, also the safetensors `config.json`), `cclm_jax_model`
+(our full model config), `embed_dim`, `temp`, `image_res`, plus `extra_config`. The official code never
+reads a checkpoint's config, so these keys do not disturb it.
+
+Memory: files are memory-mapped (`files.open_checkpoint`) and converted tensor by tensor, so `load` holds one
+copy of the parameters; `save` holds the parameters plus one converted copy (torch.save needs the dict).
+Tensors with bad shapes, missing / unexpected keys and differing tied copies raise `CheckpointError` naming
+the first offending keys. Needs the `torch` extra.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import re
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import torch
 
-from cclm_jax.interop.layout import Entry, from_torch_array, official_layout, to_torch_array
+from cclm_jax.interop.export import architecture_dict
+from cclm_jax.interop.files import CheckpointError, open_checkpoint
+from cclm_jax.interop.layout import Entry, from_torch_array, get_path, official_layout, set_path, to_torch_array
+from cclm_jax.interop.relpos import resize_relative_position_table
+from cclm_jax.interop.shapes import param_shapes
 from cclm_jax.models.config import base_model_config, validate_model_config
+
+__all__ = ["CheckpointError", "detect_layout", "infer_model_config", "load", "params_from_state_dict",
+           "read_state_dict", "save", "state_dict_from_params"]
 
 # Attention heads by text width for the checkpoints CCLM is built from (XLM-R large / base).
 KNOWN_TEXT_HEADS = {1024: 16, 768: 12}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that does not match the expected layout; the message names the offending keys."""
+LISTED_KEYS = 5  # offending keys named per kind of problem
+_COMPARE_CHUNK_ROWS = 16384
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Read a `.th`/`.pth`/`.bin` file holding `{'model': state_dict}` or a bare state_dict, as numpy."""
-    try:
-        obj = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # truncated, corrupt, or contains pickled code
-        raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: {e})") from e
-    if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
-        obj = obj["model"]
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path}: expected a state_dict (or {{'model': state_dict}}) of tensors")
-    return {k: v.detach().cpu().numpy() for k, v in obj.items()}
+    """A `.th`/`.pth`/`.bin` (`{'model': state_dict}` or bare) or `.safetensors` file as numpy arrays.
+
+    The arrays are views of the memory-mapped file: pages are read when a tensor is first used.
+    """
+    return dict(open_checkpoint(path))
 
 
 def detect_layout(state_dict: Mapping[str, Any]) -> str:
@@ -55,12 +70,17 @@ def detect_layout(state_dict: Mapping[str, Any]) -> str:
         return "retrieval"
     raise CheckpointError("no text_encoder word embeddings found (looked for "
                           "'text_encoder.bert.embeddings.word_embeddings.weight' and "
-                          "'text_encoder.embeddings.word_embeddings.weight')")
+                          "'text_encoder.embeddings.word_embeddings.weight'): not a CCLM checkpoint")
 
 
 def _count(pattern: str, keys) -> int:
     found = {int(m.group(1)) for k in keys if (m := re.match(pattern, k))}
     return max(found) + 1 if found else 0
+
+
+def _shape(state_dict: Mapping, key: str) -> tuple[int, ...]:
+    shape = getattr(state_dict, "shape", None)
+    return shape(key) if callable(shape) else tuple(state_dict[key].shape)
 
 
 def infer_model_config(state_dict: Mapping[str, np.ndarray], text_num_heads: int | None = None,
@@ -71,25 +91,25 @@ def infer_model_config(state_dict: Mapping[str, np.ndarray], text_num_heads: int
     cfg = base_model_config()
     v, t = cfg.vision, cfg.text
     try:
-        patch = sd["vision_encoder.patch_embed.proj.weight"]
-        v.embed_dim, v.patch_size = int(patch.shape[0]), int(patch.shape[2])
+        patch = _shape(sd, "vision_encoder.patch_embed.proj.weight")
+        v.embed_dim, v.patch_size = int(patch[0]), int(patch[2])
         n_stages = _count(r"vision_encoder\.layers\.(\d+)\.", keys)
         v.depths = tuple(_count(rf"vision_encoder\.layers\.{s}\.blocks\.(\d+)\.", keys) for s in range(n_stages))
-        tables = [sd[f"vision_encoder.layers.{s}.blocks.0.attn.relative_position_bias_table"] for s in range(n_stages)]
-        v.num_heads = tuple(int(tb.shape[1]) for tb in tables)
-        v.window_size = (int(round(math.sqrt(tables[0].shape[0]))) + 1) // 2
-        v.mlp_ratio = sd["vision_encoder.layers.0.blocks.0.mlp.fc1.weight"].shape[0] / v.embed_dim
+        tables = [_shape(sd, f"vision_encoder.layers.{s}.blocks.0.attn.relative_position_bias_table")
+                  for s in range(n_stages)]
+        v.num_heads = tuple(int(tb[1]) for tb in tables)
+        v.window_size = (int(round(math.sqrt(tables[0][0]))) + 1) // 2
+        v.mlp_ratio = _shape(sd, "vision_encoder.layers.0.blocks.0.mlp.fc1.weight")[0] / v.embed_dim
         v.image_res = _image_res(sd, v.window_size, v.patch_size)
-        words = sd[f"{bert}.embeddings.word_embeddings.weight"]
-        t.vocab_size, t.hidden_size = int(words.shape[0]), int(words.shape[1])
-        t.max_position_embeddings = int(sd[f"{bert}.embeddings.position_embeddings.weight"].shape[0])
-        t.type_vocab_size = int(sd[f"{bert}.embeddings.token_type_embeddings.weight"].shape[0])
-        t.intermediate_size = int(sd[f"{bert}.encoder.layer.0.intermediate.dense.weight"].shape[0])
+        t.vocab_size, t.hidden_size = (int(d) for d in _shape(sd, f"{bert}.embeddings.word_embeddings.weight"))
+        t.max_position_embeddings = int(_shape(sd, f"{bert}.embeddings.position_embeddings.weight")[0])
+        t.type_vocab_size = int(_shape(sd, f"{bert}.embeddings.token_type_embeddings.weight")[0])
+        t.intermediate_size = int(_shape(sd, f"{bert}.encoder.layer.0.intermediate.dense.weight")[0])
         t.num_layers = _count(rf"{re.escape(bert)}\.encoder\.layer\.(\d+)\.", keys)
         cross = [i for i in range(t.num_layers) if f"{bert}.encoder.layer.{i}.crossattention.self.query.weight" in sd]
         t.fusion_layer = cross[0] if cross else t.num_layers
         t.mask_token_id = t.vocab_size - 1
-        cfg.embed_dim = int(sd["text_proj.weight"].shape[0])
+        cfg.embed_dim = int(_shape(sd, "text_proj.weight")[0])
         cfg.temp = float(sd["temp"]) if "temp" in sd else cfg.temp
     except KeyError as e:
         raise CheckpointError(f"cannot infer the architecture: missing key {e.args[0]!r}") from e
@@ -105,9 +125,9 @@ def infer_model_config(state_dict: Mapping[str, np.ndarray], text_num_heads: int
 
 def _image_res(sd: Mapping[str, np.ndarray], window: int, patch: int) -> int:
     """Image size from the first shifted block's attention mask (nW windows of window^2 tokens)."""
-    mask = sd.get("vision_encoder.layers.0.blocks.1.attn_mask")
-    if mask is not None:
-        return int(round(math.sqrt(mask.shape[0]))) * window * patch
+    key = "vision_encoder.layers.0.blocks.1.attn_mask"
+    if key in sd:
+        return int(round(math.sqrt(_shape(sd, key)[0]))) * window * patch
     # Buffers stripped: the official pairing of window and resolution (7 -> 224, 12 -> 384, 15 -> 480).
     return {7: 224, 12: 384, 15: 480}.get(window, window * 32)
 
@@ -123,67 +143,129 @@ def _apply_overrides(cfg: ml_collections.ConfigDict, overrides: Mapping[str, Any
         node[parts[-1]] = value
 
 
-def params_from_state_dict(state_dict: Mapping[str, np.ndarray], model_config: ml_collections.ConfigDict,
-                           layout: str | None = None) -> dict:
-    """Map an official state_dict onto a nested dict of float32 numpy parameters."""
-    from cclm_jax.interop.shapes import param_shapes
+def _geometry(model_config: ml_collections.ConfigDict) -> tuple[int, int]:
+    return model_config.vision.image_res, model_config.vision.window_size
 
+
+def params_from_state_dict(state_dict: Mapping[str, np.ndarray], model_config: ml_collections.ConfigDict,
+                           layout: str | None = None,
+                           source_config: ml_collections.ConfigDict | None = None) -> dict:
+    """Map an official state_dict onto a nested dict of float32 numpy parameters of `model_config`.
+
+    `source_config`: the architecture the file was written for (default `model_config`); when its
+    image_res/window differ, the file's keys are checked against its own layout, its buffers are dropped
+    and the relative position tables resized to `model_config`'s windows.
+    """
+    return _convert(state_dict, model_config, layout, source_config, place=lambda value: value)
+
+
+def _convert(state_dict: Mapping[str, np.ndarray], model_config: ml_collections.ConfigDict, layout: str | None,
+             source_config: ml_collections.ConfigDict | None, place: Callable[[np.ndarray], Any]) -> dict:
+    """Check keys, buffers and tied copies, then convert parameter by parameter, `place`-ing each one."""
     layout = layout or detect_layout(state_dict)
-    entries = official_layout(model_config, layout)
+    source_config = source_config or model_config
+    _check_entries(state_dict, official_layout(source_config, layout))
+    resize = _geometry(source_config) != _geometry(model_config)
     shapes = param_shapes(model_config)
-    expected = {e.key for e in entries}
-    unknown = [k for k in state_dict if k not in expected]
-    missing = [e.key for e in entries if e.kind != "buffer" and e.key not in state_dict]
-    if unknown or missing:
-        raise CheckpointError(_key_report(unknown, missing))
     params: dict = {}
-    for entry in entries:
+    errors = []
+    for entry in official_layout(model_config, layout):
         if entry.kind == "buffer" or entry.tied_to is not None:
-            _check_tied(entry, state_dict)
             continue
-        shape = _lookup(shapes, entry.path)
-        value = from_torch_array(entry, np.asarray(state_dict[entry.key], np.float32), shape)
-        _insert(params, entry.path, value)
+        shape = get_path(shapes, entry.path)
+        try:
+            tensor = np.asarray(state_dict[entry.key], np.float32)
+            if resize and entry.key.endswith(".relative_position_bias_table"):
+                tensor = resize_relative_position_table(tensor, shape[0])
+            value = from_torch_array(entry, tensor, shape)
+        except ValueError as e:
+            errors.append(str(e) if str(e).startswith(entry.key) else f"{entry.key}: {e}")
+            continue
+        set_path(params, entry.path, place(value))
+    if errors:
+        raise CheckpointError(f"{len(errors)} tensor(s) do not fit the architecture, first: "
+                              + "; ".join(errors[:LISTED_KEYS]))
     return params
 
 
-def _check_tied(entry: Entry, state_dict: Mapping[str, np.ndarray]) -> None:
-    if entry.tied_to and entry.key in state_dict and entry.tied_to in state_dict:
-        if not np.array_equal(state_dict[entry.key], state_dict[entry.tied_to]):
-            raise CheckpointError(f"{entry.key} must equal {entry.tied_to} (tied weights), but they differ")
+def _check_entries(state_dict: Mapping[str, np.ndarray], entries: list[Entry]) -> None:
+    """Key set (buffers and tied copies optional), then buffers and tied copies by value."""
+    expected = {e.key for e in entries}
+    unknown = [k for k in state_dict if k not in expected]
+    missing = [e.key for e in entries if e.kind != "buffer" and e.tied_to is None and e.key not in state_dict]
+    if unknown or missing:
+        raise CheckpointError(_key_report(unknown, missing))
+    stale, untied = [], []
+    for entry in entries:
+        if entry.key not in state_dict:
+            continue
+        if entry.kind == "buffer":
+            if not arrays_equal(state_dict[entry.key], entry.make()):
+                stale.append(entry.key)
+        elif entry.tied_to is not None and not arrays_equal(state_dict[entry.key], state_dict[entry.tied_to]):
+            untied.append(f"{entry.key} != {entry.tied_to}")
+    if untied:
+        raise CheckpointError(f"tied weights differ: {untied}")
+    if stale:
+        raise CheckpointError(f"{len(stale)} buffer(s) differ from the ones the inferred architecture implies "
+                              f"(image_res / window_size), first: {stale[:LISTED_KEYS]}")
+
+
+def arrays_equal(a: np.ndarray, b: np.ndarray) -> bool:
+    """Same shape and values, compared in row blocks (no full-size temporary for 1 GB embeddings)."""
+    a, b = np.asarray(a), np.asarray(b)
+    if a.shape != b.shape:
+        return False
+    if a.ndim == 0:
+        return bool(a == b)
+    return all(np.array_equal(a[i:i + _COMPARE_CHUNK_ROWS], b[i:i + _COMPARE_CHUNK_ROWS])
+               for i in range(0, a.shape[0], _COMPARE_CHUNK_ROWS))
 
 
 def _key_report(unknown: list[str], missing: list[str]) -> str:
     parts = []
     if missing:
-        parts.append(f"{len(missing)} missing key(s), first: {missing[:5]}")
+        parts.append(f"{len(missing)} missing key(s), first: {missing[:LISTED_KEYS]}")
     if unknown:
-        parts.append(f"{len(unknown)} unexpected key(s), first: {unknown[:5]}")
+        parts.append(f"{len(unknown)} unexpected key(s), first: {unknown[:LISTED_KEYS]}")
     return "checkpoint does not match the architecture: " + "; ".join(parts)
 
 
-def _lookup(tree: Mapping, path: tuple[str, ...]):
-    for part in path:
-        tree = tree[part]
-    return tree
 
 
-def _insert(tree: dict, path: tuple[str, ...], value) -> None:
-    for part in path[:-1]:
-        tree = tree.setdefault(part, {})
-    tree[path[-1]] = value
+def _file_text_heads(path: str, config: Any) -> int | None:
+    """Text heads recorded with the file: `config['architecture']` of a .th, config.json beside a .safetensors."""
+    if path.endswith(".safetensors"):
+        config_path = os.path.join(os.path.dirname(path), "config.json")
+        config = None
+        if os.path.isfile(config_path):
+            with open(config_path) as f:
+                config = {"architecture": json.load(f)}
+    if isinstance(config, Mapping) and isinstance(config.get("architecture"), Mapping):
+        heads = config["architecture"].get("text", {}).get("num_heads")
+        return int(heads) if heads is not None else None
+    return None
 
 
 def load(path: str | os.PathLike, text_num_heads: int | None = None, **overrides):
     """Read an official CCLM checkpoint -> (model_config, params as a nested dict of jax arrays).
 
-    `text_num_heads`: attention heads of the text stack (shapes cannot tell; 16 for XLM-R-large).
-    `overrides`: model config fields, nested with '__' (e.g. `vision__image_res=384`, `dtype='bfloat16'`).
+    `text_num_heads`: attention heads of the text stack (shapes cannot tell; 16 for XLM-R-large); default:
+    what the file records (see the module docstring), else 16 for width 1024, 12 for 768.
+    `overrides`: model config fields, nested with '__' (e.g. `dtype='bfloat16'`); changing
+    `vision__image_res` / `vision__window_size` converts the geometry (module docstring).
     """
-    state_dict = read_state_dict(path)
-    model_config = infer_model_config(state_dict, text_num_heads, **overrides)
-    params = params_from_state_dict(state_dict, model_config)
-    return model_config, jax.tree.map(jax.numpy.asarray, params)
+    path = os.fspath(path)
+    checkpoint = open_checkpoint(path)
+    if text_num_heads is None:
+        text_num_heads = _file_text_heads(path, checkpoint.config)
+    try:
+        source_config = infer_model_config(checkpoint, text_num_heads)
+        model_config = infer_model_config(checkpoint, text_num_heads, **overrides)
+        params = _convert(checkpoint, model_config, None, source_config, place=jnp.asarray)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from e
+    return model_config, params
 
 
 def state_dict_from_params(model_config: ml_collections.ConfigDict, params: Mapping,
@@ -196,7 +278,7 @@ def state_dict_from_params(model_config: ml_collections.ConfigDict, params: Mapp
         elif entry.kind == "buffer":
             out[entry.key] = torch.from_numpy(np.array(entry.make(), order="C"))
         else:
-            value = np.asarray(jax.device_get(_lookup(params, entry.path)), np.float32)
+            value = np.asarray(jax.device_get(get_path(params, entry.path)), np.float32)
             out[entry.key] = torch.from_numpy(np.array(to_torch_array(entry, value), order="C"))
     return out
 
@@ -204,7 +286,8 @@ def state_dict_from_params(model_config: ml_collections.ConfigDict, params: Mapp
 def save(path: str | os.PathLike, model_config: ml_collections.ConfigDict, params: Mapping,
          layout: str = "pretrain", extra_config: Mapping | None = None) -> None:
     """Write `{'model': state_dict, 'config': dict}` loadable by the official code with no key mismatch."""
-    config = {"cclm_jax_model": model_config.to_dict(), **(dict(extra_config) if extra_config else {})}
+    config = {"cclm_jax_model": model_config.to_dict(), "architecture": architecture_dict(model_config),
+              **(dict(extra_config) if extra_config else {})}
     config.setdefault("embed_dim", model_config.embed_dim)
     config.setdefault("temp", model_config.temp)
     config.setdefault("image_res", model_config.vision.image_res)
