@@ -45,7 +45,7 @@ def test_image_layouts_agree(golden_model, outputs):
     _, params, model, ref = golden_model
     nhwc = np.transpose(ref["image"], (0, 2, 3, 1))
     embeds, atts = model.apply({"params": params}, nhwc, method=model.encode_image)
-    np.testing.assert_allclose(np.asarray(embeds), np.asarray(outputs["image_embeds"]), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(embeds), np.asarray(outputs["image_embeds"]), atol=1e-5)
     assert embeds.shape == (4, 50, 128) and np.all(np.asarray(atts) == 1)
 
 
