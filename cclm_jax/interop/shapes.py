@@ -15,7 +15,7 @@ import numpy as np
 from flax import linen as nn
 
 from cclm_jax.interop.layout import get_path, official_layout, torch_shape
-from cclm_jax.models import build_model
+from cclm_jax.models import base_model_config, build_model
 
 
 def abstract_params(model_config: ml_collections.ConfigDict):
@@ -34,9 +34,23 @@ def _cached_shapes(config_json: str) -> dict:
     return jax.tree.map(lambda x: tuple(x.shape), nn.meta.unbox(abstract_params(model_config)))
 
 
+# Config fields that change no parameter shape: normalised away so that configs differing only in them
+# share one trace.
+_SHAPE_FREE_FIELDS = ("temp", "dtype", "remat", "vision.drop_path_rate", "text.hidden_dropout",
+                      "text.attention_dropout", "text.pad_token_id")
+
+
 def param_shapes(model_config: ml_collections.ConfigDict) -> dict:
     """Nested dict of parameter shapes (tuples); a fresh dict on every call."""
-    cached = _cached_shapes(json.dumps(model_config.to_dict(), sort_keys=True))
+    config = model_config.to_dict()
+    defaults = base_model_config().to_dict()
+    for field in _SHAPE_FREE_FIELDS:
+        *parents, name = field.split(".")
+        node, default = config, defaults
+        for part in parents:
+            node, default = node[part], default[part]
+        node[name] = default[name]
+    cached = _cached_shapes(json.dumps(config, sort_keys=True))
     return jax.tree.map(lambda shape: shape, cached, is_leaf=lambda x: isinstance(x, tuple))
 
 
