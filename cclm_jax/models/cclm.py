@@ -14,6 +14,7 @@ Public methods (use with `model.apply({'params': params}, ..., method=model.<nam
 - `mlm_hidden(ids_masked, atts, cond_embeds, cond_atts, masked_pos) -> (B, M, D)`: all layers, hidden states
   gathered at `masked_pos` (B, M) and passed through the MLM transform; `mlm_decode(hidden) -> (B, M, V)`;
   `mlm_logits(...)` = both.
+- `tlm_hidden(ids_masked, atts, masked_pos) -> (B, M, D)`: all layers over a concatenated sentence pair.
 - `temperature() -> ()`: the contrastive temperature clamped to [0.001, 0.5].
 """
 from __future__ import annotations
@@ -131,6 +132,12 @@ class CCLM(nn.Module):
         gathered = jnp.take_along_axis(hidden, masked_pos[..., None].astype(jnp.int32), axis=1)
         return self.mlm_head.transform(gathered)
 
+    def tlm_hidden(self, ids_masked: jax.Array, atts: jax.Array, masked_pos: jax.Array) -> jax.Array:
+        """Translation LM: all layers over a concatenated pair, no condition; (B, M, D) at masked_pos."""
+        hidden = self.text_encoder.encode_all(ids_masked, atts)
+        gathered = jnp.take_along_axis(hidden, masked_pos[..., None].astype(jnp.int32), axis=1)
+        return self.mlm_head.transform(gathered)
+
     def mlm_decode(self, hidden: jax.Array) -> jax.Array:
         logits = self.text_encoder.attend(hidden) + self.mlm_head.bias.astype(hidden.dtype)
         return logits.astype(jnp.float32)
@@ -140,7 +147,12 @@ class CCLM(nn.Module):
         return self.mlm_decode(self.mlm_hidden(ids_masked, atts, cond_embeds, cond_atts, masked_pos))
 
     def temperature(self) -> jax.Array:
-        return jnp.clip(self.temp, TEMP_MIN, TEMP_MAX)
+        """The temperature clamped to [0.001, 0.5], with an identity gradient (straight-through).
+
+        The reference clamps the parameter in place before every forward and then uses it, so its
+        gradient is never cut at the bounds; the train step writes the clamp back to the parameter.
+        """
+        return self.temp + jax.lax.stop_gradient(jnp.clip(self.temp, TEMP_MIN, TEMP_MAX) - self.temp)
 
 
 def vision_width(model_config: ml_collections.ConfigDict) -> int:

@@ -138,9 +138,7 @@ class TextLayer(nn.Module):
                              self.deterministic, self.dtype, name=name)
 
         x = attention("attention")(x, x, bias)
-        if self.cross:
-            if cond is None:
-                raise ValueError("a fusion layer needs condition states (image tokens or sentence states)")
+        if self.cross and cond is not None:  # without a condition a fusion layer skips cross-attention
             x = attention("crossattention")(x, cond, cond_bias)
         h = Intermediate(self.intermediate, self.dtype, name="intermediate")(x)
         return ResidualOutput(self.hidden, ("mlp", "embed"), (-1,), self.dropout, self.eps,
@@ -225,6 +223,14 @@ class TextStack(nn.Module):
         cond = cond.astype(self.dtype)
         for layer in self.layer[self.fusion_layer:]:
             x = layer(x, bias, cond, cond_bias)
+        return x
+
+    def encode_all(self, ids: jax.Array, atts: jax.Array) -> jax.Array:
+        """All layers without a condition (fusion layers skip cross-attention), as for TLM."""
+        x = self.embeddings(ids)
+        bias = self_attention_bias(atts)
+        for layer in self.layer:
+            x = layer(x, bias)
         return x
 
     def attend(self, hidden: jax.Array) -> jax.Array:
