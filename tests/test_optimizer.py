@@ -221,7 +221,8 @@ def test_optax_adamw_decreases_a_quadratic_and_follows_its_formula(tiny):
     p, state = params, tx.init(params)
     p, state, first = step(p, state, jnp.int32(1))  # t=1: m̂/(sqrt(v̂)+eps) = g/(|g|+eps); lr(1) = 0.1/5
     g = jax.grad(loss)(params)
-    for path, mult, decayed in ((("head", "kernel"), 1.0, True), (("head", "bias"), 1.0, False), (("temp",), 2.0, True)):
+    groups = ((("head", "kernel"), 1.0, True), (("head", "bias"), 1.0, False), (("temp",), 2.0, True))
+    for path, mult, decayed in groups:
         u, gg, pp = (_flat(t)[path] for t in (first, g, params))
         expected = -0.02 * mult * (gg / (np.abs(gg) + 1e-8) + (0.01 * pp if decayed else 0.0))
         np.testing.assert_allclose(u, expected, rtol=1e-5)
@@ -267,9 +268,9 @@ def test_update_without_schedule_step_is_a_clear_error():
     ("schedule", "kind", "cosine", "schedule.kind 'cosine' is not one of"),
 ])
 def test_validation_names_the_bad_field(section, key, value, message):
-    configs = {"optimizer": opt.default_optimizer_config().to_dict(), "schedule": opt.default_schedule_config().to_dict()}
-    configs = {name: ml_collections.ConfigDict(dict(c, **{key: value} if name == section else {}))
-               for name, c in configs.items()}
+    defaults = {"optimizer": opt.default_optimizer_config(), "schedule": opt.default_schedule_config()}
+    configs = {name: ml_collections.ConfigDict(dict(c.to_dict(), **({key: value} if name == section else {})))
+               for name, c in defaults.items()}
     with pytest.raises(ValueError, match=message):
         opt.validate_optimizer_config(configs["optimizer"], configs["schedule"])
     opt.validate_optimizer_config(opt.default_optimizer_config(), opt.default_schedule_config())
