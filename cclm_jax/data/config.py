@@ -1,0 +1,172 @@
+"""``config.data``: defaults, documentation of every key, and validation.
+
+Top level
+    seed (int)              seeds shuffling, crops, RandAugment, caption choice, swaps, masking.
+    data_dir (str)          cache root: TFDS builds go to ``data_dir/tfds``, the demo to
+                            ``data_dir/demo`` (default ``~/.cache/cclm_jax``).
+    tokenizer (str)         SentencePiece model path (XLM-R: ``.../sentencepiece.bpe.model``) or
+                            ``"demo"`` (the model trained with the demo data).
+    shuffle_buffer (int)    examples in each training shuffle buffer (encoded images or texts).
+    prefetch (int)          batches prefetched by each training pipeline.
+    threads (int)           tf.data private thread pool size; 0 = TensorFlow's default.
+    mix (dict kind -> int)  fixed batch ratio, e.g. {"image_caption": 1, "parallel_text": 1};
+                            kinds with ratio 0 get no pipeline.
+    demo                    DemoSpec fields: image_size (stored px), num_train, num_val,
+                            num_parallel, vocab_size, seed.
+
+image_caption (training) and eval (retrieval dev set) share the reader keys
+    kind                    "jsonl" (CCLM json-lines), "tfds" (a prepared catalog dataset) or
+                            "demo" (train split for image_caption, val split for eval).
+    paths (list[str])       json-lines files (kind jsonl).
+    image_field (str)       json field with base64 bytes or, with image_root, a path.
+    image_root (str)        "" = base64 images; else the directory that image paths are relative to.
+    caption_fields (dict)   field -> language; "" = the field holds {lang: text | [texts]} (or a
+                            list of such dicts), e.g. {"caption": ""}.
+    tfds_name, tfds_split, tfds_data_dir, image_feature, caption_feature, tfds_language
+                            catalog dataset (kind tfds), e.g. "coco_captions", "train",
+                            "image", "captions/text", "en".
+    languages (list[str])   keep only captions in these languages; [] = all.
+    image_res (int)         output pixels (square).
+    max_tokens, max_words   caption length limits (ids incl. <s> </s>; words for pre_caption).
+image_caption only
+    batch_size (int)        per-host batch (remainder dropped).
+    crop_scale (lo, hi)     RandomResizedCrop area range: (0.2, 1.0) pre-training, (0.5, 1.0) fine-tuning.
+    randaugment (bool)      RandomAugment(2, 7) after crop and flip.
+    max_masks, mask_prob    masking: 12 and 0.4 in the reference.
+    sample_2_captions (bool) also emit a second caption in another language (``*_2`` keys).
+eval only
+    batch_size (int)        images per evaluation batch (last batch padded, ``valid`` marks rows).
+
+parallel_text
+    kind                    "jsonl" (source_text/target_text lines), "aligned_text" (paths =
+                            [[file_1, file_2], ...] line-aligned, .gz ok) or "demo".
+    paths, batch_size, max_tokens (64), max_words (64), max_masks (20), mask_prob (0.4).
+"""
+import os
+
+import ml_collections
+
+from cclm_jax.data.mixture import Mixture
+
+KINDS = ("image_caption", "parallel_text")
+_IMAGE_KINDS = ("jsonl", "tfds", "demo")
+_PARALLEL_KINDS = ("jsonl", "aligned_text", "demo")
+
+
+def _reader_defaults(kind: str, image_res: int, max_tokens: int) -> dict:
+    return dict(
+        kind=kind, paths=[], image_field="binary", image_root="", caption_fields={"caption": ""},
+        tfds_name="", tfds_split="train", tfds_data_dir="", image_feature="image",
+        caption_feature="captions/text", tfds_language="en", languages=[],
+        image_res=image_res, max_tokens=max_tokens, max_words=max_tokens)
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+    """All ``config.data`` keys with their defaults (the demo data, reference text settings)."""
+    cfg = ml_collections.ConfigDict()
+    cfg.seed = 0
+    cfg.data_dir = "~/.cache/cclm_jax"
+    cfg.tokenizer = "demo"
+    cfg.shuffle_buffer = 10_000
+    cfg.prefetch = 2
+    cfg.threads = 0
+    cfg.mix = {"image_caption": 1, "parallel_text": 1}
+    cfg.demo = dict(image_size=64, num_train=3000, num_val=150, num_parallel=20000,
+                    vocab_size=1000, seed=0)
+    cfg.image_caption = dict(
+        _reader_defaults("demo", 224, 40), batch_size=128, crop_scale=(0.2, 1.0),
+        randaugment=True, max_masks=12, mask_prob=0.4, sample_2_captions=False)
+    cfg.eval = dict(_reader_defaults("demo", 224, 40), batch_size=64)
+    cfg.parallel_text = dict(kind="demo", paths=[], batch_size=128, max_tokens=64, max_words=64,
+                             max_masks=20, mask_prob=0.4)
+    return cfg
+
+
+def _fail(key: str, message: str):
+    raise ValueError(f"config.data.{key}: {message}")
+
+
+def _positive_int(cfg, section: str, key: str):
+    value = cfg[section][key] if section else cfg[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        _fail(f"{section}.{key}" if section else key, f"must be a positive integer, got {value!r}")
+
+
+def _check_file(key: str, path):
+    if not isinstance(path, str) or not os.path.isfile(os.path.expanduser(path)):
+        raise FileNotFoundError(f"config.data.{key}: file {path!r} does not exist")
+
+
+def _check_text_limits(cfg, section: str, masks: bool):
+    for key in ("max_tokens", "max_words") + (("max_masks",) if masks else ()):
+        _positive_int(cfg, section, key)
+    if cfg[section].max_tokens < 2:
+        _fail(f"{section}.max_tokens", "must be >= 2 to hold <s> and </s>")
+    if masks and not 0.0 < cfg[section].mask_prob < 1.0:
+        _fail(f"{section}.mask_prob", f"must be in (0, 1), got {cfg[section].mask_prob!r}")
+
+
+def _check_reader(cfg, section: str):
+    reader = cfg[section]
+    if reader.kind not in _IMAGE_KINDS:
+        _fail(f"{section}.kind", f"must be one of {_IMAGE_KINDS}, got {reader.kind!r}")
+    if reader.kind == "jsonl":
+        if not reader.paths:
+            _fail(f"{section}.paths", "kind 'jsonl' needs at least one json-lines file")
+        for i, path in enumerate(reader.paths):
+            _check_file(f"{section}.paths[{i}]", path)
+        if reader.image_root and not os.path.isdir(os.path.expanduser(reader.image_root)):
+            raise FileNotFoundError(
+                f"config.data.{section}.image_root: directory {reader.image_root!r} does not exist")
+        if not reader.caption_fields:
+            _fail(f"{section}.caption_fields", "needs at least one caption field")
+    if reader.kind == "tfds" and not reader.tfds_name:
+        _fail(f"{section}.tfds_name", "kind 'tfds' needs a catalog dataset name")
+    _positive_int(cfg, section, "image_res")
+    _positive_int(cfg, section, "batch_size")
+    _check_text_limits(cfg, section, masks=section == "image_caption")
+
+
+def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
+    """Raise ValueError / FileNotFoundError naming the key for any missing file or bad value."""
+    defaults = default_data_config()
+    for key in defaults:
+        if key not in cfg:
+            _fail(key, "missing (see cclm_jax.data.config.default_data_config)")
+    try:
+        mixture = Mixture(dict(cfg.mix))
+    except ValueError as e:
+        _fail("mix", str(e))
+    for kind in mixture.kinds:
+        if kind not in KINDS:
+            _fail("mix", f"unknown batch kind {kind!r}; expected {KINDS}")
+    if cfg.tokenizer != "demo":
+        _check_file("tokenizer", cfg.tokenizer)
+    _positive_int(cfg, "", "shuffle_buffer")
+    _positive_int(cfg, "", "prefetch")
+    if isinstance(cfg.threads, bool) or not isinstance(cfg.threads, int) or cfg.threads < 0:
+        _fail("threads", f"must be an integer >= 0, got {cfg.threads!r}")
+    for key in ("image_size", "num_train", "num_val", "num_parallel", "vocab_size"):
+        _positive_int(cfg, "demo", key)
+    if "image_caption" in mixture.kinds:
+        _check_reader(cfg, "image_caption")
+        low, high = cfg.image_caption.crop_scale
+        if not 0.0 < low <= high <= 1.0:
+            _fail("image_caption.crop_scale", f"needs 0 < low <= high <= 1, got {(low, high)}")
+    _check_reader(cfg, "eval")
+    if "parallel_text" in mixture.kinds:
+        section = cfg.parallel_text
+        if section.kind not in _PARALLEL_KINDS:
+            _fail("parallel_text.kind", f"must be one of {_PARALLEL_KINDS}, got {section.kind!r}")
+        if section.kind != "demo" and not section.paths:
+            _fail("parallel_text.paths", f"kind {section.kind!r} needs input files")
+        for i, entry in enumerate(section.paths if section.kind != "demo" else []):
+            if section.kind == "jsonl":
+                _check_file(f"parallel_text.paths[{i}]", entry)
+                continue
+            if isinstance(entry, str) or len(entry) != 2:
+                _fail(f"parallel_text.paths[{i}]", f"must be [file_1, file_2], got {entry!r}")
+            for j, path in enumerate(entry):
+                _check_file(f"parallel_text.paths[{i}][{j}]", path)
+        _positive_int(cfg, "parallel_text", "batch_size")
+        _check_text_limits(cfg, "parallel_text", masks=True)

@@ -1,0 +1,383 @@
+"""tf.data pipelines: per-host training batches with exact resume, and the retrieval dev set.
+
+``build_train_pipelines(data_config, tokenizer, process_index=0, process_count=1)`` returns
+``{kind: BatchIterator}`` for every kind with a positive ratio in ``data_config.mix``. Each
+iterator yields dicts of numpy arrays with a static per-host batch size (remainder dropped):
+
+* ``image_caption``: ``image`` uint8 (B, R, R, 3); ``text_ids``, ``text_atts``,
+  ``text_ids_masked`` int32 (B, max_tokens); ``masked_pos`` int32 (B, max_masks) padded 0;
+  ``masked_ids`` int32 (B, max_masks) padded -100; with ``sample_2_captions`` the same five
+  text keys again with suffix ``_2`` for a caption in another language (the first caption again
+  when the image has no other language).
+* ``parallel_text``: the five text keys for sentence 1 and, with suffix ``_2``, for sentence 2
+  (both masked; the order of each pair is swapped with probability 0.5).
+
+One pipeline per source: host shard (``tfds.even_splits``, equal sizes) -> per-epoch shuffle
+(buffer ``shuffle_buffer``, seed from (seed, kind, host, epoch)) -> per-example map with
+stateless seeds from (seed, kind, host, example position) -> batch -> tokenise and mask
+(numpy, seeded by (seed, kind, host, batch number)) -> prefetch. Everything random is a
+function of positions, so ``get_state()`` is two counters (``{"batches", "next_example",
+"batch_size"}`` as numpy int64) and ``set_state`` rebuilds the pipeline at that position: the
+resumed iterator yields bitwise the batches an uninterrupted one would. Restoring reads and
+drops the records of the current epoch before the position (no decoding).
+
+``build_retrieval_eval(data_config, tokenizer)`` returns a ``RetrievalData`` with every caption
+of the dev images per language (``text_ids``, ``text_atts``, ``image_index``) and
+``image_batches()`` yielding ``image`` uint8 (B, R, R, 3), ``image_index`` int32 (B,) and
+``valid`` bool (B,) (eval transform, last batch padded).
+"""
+import dataclasses
+import os
+from typing import Callable, Dict, Iterator
+
+import numpy as np
+import tensorflow as tf
+
+from cclm_jax.data import demo as demo_lib
+from cclm_jax.data import image as image_lib
+from cclm_jax.data import sources
+from cclm_jax.data.config import validate_data_config
+from cclm_jax.data.mixture import Mixture
+from cclm_jax.data.text import mask_batch, pad_batch, pre_caption
+from cclm_jax.data.tokenizer import Tokenizer
+
+_KIND_SALT = {"image_caption": 1, "parallel_text": 2}
+_EPOCHS = 1 << 40
+# Captions that pre_caption would empty: only punctuation and (Unicode) white space.
+_EMPTY_CAPTION = r"[\s\v\x{1c}-\x{1f}\x{85}\p{Z},.'!?\"()*#:;~\-/]*"
+_TEXT_KEYS = ("text_ids", "text_atts", "text_ids_masked", "masked_pos", "masked_ids")
+
+
+# ----------------------------------------------------------------------------- opening sources
+
+def _demo_paths(cfg) -> Dict[str, str]:
+    spec = demo_lib.DemoSpec(**cfg.demo.to_dict())
+    return demo_lib.prepare_demo(os.path.join(os.path.expanduser(cfg.data_dir), "demo"), spec)
+
+
+def load_tokenizer(cfg) -> Tokenizer:
+    """The tokenizer named by ``cfg.tokenizer`` (a model path, or "demo")."""
+    if cfg.tokenizer == "demo":
+        return Tokenizer(_demo_paths(cfg)["spm"])
+    return Tokenizer(cfg.tokenizer)
+
+
+def _tfds_dir(cfg) -> str:
+    return os.path.join(os.path.expanduser(cfg.data_dir), "tfds")
+
+
+def open_image_caption(cfg, section: str):
+    """(Source, split) of reader section ``image_caption`` or ``eval``."""
+    reader = cfg[section]
+    if reader.kind == "tfds":
+        source = sources.catalog_image_caption(
+            reader.tfds_name, image_feature=reader.image_feature,
+            caption_feature=reader.caption_feature, language=reader.tfds_language,
+            data_dir=reader.tfds_data_dir or None)
+        return source, reader.tfds_split
+    if reader.kind == "demo":
+        split = "train" if section == "image_caption" else "val"
+        paths, fields, image_field, root = [_demo_paths(cfg)[split]], {"caption": ""}, "binary", ""
+    else:
+        paths, fields = list(reader.paths), reader.caption_fields.to_dict()
+        image_field, root = reader.image_field, reader.image_root
+    source = sources.image_caption_jsonl({"train": paths}, _tfds_dir(cfg), image_field=image_field,
+                                         caption_fields=fields, image_root=root)
+    return source, "train"
+
+
+def open_parallel_text(cfg):
+    """(Source, split) of the ``parallel_text`` section."""
+    section = cfg.parallel_text
+    entries = [_demo_paths(cfg)["parallel"]] if section.kind == "demo" else [
+        p if isinstance(p, str) else list(p) for p in section.paths]
+    return sources.parallel_text({"train": entries}, _tfds_dir(cfg)), "train"
+
+
+# ----------------------------------------------------------------------------- per-example maps
+
+def _allowed_captions(example, languages):
+    """bool (n,): captions in ``languages`` (all when empty) that cleaning does not empty."""
+    captions = example["captions"]
+    usable = tf.logical_not(tf.strings.regex_full_match(captions, _EMPTY_CAPTION))
+    if languages:
+        wanted = tf.constant(list(languages), tf.string)
+        usable &= tf.reduce_any(tf.equal(example["languages"][:, None], wanted[None, :]), axis=1)
+    return usable
+
+
+def choose_caption(languages, allowed, seed):
+    """Index (int64) of a caption: a language uniformly among the allowed captions' languages,
+    then a caption uniformly among the allowed ones in that language."""
+    index = tf.where(allowed)[:, 0]
+    unique, which = tf.unique(tf.gather(languages, index))
+    seeds = tf.random.experimental.stateless_split(seed, 2)
+    lang = tf.random.stateless_uniform([], seeds[0], 0, tf.size(unique), dtype=tf.int32)
+    candidates = tf.boolean_mask(index, tf.equal(which, lang))
+    pick = tf.random.stateless_uniform([], seeds[1], 0, tf.size(candidates), dtype=tf.int32)
+    return candidates[pick]
+
+
+def _image_caption_map(reader, languages, base_seed, sample_2):
+    def fn(position, example):
+        seeds = tf.random.experimental.stateless_split(
+            tf.random.experimental.stateless_fold_in(base_seed, position), 3)
+        allowed = _allowed_captions(example, languages)
+        first = choose_caption(example["languages"], allowed, seeds[1])
+        out = {
+            "image": image_lib.train_image(example["image"], seeds[0], reader.image_res,
+                                           tuple(reader.crop_scale), reader.randaugment),
+            "caption": example["captions"][first],
+            "_position": position,
+        }
+        if sample_2:
+            other = allowed & tf.not_equal(example["languages"], example["languages"][first])
+            second = tf.cond(tf.reduce_any(other),
+                             lambda: choose_caption(example["languages"], other, seeds[2]),
+                             lambda: first)
+            out["caption_2"] = example["captions"][second]
+        return out
+    return fn
+
+
+def _parallel_map(base_seed):
+    def fn(position, example):
+        seed = tf.random.experimental.stateless_fold_in(base_seed, position)
+        swap = tf.random.stateless_uniform([], seed) < 0.5
+        return {
+            "caption": tf.where(swap, example["text_2"], example["text_1"]),
+            "caption_2": tf.where(swap, example["text_1"], example["text_2"]),
+            "_position": position,
+        }
+    return fn
+
+
+# ----------------------------------------------------------------------------- text stage
+
+@dataclasses.dataclass(frozen=True)
+class TextSettings:
+    """Cleaning, tokenisation and masking of one text field."""
+
+    max_tokens: int
+    max_words: int
+    max_masks: int
+    mask_prob: float
+
+    def encode(self, tokenizer: Tokenizer, captions) -> tuple:
+        """bytes (B,) -> (text_ids, text_atts) int32 (B, max_tokens)."""
+        texts = [pre_caption(c.decode("utf-8"), self.max_words) for c in captions]
+        return pad_batch(tokenizer.encode_batch(texts), self.max_tokens)
+
+    def encode_and_mask(self, tokenizer: Tokenizer, captions, rng: np.random.Generator) -> tuple:
+        """bytes (B,) -> the five ``_TEXT_KEYS`` arrays (int32)."""
+        ids, atts = self.encode(tokenizer, captions)
+        masked = mask_batch(ids, atts, rng, vocab_size=tokenizer.vocab_size, mask_id=tokenizer.mask_id,
+                            mask_prob=self.mask_prob, max_masks=self.max_masks)
+        return (ids, atts) + tuple(masked)
+
+
+def _text_stage(tokenizer, settings: TextSettings, fields, seed_words):
+    """Batch map: tokenise and mask each of ``fields`` (numpy, seeded by the batch number)."""
+    def run(batch_number, *captions):
+        outputs = []
+        for stream, values in enumerate(captions):
+            rng = np.random.default_rng([*seed_words, int(batch_number), stream])
+            outputs.extend(settings.encode_and_mask(tokenizer, values, rng))
+        return outputs
+
+    def fn(batch_number, batch):
+        shapes = [settings.max_tokens] * 3 + [settings.max_masks] * 2
+        results = tf.numpy_function(run, [batch_number] + [batch[f] for f in fields],
+                                    [tf.int32] * (5 * len(fields)), stateful=False)
+        out = {k: v for k, v in batch.items() if k not in fields}
+        batch_size = batch[fields[0]].shape[0]
+        for i, field in enumerate(fields):
+            suffix = "" if field == "caption" else "_2"
+            for j, key in enumerate(_TEXT_KEYS):
+                out[key + suffix] = tf.ensure_shape(results[5 * i + j], [batch_size, shapes[j]])
+        return out
+    return fn
+
+
+# ----------------------------------------------------------------------------- iterator
+
+class BatchIterator:
+    """Per-host batches of one kind with exact resume (see the module docstring).
+
+    ``make_dataset(start_batch, start_example)`` builds the tf.data pipeline at a position;
+    every element carries ``_position`` (int64 (B,), the host-stream position of each example).
+    ``skipped`` holds the source's build-time skip counts.
+    """
+
+    def __init__(self, kind: str, make_dataset: Callable[[int, int], tf.data.Dataset],
+                 batch_size: int, skipped: Dict[str, int]):
+        self.kind = kind
+        self.batch_size = batch_size
+        self.skipped = dict(skipped)
+        self._make_dataset = make_dataset
+        self._batches = 0
+        self._next_example = 0
+        self._iterator = None
+
+    def __iter__(self) -> Iterator[Dict[str, np.ndarray]]:
+        return self
+
+    def __next__(self) -> Dict[str, np.ndarray]:
+        if self._iterator is None:
+            self._iterator = iter(self._make_dataset(self._batches, self._next_example))
+        batch = {k: v.numpy() for k, v in next(self._iterator).items()}
+        positions = batch.pop("_position")
+        self._next_example = int(positions[-1]) + 1
+        self._batches += 1
+        return batch
+
+    def get_state(self) -> Dict[str, np.ndarray]:
+        """Position after the last batch handed out (numpy int64 scalars)."""
+        return {"batches": np.int64(self._batches), "next_example": np.int64(self._next_example),
+                "batch_size": np.int64(self.batch_size)}
+
+    def set_state(self, state: Dict[str, np.ndarray]) -> None:
+        """Continue from a ``get_state()`` result (of a pipeline with the same config)."""
+        missing = {"batches", "next_example", "batch_size"} - set(state)
+        if missing:
+            raise ValueError(f"{self.kind}: iterator state lacks {sorted(missing)}")
+        if int(state["batch_size"]) != self.batch_size:
+            raise ValueError(f"{self.kind}: state was saved with per-host batch size "
+                             f"{int(state['batch_size'])}, this pipeline uses {self.batch_size}")
+        self._batches = int(state["batches"])
+        self._next_example = int(state["next_example"])
+        self._iterator = None
+
+    def metrics(self) -> Dict[str, int]:
+        """Counters to log: examples skipped at build time, by reason."""
+        return {f"data/{self.kind}/skipped_{reason}": n for reason, n in sorted(self.skipped.items())}
+
+
+def _base_seed(seed: int, kind: str, process_index: int):
+    base = tf.constant([seed, _KIND_SALT[kind]], tf.int64)
+    return tf.random.experimental.stateless_fold_in(base, process_index)
+
+
+def _host_stream(records: tf.data.Dataset, size: int, buffer: int, base_seed, start_example: int):
+    """Infinite stream of (position, example): epoch e is ``records`` shuffled with a seed
+    derived from e; starts at host-stream position ``start_example``."""
+    def epoch(e):
+        seed = tf.random.stateless_uniform([], tf.random.experimental.stateless_fold_in(base_seed, e),
+                                           0, tf.int64.max, dtype=tf.int64)
+        return records.shuffle(buffer, seed=seed, reshuffle_each_iteration=False)
+
+    first_epoch, offset = divmod(start_example, size)
+    stream = tf.data.Dataset.range(first_epoch, _EPOCHS).flat_map(epoch).skip(offset)
+    return tf.data.Dataset.zip(tf.data.Dataset.counter(start_example), stream)
+
+
+def _options(threads: int) -> tf.data.Options:
+    options = tf.data.Options()
+    options.deterministic = True
+    if threads:
+        options.threading.private_threadpool_size = threads
+    return options
+
+
+def _make_pipeline(records, size, cfg, kind, batch_size, example_map, fields, settings, tokenizer,
+                   seed_words, base_seed):
+    if size < batch_size:
+        raise ValueError(f"{kind}: the host shard has {size} examples, fewer than the per-host "
+                         f"batch size {batch_size}")
+
+    def make(start_batch: int, start_example: int) -> tf.data.Dataset:
+        ds = _host_stream(records, size, cfg.shuffle_buffer, base_seed, start_example)
+        if kind == "image_caption":
+            languages = list(cfg.image_caption.languages)
+            ds = ds.filter(lambda position, ex: tf.reduce_any(_allowed_captions(ex, languages)))
+        ds = ds.map(example_map, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = ds.batch(batch_size, drop_remainder=True)
+        ds = tf.data.Dataset.zip(tf.data.Dataset.counter(start_batch), ds)
+        ds = ds.map(_text_stage(tokenizer, settings, fields, seed_words),
+                    num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return ds.prefetch(cfg.prefetch).with_options(_options(cfg.threads))
+    return make
+
+
+def build_train_pipelines(data_config, tokenizer: Tokenizer, *, process_index: int = 0,
+                          process_count: int = 1) -> Dict[str, BatchIterator]:
+    """``{kind: BatchIterator}`` for each kind of ``data_config.mix`` with a positive ratio."""
+    validate_data_config(data_config)
+    cfg = data_config
+    pipelines = {}
+    for kind in Mixture(dict(cfg.mix)).kinds:
+        section = cfg[kind]
+        source, split = open_image_caption(cfg, kind) if kind == "image_caption" else open_parallel_text(cfg)
+        host_split = source.host_split(split, process_index, process_count)
+        size = source.num_examples(split) // process_count
+        base_seed = _base_seed(cfg.seed, kind, process_index)
+        seed_words = (cfg.seed, _KIND_SALT[kind], process_index)
+        settings = TextSettings(section.max_tokens, section.max_words, section.max_masks, section.mask_prob)
+        if kind == "image_caption":
+            example_map = _image_caption_map(section, list(section.languages), base_seed,
+                                             section.sample_2_captions)
+            fields = ("caption", "caption_2") if section.sample_2_captions else ("caption",)
+        else:
+            example_map, fields = _parallel_map(base_seed), ("caption", "caption_2")
+        make = _make_pipeline(source.read(host_split), size, cfg, kind, section.batch_size, example_map,
+                              fields, settings, tokenizer, seed_words, base_seed)
+        pipelines[kind] = BatchIterator(kind, make, section.batch_size, source.skipped)
+    return pipelines
+
+
+# ----------------------------------------------------------------------------- retrieval dev set
+
+@dataclasses.dataclass
+class RetrievalData:
+    """Dev images with all their captions.
+
+    ``texts[lang]`` = {``text_ids``, ``text_atts``: int32 (N, max_tokens), ``image_index``:
+    int32 (N,)}; ``num_images``; ``image_batches()`` (see the module docstring).
+    """
+
+    num_images: int
+    texts: Dict[str, Dict[str, np.ndarray]]
+    batch_size: int
+    _images: tf.data.Dataset
+    skipped: Dict[str, int]
+
+    def image_batches(self) -> Iterator[Dict[str, np.ndarray]]:
+        for batch in self._images:
+            batch = {k: v.numpy() for k, v in batch.items()}
+            n = batch["image"].shape[0]
+            if n < self.batch_size:
+                pad = self.batch_size - n
+                batch = {"image": np.pad(batch["image"], ((0, pad), (0, 0), (0, 0), (0, 0))),
+                         "image_index": np.pad(batch["image_index"], (0, pad))}
+            batch["valid"] = np.arange(self.batch_size) < n
+            yield batch
+
+
+def build_retrieval_eval(data_config, tokenizer: Tokenizer, *, section: str = "eval") -> RetrievalData:
+    """The retrieval dev set of reader section ``section`` (default ``eval``)."""
+    cfg = data_config
+    reader = cfg[section]
+    source, split = open_image_caption(cfg, section)
+    records = source.read(split)
+    settings = TextSettings(reader.max_tokens, reader.max_words, 1, 0.5)
+    languages = list(reader.languages)
+    by_language: Dict[str, list] = {}
+    num_images = 0
+    for example in records.map(lambda ex: {"captions": ex["captions"], "languages": ex["languages"],
+                                           "allowed": _allowed_captions(ex, languages)}):
+        for text, lang, ok in zip(example["captions"].numpy(), example["languages"].numpy(),
+                                  example["allowed"].numpy()):
+            if ok:
+                by_language.setdefault(lang.decode("utf-8"), []).append((text, num_images))
+        num_images += 1
+    texts = {}
+    for lang, pairs in sorted(by_language.items()):
+        ids, atts = settings.encode(tokenizer, [t for t, _ in pairs])
+        texts[lang] = {"text_ids": ids, "text_atts": atts,
+                       "image_index": np.array([i for _, i in pairs], np.int32)}
+    images = tf.data.Dataset.zip(tf.data.Dataset.range(num_images), records).map(
+        lambda i, ex: {"image": image_lib.eval_image(ex["image"], reader.image_res),
+                       "image_index": tf.cast(i, tf.int32)},
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    images = images.batch(reader.batch_size).prefetch(2).with_options(_options(cfg.threads))
+    return RetrievalData(num_images, texts, reader.batch_size, images, source.skipped)

@@ -1,0 +1,438 @@
+"""Data sources: TFDS builders that build offline from local files, and catalog readers.
+
+Every source yields examples in one of two canonical forms (tf.data dicts):
+
+* image–caption: ``image`` tf.string (encoded bytes), ``captions`` tf.string (n,),
+  ``languages`` tf.string (n,) -- every caption of the image with its language code.
+* parallel text: ``text_1``, ``text_2``, ``lang_1``, ``lang_2`` tf.string scalars.
+
+Captions and sentences are stored as raw text; cleaning (``pre_caption``), tokenisation and
+masking happen in the pipeline, so a built dataset does not depend on the tokenizer.
+
+Builders (``tfds.core.GeneratorBasedBuilder``; one config per set of input files, named by a
+hash of the recipe and of the files' sizes and mtimes, so changed inputs rebuild):
+
+* ``ImageCaptionJsonl`` -- CCLM json-lines, one object per line. ``image_field`` (default
+  ``binary``) holds base64 image bytes, or a path when ``image_root`` is set (relative paths
+  are resolved against ``image_root``). ``caption_fields`` maps a field name to a language:
+  ``""`` means the field holds ``{lang: text or [texts]}`` or a list of such dicts (the
+  CCLM ``caption`` layout); a language code means the field holds a text or a list of texts in
+  that language (e.g. ``{"multi30k_task1": "", "flickr8kcn_zh": "zh"}`` for Flickr8k).
+* ``ParallelText`` -- parallel sentences from json-lines (``source_text``/``target_text``,
+  optional ``source_lang``/``target_lang``) or from line-aligned text file pairs (``.gz`` is
+  read transparently; the language is the file's last suffix, e.g. ``train.de.gz`` -> ``de``).
+* ``catalog_image_caption`` -- any prepared TFDS catalog dataset with an image feature and a
+  caption feature (``/`` separates nested feature names, e.g. ``captions/text``).
+
+Bad input is skipped and counted, never silently lost and never a crash. The counts (keys:
+``invalid_utf8``, ``invalid_json``, ``missing_field``, ``missing_image_file``,
+``corrupt_image``, ``invalid_caption``, ``empty_caption``, ``no_caption``, ``empty_text``) are
+stored in ``build_report.json`` next to the built data, logged with file:line for the first
+few cases, and exposed as ``Source.skipped``. A source with no usable example, or aligned files
+of different lengths, raise ``ValueError`` naming the files.
+"""
+import base64
+import binascii
+import collections
+import dataclasses
+import gzip
+import hashlib
+import json
+import logging
+import os
+import pathlib
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from cclm_jax.data import image as image_lib
+from cclm_jax.data.text import pre_caption
+
+_LOG = logging.getLogger(__name__)
+_MAX_LOGGED_SKIPS = 10
+_REPORT_FILE = "build_report.json"
+_WORD_LIMIT = 1 << 30  # only emptiness matters at build time; max_words applies at run time
+
+
+# ----------------------------------------------------------------------------- skip counting
+
+class SkipCounter:
+    """Counts skipped records by reason; logs the first few with their location."""
+
+    def __init__(self):
+        self.counts = collections.Counter()
+
+    def skip(self, reason: str, where: str, detail: str = ""):
+        self.counts[reason] += 1
+        if self.counts[reason] <= _MAX_LOGGED_SKIPS:
+            _LOG.warning("skipping %s (%s)%s", where, reason, f": {detail}" if detail else "")
+
+
+def _read_lines(path: str) -> Iterator[Tuple[int, bytes]]:
+    """(1-based line number, raw line without newline) of a text file, ``.gz`` transparently."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            yield number, line.rstrip(b"\r\n")
+
+
+def _is_usable_text(text) -> bool:
+    if not isinstance(text, str):
+        return False
+    try:
+        pre_caption(text, _WORD_LIMIT)
+    except ValueError:
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------- json-lines parsing
+
+def _json_records(path: str, counter: SkipCounter) -> Iterator[Tuple[str, dict]]:
+    """(location, object) for each parsable non-blank line of a json-lines file."""
+    for number, raw in _read_lines(path):
+        where = f"{path}:{number}"
+        if not raw.strip():
+            continue
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            counter.skip("invalid_utf8", where, str(e))
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            counter.skip("invalid_json", where, str(e))
+            continue
+        if not isinstance(record, dict):
+            counter.skip("invalid_json", where, "a line must hold a JSON object")
+            continue
+        yield where, record
+
+
+def _caption_pairs(value, language: str) -> Optional[List[Tuple[str, object]]]:
+    """(language, text) pairs of one caption field; None when the layout is not recognised."""
+    if language:
+        texts = value if isinstance(value, list) else [value]
+        return [(language, t) for t in texts]
+    groups = value if isinstance(value, list) else [value]
+    pairs = []
+    for group in groups:
+        if not isinstance(group, dict):
+            return None
+        for lang, texts in group.items():
+            for text in texts if isinstance(texts, list) else [texts]:
+                pairs.append((str(lang), text))
+    return pairs
+
+
+def _load_image_bytes(value, image_root: str, where: str, counter: SkipCounter) -> Optional[bytes]:
+    if not isinstance(value, str) or not value:
+        counter.skip("corrupt_image", where, "image field must be a non-empty string")
+        return None
+    if image_root:
+        path = pathlib.Path(image_root) / value
+        try:
+            return path.read_bytes()
+        except OSError as e:
+            counter.skip("missing_image_file", where, str(e))
+            return None
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as e:
+        counter.skip("corrupt_image", where, f"invalid base64: {e}")
+        return None
+
+
+def image_caption_examples(paths, *, image_field: str, caption_fields: Dict[str, str],
+                           image_root: str, counter: SkipCounter) -> Iterator[Tuple[str, dict]]:
+    """(key, canonical image–caption example) for every usable line of ``paths``."""
+    for path in paths:
+        for where, record in _json_records(path, counter):
+            missing = [f for f in [image_field, *caption_fields] if f not in record]
+            if image_field in missing or len(missing) == len(caption_fields) + 1 or (
+                    len(missing) == len(caption_fields)):
+                counter.skip("missing_field", where, f"missing {missing}")
+                continue
+            pairs = []
+            for field, language in caption_fields.items():
+                if field not in record:
+                    continue
+                found = _caption_pairs(record[field], language)
+                if found is None:
+                    counter.skip("invalid_caption", where, f"unrecognised layout of field {field!r}")
+                    continue
+                pairs.extend(found)
+            usable = []
+            for lang, text in pairs:
+                if _is_usable_text(text):
+                    usable.append((lang, text))
+                else:
+                    counter.skip("empty_caption", where, f"{lang}: {text!r}")
+            if not usable:
+                counter.skip("no_caption", where)
+                continue
+            data = _load_image_bytes(record[image_field], image_root, where, counter)
+            if data is None:
+                continue
+            if not image_lib.is_decodable(data):
+                counter.skip("corrupt_image", where, "undecodable image bytes")
+                continue
+            yield where, {
+                "image": data,
+                "captions": [t for _, t in usable],
+                "languages": [lang for lang, _ in usable],
+            }
+
+
+def _file_language(path: str) -> str:
+    name = path[:-3] if path.endswith(".gz") else path
+    return pathlib.PurePath(name).suffix.lstrip(".") or "und"
+
+
+def parallel_text_examples(entries, *, counter: SkipCounter) -> Iterator[Tuple[str, dict]]:
+    """(key, canonical parallel example) for json-lines paths or [path_1, path_2] pairs."""
+    for entry in entries:
+        if isinstance(entry, str):
+            for where, record in _json_records(entry, counter):
+                if "source_text" not in record or "target_text" not in record:
+                    counter.skip("missing_field", where, "needs source_text and target_text")
+                    continue
+                text_1, text_2 = record["source_text"], record["target_text"]
+                if not (_is_usable_text(text_1) and _is_usable_text(text_2)):
+                    counter.skip("empty_text", where)
+                    continue
+                yield where, {"text_1": text_1, "text_2": text_2,
+                              "lang_1": str(record.get("source_lang", "src")),
+                              "lang_2": str(record.get("target_lang", "tgt"))}
+            continue
+        path_1, path_2 = entry
+        lang_1, lang_2 = _file_language(path_1), _file_language(path_2)
+        lines_2 = _read_lines(path_2)
+        for number, raw_1 in _read_lines(path_1):
+            follow = next(lines_2, None)
+            if follow is None:
+                raise ValueError(f"aligned files differ in length: {path_2!r} ends at line "
+                                 f"{number - 1}, {path_1!r} goes on")
+            where = f"{path_1}:{number} / {path_2}:{number}"
+            try:
+                text_1, text_2 = raw_1.decode("utf-8"), follow[1].decode("utf-8")
+            except UnicodeDecodeError as e:
+                counter.skip("invalid_utf8", where, str(e))
+                continue
+            if not (_is_usable_text(text_1) and _is_usable_text(text_2)):
+                counter.skip("empty_text", where)
+                continue
+            yield where, {"text_1": text_1, "text_2": text_2, "lang_1": lang_1, "lang_2": lang_2}
+        if next(lines_2, None) is not None:
+            raise ValueError(f"aligned files differ in length: {path_1!r} is shorter than {path_2!r}")
+
+
+# ----------------------------------------------------------------------------- TFDS builders
+
+@dataclasses.dataclass
+class RecipeConfig(tfds.core.BuilderConfig):
+    """A builder config carrying a JSON recipe: ``splits`` ({split: inputs}) plus reader options."""
+
+    recipe_json: str = "{}"
+
+    @property
+    def recipe(self) -> dict:
+        return json.loads(self.recipe_json)
+
+
+def _fingerprint(recipe: dict) -> str:
+    """Hash of the recipe and the size and mtime of every input file."""
+    stats = []
+    for inputs in recipe["splits"].values():
+        for entry in inputs:
+            for path in [entry] if isinstance(entry, str) else entry:
+                st = os.stat(path)
+                stats.append((path, st.st_size, int(st.st_mtime)))
+    blob = json.dumps([recipe, stats], sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+class _RecipeBuilder(tfds.core.GeneratorBasedBuilder):
+    """Shared machinery: one split per recipe entry, skip counting, build report."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "First version."}
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.counter = SkipCounter()
+
+    def _examples(self, inputs) -> Iterator[Tuple[str, dict]]:
+        raise NotImplementedError
+
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        return {split: self._generate_examples(inputs) for split, inputs in self.builder_config.recipe["splits"].items()}
+
+    def _generate_examples(self, inputs):
+        produced = 0
+        for key, example in self._examples(inputs):
+            produced += 1
+            yield key, example
+        if not produced:
+            raise ValueError(f"no usable example in {inputs}; skipped: {dict(self.counter.counts)}")
+
+
+class ImageCaptionJsonl(_RecipeBuilder):
+    """CCLM json-lines image–caption data (see the module docstring)."""
+
+    def _info(self):
+        return self.dataset_info_from_configs(features=tfds.features.FeaturesDict({
+            "image": tfds.features.Tensor(shape=(), dtype=np.object_),
+            "captions": tfds.features.Sequence(tfds.features.Text()),
+            "languages": tfds.features.Sequence(tfds.features.Text()),
+        }))
+
+    def _examples(self, inputs):
+        recipe = self.builder_config.recipe
+        return image_caption_examples(
+            inputs, image_field=recipe["image_field"], caption_fields=recipe["caption_fields"],
+            image_root=recipe["image_root"], counter=self.counter)
+
+
+class ParallelText(_RecipeBuilder):
+    """Parallel sentences from json-lines or line-aligned files (see the module docstring)."""
+
+    def _info(self):
+        return self.dataset_info_from_configs(features=tfds.features.FeaturesDict({
+            "text_1": tfds.features.Text(), "text_2": tfds.features.Text(),
+            "lang_1": tfds.features.Text(), "lang_2": tfds.features.Text(),
+        }))
+
+    def _examples(self, inputs):
+        return parallel_text_examples(inputs, counter=self.counter)
+
+
+# ----------------------------------------------------------------------------- sources
+
+@dataclasses.dataclass
+class Source:
+    """A readable dataset in canonical form.
+
+    ``read(split)`` -> tf.data.Dataset in a fixed order; ``num_examples(split)``;
+    ``host_split(split, index, count)`` -> the split of host ``index`` of ``count``
+    (equal sizes, remainder dropped); ``skipped`` -> build-time skip counts.
+    """
+
+    builder: tfds.core.DatasetBuilder
+    canonicalize: Callable
+    skipped: Dict[str, int]
+
+    def read(self, split) -> tf.data.Dataset:
+        ds = self.builder.as_dataset(split=split, shuffle_files=False, decoders=self._decoders())
+        return ds.map(self.canonicalize, num_parallel_calls=tf.data.AUTOTUNE)
+
+    def _decoders(self):
+        image_feature = getattr(self.canonicalize, "image_feature", None)
+        return {image_feature: tfds.decode.SkipDecoding()} if image_feature else None
+
+    def num_examples(self, split) -> int:
+        return int(self.builder.info.splits[split].num_examples)
+
+    def host_split(self, split: str, index: int, count: int):
+        if not 0 <= index < count:
+            raise ValueError(f"process_index {index} is outside [0, {count})")
+        if count == 1:
+            return split
+        return tfds.even_splits(split, n=count, drop_remainder=True)[index]
+
+    def splits(self) -> List[str]:
+        return list(self.builder.info.splits.keys())
+
+
+def _identity(example):
+    return example
+
+
+def _prepare(builder: _RecipeBuilder) -> Source:
+    report_path = pathlib.Path(builder.data_dir) / _REPORT_FILE
+    if not report_path.exists():
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+            compute_stats=tfds.download.ComputeStatsMode.SKIP))
+        report_path = pathlib.Path(builder.data_dir) / _REPORT_FILE
+        report_path.write_text(json.dumps(dict(builder.counter.counts), sort_keys=True))
+    return Source(builder, _identity, json.loads(report_path.read_text()))
+
+
+def _absolute(entry):
+    if isinstance(entry, str):
+        return os.path.abspath(os.path.expanduser(entry))
+    if len(entry) != 2:
+        raise ValueError(f"an aligned parallel-text entry must be [path_1, path_2], got {entry!r}")
+    return [_absolute(p) for p in entry]
+
+
+def _check_files(splits):
+    for split, inputs in splits.items():
+        if not inputs:
+            raise ValueError(f"split {split!r} has no input files")
+        for entry in inputs:
+            for path in [entry] if isinstance(entry, str) else entry:
+                if not os.path.isfile(path):
+                    raise FileNotFoundError(f"split {split!r}: input file {path!r} does not exist")
+
+
+def image_caption_jsonl(splits: Dict[str, List[str]], data_dir: str, *, image_field: str = "binary",
+                        caption_fields: Optional[Dict[str, str]] = None, image_root: str = "") -> Source:
+    """Build (once) and open CCLM json-lines image–caption data; ``splits`` = {split: [paths]}."""
+    splits = {name: [_absolute(p) for p in paths] for name, paths in splits.items()}
+    _check_files(splits)
+    if image_root:
+        image_root = os.path.abspath(os.path.expanduser(image_root))
+        if not os.path.isdir(image_root):
+            raise FileNotFoundError(f"image_root {image_root!r} is not a directory")
+    recipe = {"splits": splits, "image_field": image_field, "image_root": image_root,
+              "caption_fields": dict(caption_fields or {"caption": ""})}
+    config = RecipeConfig(name=_fingerprint(recipe), recipe_json=json.dumps(recipe, sort_keys=True))
+    return _prepare(ImageCaptionJsonl(config=config, data_dir=os.path.expanduser(data_dir)))
+
+
+def parallel_text(splits: Dict[str, list], data_dir: str) -> Source:
+    """Build (once) and open parallel text; ``splits`` = {split: [jsonl path or [path_1, path_2]]}."""
+    splits = {name: [_absolute(e) for e in entries] for name, entries in splits.items()}
+    _check_files(splits)
+    recipe = {"splits": splits}
+    config = RecipeConfig(name=_fingerprint(recipe), recipe_json=json.dumps(recipe, sort_keys=True))
+    return _prepare(ParallelText(config=config, data_dir=os.path.expanduser(data_dir)))
+
+
+def _feature(example, path: str):
+    value = example
+    for part in path.split("/"):
+        if part not in value:
+            raise KeyError(f"feature {path!r} not found; available: {sorted(value)}")
+        value = value[part]
+    return value
+
+
+def catalog_image_caption(name: str, *, image_feature: str, caption_feature: str, language: str,
+                          data_dir: Optional[str] = None) -> Source:
+    """Open a prepared TFDS catalog dataset (``name`` may include a config and version) as an
+    image–caption source; nothing is downloaded. Captions get the language ``language``."""
+    builder = tfds.builder(name, data_dir=os.path.expanduser(data_dir) if data_dir else None)
+    if not builder.is_prepared():
+        raise FileNotFoundError(
+            f"TFDS dataset {name!r} is not prepared in {builder.data_dir!r}; build it there first "
+            "(e.g. `tfds build`), this pipeline never downloads")
+    features = builder.info.features
+    for feature in (image_feature, caption_feature):
+        try:
+            _feature(features, feature)
+        except (KeyError, TypeError) as e:
+            raise KeyError(f"TFDS dataset {name!r}: {e}") from None
+
+    def canonicalize(example):
+        captions = tf.reshape(_feature(example, caption_feature), [-1])
+        return {"image": _feature(example, image_feature), "captions": captions,
+                "languages": tf.fill(tf.shape(captions), language)}
+
+    canonicalize.image_feature = image_feature
+    return Source(builder, canonicalize, {})
