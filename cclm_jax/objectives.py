@@ -185,8 +185,11 @@ def matching_loss(ctx: Context, cond_embeds, cond_atts, cond_feat, text_embeds, 
     neg_cond, neg_text = negatives[:b], negatives[b:]
     keys = jax.random.split(dropout_rng, 3) if dropout_rng is not None else (None,) * 3
     pos = ctx("fuse", cond_embeds, cond_atts, text_embeds, text_atts, rng=keys[0])[:, 0]
-    neg1 = ctx("fuse", cond_embeds[neg_cond], cond_atts[neg_cond], text_embeds, text_atts, rng=keys[1])[:, 0]
-    neg2 = ctx("fuse", cond_embeds, cond_atts, text_embeds[neg_text], text_atts[neg_text], rng=keys[2])[:, 0]
+    take = lambda x, i: jnp.take(jnp.asarray(x), i, axis=0)  # noqa: E731
+    neg1 = ctx("fuse", take(cond_embeds, neg_cond), take(cond_atts, neg_cond), text_embeds, text_atts,
+               rng=keys[1])[:, 0]
+    neg2 = ctx("fuse", cond_embeds, cond_atts, take(text_embeds, neg_text), take(text_atts, neg_text),
+               rng=keys[2])[:, 0]
     logits = ctx("itm_logits", jnp.concatenate([pos, neg1, neg2]))
     labels = jnp.concatenate([jnp.ones((b,), jnp.int32), jnp.zeros((2 * b,), jnp.int32)])
     ce = -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), labels[:, None], axis=1)[:, 0]

@@ -1,0 +1,123 @@
+"""Jitted update steps: one per batch kind (`image_text`, `parallel_text`) or one `joint` update.
+
+Each step takes and donates the sharded `TrainState` and returns it with a dict of device scalars (every
+loss, the weighted total, gradient and parameter norms, learning rate, temperature, and whether the update
+was skipped as non-finite). Nothing inside a step talks to the host.
+
+Reference semantics (spec §2.5, §4.1): the temperature is clamped into [0.001, 0.5] *in the parameter* before
+every forward; the learning-rate schedule advances once per mixture cycle (`schedule_step = step //
+updates_per_cycle`, e.g. one image–caption and one parallel-text update share schedule step k).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import Mesh
+
+from cclm_jax import objectives
+from cclm_jax.data.image import normalize
+from cclm_jax.models.cclm import TEMP_MAX, TEMP_MIN, build_model
+from cclm_jax.train.optimizer import linear_warmup_linear_decay
+from cclm_jax.train.state import TrainState, global_norm
+
+KINDS = ("image_text", "parallel_text")
+VIEW_LOSSES = {"image_text": objectives.image_text_losses, "parallel_text": objectives.parallel_text_losses}
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """What a step needs to know besides the state and the batch."""
+
+    model_config: ml_collections.ConfigDict
+    objectives_config: ml_collections.ConfigDict
+    optimizer_config: ml_collections.ConfigDict
+    schedule_config: ml_collections.ConfigDict
+    updates_per_cycle: int
+    mesh: Mesh | None = None
+    dropout: bool = True
+
+
+def prepare_batch(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """uint8 images -> normalised float32 (on device); everything else unchanged."""
+    out = dict(batch)
+    if "image" in out and out["image"].dtype == jnp.uint8:
+        out["image"] = normalize(out["image"])
+    return out
+
+
+def clamp_temperature(params):
+    """Write the clamp into the parameter, as the reference's in-place `temp.clamp_` does."""
+    return {**params, "temp": jnp.clip(params["temp"], TEMP_MIN, TEMP_MAX)}
+
+
+def _loss_fn(cfg: StepConfig, kinds: tuple[str, ...]) -> Callable:
+    model = build_model(cfg.model_config, deterministic=not cfg.dropout)
+
+    def loss_fn(params, batches, rng):
+        total, measurements = 0.0, {}
+        for i, kind in enumerate(kinds):
+            losses = VIEW_LOSSES[kind](model, params, prepare_batch(batches[kind]), jax.random.fold_in(rng, i),
+                                       config=cfg.objectives_config, mesh=cfg.mesh, dropout=cfg.dropout)
+            total = total + objectives.weighted_total(losses, cfg.objectives_config, cfg.mesh)
+            prefix = "" if len(kinds) == 1 else f"{kind}/"
+            measurements.update({f"{prefix}{k}": v for k, v in losses.items() if k != "negatives"})
+        return total, measurements
+
+    return loss_fn
+
+
+def make_update_fn(cfg: StepConfig, optimizer: optax.GradientTransformationExtraArgs,
+                   kinds: tuple[str, ...]) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """The (un-jitted) update `(state, batches: {kind: batch}) -> (state, metrics)` for these batch kinds."""
+    loss_fn = _loss_fn(cfg, kinds)
+    lr_fn = linear_warmup_linear_decay(cfg.optimizer_config.lr, cfg.schedule_config.warmup_steps,
+                                       cfg.schedule_config.total_steps)
+
+    def update(state: TrainState, batches: dict) -> tuple[TrainState, dict]:
+        params = clamp_temperature(state.params)
+        rng = jax.random.fold_in(state.rng, state.step)
+        (total, measurements), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batches, rng)
+        schedule_step = state.step // cfg.updates_per_cycle
+        updates, opt_state = optimizer.update(grads, state.opt_state, params, schedule_step=schedule_step)
+        new_params = optax.apply_updates(params, updates)
+        grad_norm = global_norm(grads)
+        finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        state = state.replace(
+            step=state.step + 1,
+            params=keep(new_params, params),
+            opt_state=keep(opt_state, state.opt_state),
+            nonfinite=state.nonfinite + (~finite).astype(jnp.int32))
+        metrics = {**measurements, "loss": total, "grad_norm": grad_norm, "param_norm": global_norm(state.params),
+                   "lr": lr_fn(schedule_step), "temp": params["temp"], "skipped_nonfinite": (~finite).astype(jnp.int32)}
+        return state, metrics
+
+    return update
+
+
+def jit_step(update: Callable, state_shardings, batch_sharding) -> Callable:
+    """jit with the state donated and kept in its shardings; batches arrive sharded over the batch axes."""
+    return jax.jit(update, in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
+                   donate_argnums=(0,))
+
+
+def make_train_steps(cfg: StepConfig, optimizer: optax.GradientTransformationExtraArgs, mode: str,
+                     state_shardings=None, batch_sharding=None) -> dict[str, Callable]:
+    """Jitted steps keyed by batch kind ('alternate' mode) or {'joint': step} ('joint' mode).
+
+    A step is called as `state, metrics = step(state, {kind: batch, ...})`.
+    """
+    if mode == "alternate":
+        fns = {kind: make_update_fn(cfg, optimizer, (kind,)) for kind in KINDS}
+    elif mode == "joint":
+        fns = {"joint": make_update_fn(cfg, optimizer, KINDS)}
+    else:
+        raise ValueError(f"config.train.mode must be 'alternate' or 'joint', got {mode!r}")
+    if state_shardings is None:
+        return {k: jax.jit(f, donate_argnums=(0,)) for k, f in fns.items()}
+    return {k: jit_step(f, state_shardings, batch_sharding) for k, f in fns.items()}
