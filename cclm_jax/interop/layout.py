@@ -182,7 +182,10 @@ def torch_shape(entry: Entry, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def from_torch_array(entry: Entry, tensor: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Official tensor -> a Flax parameter of `shape`; raises ValueError on a size mismatch."""
+    """Official tensor -> a Flax parameter of `shape`; raises ValueError on a size mismatch.
+
+    The result may be a view of `tensor` (no copy): copy it if it must outlive the source.
+    """
     if entry.kind == "conv":
         out = np.transpose(tensor, (2, 3, 1, 0))
     elif entry.kind == "linear":
@@ -198,7 +201,7 @@ def from_torch_array(entry: Entry, tensor: np.ndarray, shape: tuple[int, ...]) -
     if out.shape != expected:
         raise ValueError(f"{entry.key}: shape {tuple(tensor.shape)} does not fit parameter "
                          f"{'/'.join(entry.path)} of shape {tuple(shape)}")
-    return np.array(out.reshape(shape), order="C")  # (ascontiguousarray would make 0-d arrays 1-d)
+    return out.reshape(shape)
 
 
 def get_path(tree: Mapping, path: tuple[str, ...]):

@@ -9,8 +9,9 @@ known XLM-R widths, and maps every tensor onto our Flax parameter tree. Both lay
 
 Geometry conversion: `load(path, vision__image_res=384, vision__window_size=12)` reads a 224-px / window-7
 checkpoint into a 384-px / window-12 model the way the reference's `load_pretrained` does: relative
-position tables resized (`relpos.resize_relative_position_table`), buffers dropped (they are regenerated
-from the config on export). Without a geometry change the buffers in the file must equal the generated ones.
+position tables resized (`relpos.resize_relative_position_table`), buffers checked against the file's own
+geometry and dropped (`save` regenerates them for the new one). Buffers are optional, but when present they
+must equal the ones the file's inferred architecture implies.
 
 `save(path, model_config, params)` writes the official key set, order, shapes and dtypes, buffers included
 and the tied MLM decoder under both names sharing one storage (as the official file). Its `config` holds
@@ -19,7 +20,8 @@ and the tied MLM decoder under both names sharing one storage (as the official f
 reads a checkpoint's config, so these keys do not disturb it.
 
 Memory: files are memory-mapped (`files.open_checkpoint`) and converted tensor by tensor, so `load` holds one
-copy of the parameters; `save` holds the parameters plus one converted copy (torch.save needs the dict).
+copy of the parameters; `save` holds the parameters plus transposed copies of the Linear/conv weights
+(torch.save needs the whole dict; tensors already in the official layout are shared, not copied).
 Tensors with bad shapes, missing / unexpected keys and differing tied copies raise `CheckpointError` naming
 the first offending keys. Needs the `torch` extra.
 """
@@ -30,6 +32,7 @@ import logging
 import math
 import os
 import re
+import warnings
 from typing import Any, Callable, Mapping
 
 import jax
@@ -156,7 +159,7 @@ def params_from_state_dict(state_dict: Mapping[str, np.ndarray], model_config: m
     image_res/window differ, the file's keys are checked against its own layout, its buffers are dropped
     and the relative position tables resized to `model_config`'s windows.
     """
-    return _convert(state_dict, model_config, layout, source_config, place=lambda value: value)
+    return _convert(state_dict, model_config, layout, source_config, place=lambda value: np.array(value, order="C"))
 
 
 def _convert(state_dict: Mapping[str, np.ndarray], model_config: ml_collections.ConfigDict, layout: str | None,
@@ -262,6 +265,8 @@ def load(path: str | os.PathLike, text_num_heads: int | None = None, **overrides
     try:
         source_config = infer_model_config(checkpoint, text_num_heads)
         model_config = infer_model_config(checkpoint, text_num_heads, **overrides)
+        # jnp.asarray copies; jax.device_put could alias a 64-byte-aligned view of the memory-mapped file,
+        # which would crash (SIGBUS) once the file is overwritten, e.g. by saving to the same path.
         params = _convert(checkpoint, model_config, None, source_config, place=jnp.asarray)
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from e
@@ -271,6 +276,13 @@ def load(path: str | os.PathLike, text_num_heads: int | None = None, **overrides
 def state_dict_from_params(model_config: ml_collections.ConfigDict, params: Mapping,
                            layout: str = "pretrain") -> dict[str, torch.Tensor]:
     """Our parameters -> the official state_dict (ordered; float32 weights, int64/float32 buffers)."""
+    return _state_dict(model_config, params, layout, share_memory=False)
+
+
+def _state_dict(model_config: ml_collections.ConfigDict, params: Mapping, layout: str,
+                share_memory: bool) -> dict[str, torch.Tensor]:
+    """`share_memory`: tensors whose official layout is our own (embeddings, norms, biases) view the float32
+    parameters instead of copying them: read-only use only (torch.save), never handed to callers."""
     out: dict[str, torch.Tensor] = {}
     for entry in official_layout(model_config, layout):
         if entry.tied_to is not None:
@@ -278,8 +290,13 @@ def state_dict_from_params(model_config: ml_collections.ConfigDict, params: Mapp
         elif entry.kind == "buffer":
             out[entry.key] = torch.from_numpy(np.array(entry.make(), order="C"))
         else:
-            value = np.asarray(jax.device_get(get_path(params, entry.path)), np.float32)
-            out[entry.key] = torch.from_numpy(np.array(to_torch_array(entry, value), order="C"))
+            value = to_torch_array(entry, np.asarray(jax.device_get(get_path(params, entry.path)), np.float32))
+            if share_memory and value.flags.c_contiguous:
+                with warnings.catch_warnings():  # a read-only view of a jax buffer: torch.save only reads it
+                    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                    out[entry.key] = torch.from_numpy(value)
+            else:
+                out[entry.key] = torch.from_numpy(np.array(value, order="C"))
     return out
 
 
@@ -291,5 +308,5 @@ def save(path: str | os.PathLike, model_config: ml_collections.ConfigDict, param
     config.setdefault("embed_dim", model_config.embed_dim)
     config.setdefault("temp", model_config.temp)
     config.setdefault("image_res", model_config.vision.image_res)
-    torch.save({"model": state_dict_from_params(model_config, params, layout), "config": config},
+    torch.save({"model": _state_dict(model_config, params, layout, share_memory=True), "config": config},
                os.fspath(path))
