@@ -40,28 +40,28 @@ class Checkpoint(Mapping):
     of a safetensors file, else None. `shape(key)` answers without reading the tensor.
     """
 
-    def __init__(self, path: str, tensors: Mapping[str, Any], config: Any, getter):
+    def __init__(self, path: str, shapes: Mapping[str, tuple[int, ...]], config: Any, getter):
         self.path = path
         self.config = config
-        self._tensors = tensors
+        self._shapes = dict(shapes)
         self._get = getter
 
     def __getitem__(self, key: str) -> np.ndarray:
-        if key not in self._tensors:
+        if key not in self._shapes:
             raise KeyError(key)
         return self._get(key)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._tensors)
+        return iter(self._shapes)
 
     def __len__(self) -> int:
-        return len(self._tensors)
+        return len(self._shapes)
 
     def __contains__(self, key: object) -> bool:
-        return key in self._tensors
+        return key in self._shapes
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._tensors[key])
+        return tuple(self._shapes[key])
 
 
 def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
