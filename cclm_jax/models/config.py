@@ -5,18 +5,24 @@
 
 - `vision`: image_res (px), patch_size, embed_dim (stage-0 width), depths, num_heads (per stage),
   window_size, mlp_ratio, drop_path_rate (max stochastic-depth rate, linear over all blocks).
-- `text`: vocab_size, hidden_size, num_heads, intermediate_size, num_layers, fusion_layer (first layer with
+- `text`: vocab_size (-1: the tokenizer's, resolved at the start of training), hidden_size, num_heads, intermediate_size, num_layers, fusion_layer (first layer with
   cross-attention), max_position_embeddings, type_vocab_size, layer_norm_eps, hidden_dropout,
   attention_dropout, pad_token_id, mask_token_id.
 - `embed_dim`: contrastive projection width; `temp`: initial temperature.
 - `dtype`: compute dtype ('float32' | 'bfloat16'); parameters are always float32.
 - `remat`: rematerialise each Swin block and text layer in the backward pass.
+- `attention_impl`: text attention through 'xla' (explicit einsums, the reference's numerics) or
+  'dot_product' (`jax.nn.dot_product_attention`: cuDNN flash attention on GPU for bf16/fp16; used only where
+  attention dropout is inactive, i.e. in eval or with `text.attention_dropout=0`; Swin windows stay 'xla').
+- `cache_cross_kv`: the objectives compute each fusion layer's cross-attention keys/values of a condition once
+  and reuse them in the positive, negative and MLM fusion passes (same numbers, fewer FLOPs).
 """
 from __future__ import annotations
 
 import ml_collections
 
 from cclm_jax.models.cclm import DTYPES
+from cclm_jax.models.common import ATTENTION_IMPLS
 
 
 def base_model_config() -> ml_collections.ConfigDict:
@@ -36,6 +42,8 @@ def base_model_config() -> ml_collections.ConfigDict:
         "temp": 0.07,
         "dtype": "float32",
         "remat": False,
+        "attention_impl": "xla",
+        "cache_cross_kv": False,
     })
 
 
@@ -78,9 +86,16 @@ def validate_model_config(cfg: ml_collections.ConfigDict) -> None:
         errors.append(f"model.text.hidden_size {t.hidden_size} is not divisible by num_heads {t.num_heads}")
     if not 0 < t.fusion_layer < t.num_layers:
         errors.append(f"model.text.fusion_layer {t.fusion_layer} must be in (0, num_layers={t.num_layers})")
-    if not 0 <= t.mask_token_id < t.vocab_size:
+    if t.vocab_size == -1:  # resolved from the tokenizer when training starts
+        if t.mask_token_id != -1:
+            errors.append("model.text.mask_token_id must be -1 when vocab_size is -1 (both come from the tokenizer)")
+    elif not 0 <= t.mask_token_id < t.vocab_size:
         errors.append(f"model.text.mask_token_id {t.mask_token_id} outside the vocabulary [0, {t.vocab_size})")
     if cfg.dtype not in DTYPES:
         errors.append(f"model.dtype {cfg.dtype!r} is not one of {sorted(DTYPES)}")
+    if cfg.get("attention_impl", "xla") not in ATTENTION_IMPLS:
+        errors.append(f"model.attention_impl {cfg.attention_impl!r} is not one of {ATTENTION_IMPLS}")
+    if not isinstance(cfg.get("cache_cross_kv", False), bool):
+        errors.append(f"model.cache_cross_kv must be True or False, got {cfg.cache_cross_kv!r}")
     if errors:
         raise ValueError("invalid model config:\n  " + "\n  ".join(errors))

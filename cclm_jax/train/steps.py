@@ -1,4 +1,4 @@
-"""Jitted update steps: one per batch kind (`image_text`, `parallel_text`) or one `joint` update.
+"""Jitted update steps: one per batch kind (`image_caption`, `parallel_text`) or one `joint` update.
 
 Each step takes and donates the sharded `TrainState` and returns it with a dict of device scalars (every
 loss, the weighted total, gradient and parameter norms, learning rate, temperature, and whether the update
@@ -25,8 +25,8 @@ from cclm_jax.models.cclm import TEMP_MAX, TEMP_MIN, build_model
 from cclm_jax.train.optimizer import linear_warmup_linear_decay
 from cclm_jax.train.state import TrainState, global_norm
 
-KINDS = ("image_text", "parallel_text")
-VIEW_LOSSES = {"image_text": objectives.image_text_losses, "parallel_text": objectives.parallel_text_losses}
+KINDS = ("image_caption", "parallel_text")
+VIEW_LOSSES = {"image_caption": objectives.image_text_losses, "parallel_text": objectives.parallel_text_losses}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,3 @@
+from cclm_jax.main import run
+
+run()

@@ -1,0 +1,153 @@
+"""The run config: every section with its defaults, and validation that runs before anything compiles.
+
+Sections (each documented where its defaults live):
+- `model`: `cclm_jax.models.config` (architecture, dtype, remat).
+- `data`: `cclm_jax.data.config` (sources, tokenizer, batch sizes per host, mixture ratios).
+- `objectives`: `cclm_jax.objectives.default_objectives_config` (loss weights, negatives, variants).
+- `optimizer`, `schedule`: `cclm_jax.train.optimizer` (reference AdamW, lr groups, warmup/decay).
+- `train`: below. `mesh`: `cclm_jax.parallel` ({data, fsdp, tensor}; -1 = remaining devices).
+- `init`: where the first parameters come from (below).
+- `distributed`: call `jax.distributed.initialize()` first (multi-host TPU pod slices, SLURM, or the
+  `JAX_COORDINATOR_ADDRESS` / `JAX_NUM_PROCESSES` / `JAX_PROCESS_ID` environment variables).
+
+`train`:
+  mode             'alternate' (one optimizer update per batch, kinds interleaved by `data.mix`; the
+                   reference) or 'joint' (one update on the sum of both views).
+  num_steps        optimizer updates in the run (a resumed run stops at the same total).
+  seed             parameter initialisation, dropout and negative sampling.
+  dropout          train with dropout / drop-path (the reference does).
+  log_every        steps between metric writes (metrics are fetched from the device only then).
+  eval_every       steps between dev-set retrieval evaluations (0 = only at the end; -1 = never).
+  eval_k_test      candidates re-ranked by the ITM head in evaluation (0 = ITC scores only).
+  checkpoint_every steps between checkpoints; keep_checkpoints: how many recent ones to keep;
+  keep_every       also keep every checkpoint whose step is a multiple of this (0 = none).
+  nonfinite        'skip' (count and skip the update) or 'stop' (stop at the next log step).
+  profile_start, profile_steps   a jax.profiler trace of `profile_steps` steps from `profile_start`
+                   (profile_steps 0 = off), written under workdir/profile.
+`init`:
+  checkpoint       '' (random init), an official CCLM `.th` (imported), or an Orbax workdir to start from.
+  text_num_heads   attention heads for an imported official checkpoint (shapes cannot tell).
+  xlmr_dir, swin_path   HF XLM-R-large directory and Microsoft Swin `.pth` for the reference
+                   pre-training initialisation (both or neither).
+"""
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+from cclm_jax.data.config import default_data_config, validate_data_config
+from cclm_jax.models.config import base_model_config, validate_model_config
+from cclm_jax.objectives import default_objectives_config, validate_objectives_config
+from cclm_jax.train.optimizer import (default_optimizer_config, default_schedule_config,
+                                      validate_optimizer_config)
+
+TRAIN_MODES = ("alternate", "joint")
+
+
+def default_train_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict({
+        "mode": "alternate", "num_steps": 1000, "seed": 42, "dropout": True, "log_every": 50,
+        "eval_every": 0, "eval_k_test": 16, "checkpoint_every": 500, "keep_checkpoints": 3,
+        "keep_every": 0, "nonfinite": "skip", "profile_start": 10, "profile_steps": 0,
+    })
+
+
+def default_run_config() -> ml_collections.ConfigDict:
+    """Every section with defaults (the released architecture, demo data); config files edit a copy."""
+    return ml_collections.ConfigDict({
+        "model": base_model_config(),
+        "data": default_data_config(),
+        "objectives": default_objectives_config(),
+        "optimizer": default_optimizer_config(),
+        "schedule": default_schedule_config(),
+        "train": default_train_config(),
+        "mesh": {"data": -1, "fsdp": 1, "tensor": 1},
+        "init": {"checkpoint": "", "text_num_heads": 16, "xlmr_dir": "", "swin_path": ""},
+        "distributed": False,
+    })
+
+
+def _check_keys(cfg: ml_collections.ConfigDict, reference: ml_collections.ConfigDict, where: str) -> list[str]:
+    """Unknown keys (typos) anywhere below `where`, compared with the defaults."""
+    errors = []
+    for key in cfg.keys():
+        if key not in reference:
+            errors.append(f"{where}{key}: unknown key")
+        elif isinstance(cfg[key], ml_collections.ConfigDict) and isinstance(reference[key], ml_collections.ConfigDict):
+            if key in ("mix", "weights", "caption_fields"):  # free-form mappings
+                continue
+            errors += _check_keys(cfg[key], reference[key], f"{where}{key}.")
+    return errors
+
+
+def validate_run_config(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+    """Raise ValueError/FileNotFoundError with one clear line per problem, before any compilation."""
+    errors = _check_keys(config, default_run_config(), "config.")
+    for key in default_run_config().keys():
+        if key not in config:
+            errors.append(f"config.{key}: missing section")
+    if errors:
+        raise ValueError("invalid config:\n  " + "\n  ".join(errors))
+    validate_model_config(config.model)
+    validate_data_config(config.data)
+    validate_objectives_config(config.objectives)
+    validate_optimizer_config(config.optimizer, config.schedule)
+    t = config.train
+    if t.mode not in TRAIN_MODES:
+        raise ValueError(f"config.train.mode must be one of {TRAIN_MODES}, got {t.mode!r}")
+    if t.nonfinite not in ("skip", "stop"):
+        raise ValueError(f"config.train.nonfinite must be 'skip' or 'stop', got {t.nonfinite!r}")
+    for key in ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
+        if t[key] <= 0:
+            raise ValueError(f"config.train.{key} must be positive, got {t[key]}")
+    for kind in ("image_caption", "eval"):
+        if config.data[kind].image_res != config.model.vision.image_res:
+            raise ValueError(f"config.data.{kind}.image_res {config.data[kind].image_res} must equal "
+                             f"config.model.vision.image_res {config.model.vision.image_res}")
+    _check_batch_split(config, num_devices)
+    _check_init(config.init)
+
+
+def resolve_vocab(config: ml_collections.ConfigDict, vocab_size: int, mask_id: int) -> None:
+    """Fill `model.text.vocab_size`/`mask_token_id` = -1 from the tokenizer, or check they agree with it."""
+    text = config.model.text
+    if text.vocab_size == -1:
+        text.vocab_size, text.mask_token_id = vocab_size, mask_id
+    elif (text.vocab_size, text.mask_token_id) != (vocab_size, mask_id):
+        raise ValueError(f"config.model.text vocab_size/mask_token_id ({text.vocab_size}, {text.mask_token_id}) "
+                         f"do not match the tokenizer of config.data.tokenizer ({vocab_size}, {mask_id}); set "
+                         "both to -1 to take them from the tokenizer")
+
+
+def _check_batch_split(config: ml_collections.ConfigDict, num_devices: int | None) -> None:
+    import jax
+
+    from cclm_jax.parallel import mesh_shape
+
+    n = num_devices if num_devices is not None else jax.device_count()
+    data, fsdp, _ = mesh_shape(config.mesh, n)
+    shards = data * fsdp
+    processes = jax.process_count()
+    for kind in ("image_caption", "parallel_text"):
+        if config.data.mix.get(kind, 0) <= 0:
+            continue
+        global_batch = config.data[kind].batch_size * processes
+        if global_batch % shards:
+            raise ValueError(f"config.data.{kind}.batch_size: the global batch {global_batch} is not divisible "
+                             f"by the {shards} batch shards (mesh data x fsdp = {data} x {fsdp})")
+        if config.objectives.negatives == "local" and global_batch // shards < 2:
+            raise ValueError(f"config.data.{kind}.batch_size: hard negatives are drawn within each of the "
+                             f"{shards} batch shards, which needs >= 2 examples per shard "
+                             f"(global batch {global_batch})")
+
+
+def _check_init(init: ml_collections.ConfigDict) -> None:
+    if init.checkpoint and not os.path.exists(os.path.expanduser(init.checkpoint)):
+        raise FileNotFoundError(f"config.init.checkpoint: {init.checkpoint!r} does not exist")
+    if bool(init.xlmr_dir) != bool(init.swin_path):
+        raise ValueError("config.init.xlmr_dir and config.init.swin_path must be given together")
+    if init.xlmr_dir and not os.path.isdir(os.path.expanduser(init.xlmr_dir)):
+        raise FileNotFoundError(f"config.init.xlmr_dir: directory {init.xlmr_dir!r} does not exist")
+    if init.swin_path and not os.path.isfile(os.path.expanduser(init.swin_path)):
+        raise FileNotFoundError(f"config.init.swin_path: file {init.swin_path!r} does not exist")
