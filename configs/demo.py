@@ -27,7 +27,8 @@ def get_config(arg: str = ""):
     data.shuffle_buffer = 2048
     config.optimizer.update(lr=5e-4, lr_mult=1.0)
     num_steps = int(arg) if arg else 800
-    config.schedule.update(warmup_steps=50, total_steps=num_steps // 2)
+    total = max(num_steps // 2, 1)  # one schedule step per (parallel-text, image-caption) iteration
+    config.schedule.update(warmup_steps=max(1, min(50, total // 10)), total_steps=total)
     config.train.update(num_steps=num_steps, log_every=50, checkpoint_every=200, eval_every=0,
                         eval_k_test=8, dropout=False)
     config.mesh = {"data": -1, "fsdp": 1, "tensor": 1}

@@ -1,23 +1,34 @@
-"""The golden fixture's model sizes (every structural knob of CCLM, widths shrunk) on the demo data.
+"""Small configs on the built-in demo data, for tests and for debugging the full program on a CPU.
 
-Used by tests and for debugging the full training program on a CPU: 224-px Swin with 4 stages, 12 text
-layers (6 text + 6 fusion). `get_config('N')` sets N training steps.
+`get_config()` / `get_config('N')`: the golden fixture's model sizes (every structural knob of CCLM,
+widths shrunk: 224-px Swin with 4 stages, 12 text layers = 6 text + 6 fusion), N training steps.
+`get_config('micro')` / `get_config('micro,N')`: the same program with a 64-px, 2-stage Swin and 4 text
+layers (2 + 2), which compiles in a fraction of the time (the integration tests use it).
 """
 from cclm_jax.models.config import tiny_model_config
 from cclm_jax.run_config import default_run_config
 
 
 def get_config(arg: str = ""):
+    parts = [p for p in arg.split(",") if p]
+    micro = "micro" in parts
+    steps = [int(p) for p in parts if p != "micro"]
     config = default_run_config()
     config.model = tiny_model_config()
+    image_res = 224
+    if micro:
+        image_res = 64
+        config.model.vision.update(image_res=64, embed_dim=64, depths=(2, 2), num_heads=(2, 4), window_size=4,
+                                   drop_path_rate=0.1)
+        config.model.text.update(num_layers=4, fusion_layer=2, max_position_embeddings=64)
+    config.model.text.update(vocab_size=-1, mask_token_id=-1)  # the demo tokenizer's
     data = config.data
     data.mix = {"parallel_text": 1, "image_caption": 1}
-    config.model.text.update(vocab_size=-1, mask_token_id=-1)  # the demo tokenizer's
-    data.image_caption.update(batch_size=8, image_res=224)
-    data.parallel_text.update(batch_size=8, max_tokens=32, max_words=32, max_masks=8)
-    data.eval.update(batch_size=8, image_res=224)
+    data.image_caption.update(batch_size=8, image_res=image_res, max_tokens=16, max_words=16, max_masks=4)
+    data.parallel_text.update(batch_size=8, max_tokens=16, max_words=16, max_masks=4)
+    data.eval.update(batch_size=8, image_res=image_res, max_tokens=16, max_words=16)
     data.shuffle_buffer = 256
     config.schedule.update(warmup_steps=2, total_steps=50)
-    config.train.update(num_steps=int(arg) if arg else 8, log_every=2, checkpoint_every=4, eval_every=-1,
+    config.train.update(num_steps=steps[0] if steps else 8, log_every=2, checkpoint_every=4, eval_every=-1,
                         eval_k_test=4)
     return config
