@@ -108,6 +108,8 @@ class Scene:
 
 def caption(scene: Scene, language: str) -> str:
     """The description of ``scene`` in ``language`` (one of ``LANGUAGES``)."""
+    if language not in LANGUAGES:
+        raise ValueError(f"demo captions exist for {LANGUAGES}, not {language!r}")
     if language == "en":
         article = "an" if scene.size[0] in "aeiou" else "a"
         return (f"{article} {scene.size} {scene.colour} {scene.shape} {_PLACES['en'][scene.place]} "
@@ -126,10 +128,8 @@ def caption(scene: Scene, language: str) -> str:
     if language == "fr":
         article = "une" if gender == "f" else "un"
         return f"{article} {size} {noun} {colour} {place} sur fond {background}"
-    if language == "es":
-        article = "una" if gender == "f" else "un"
-        return f"{article} {noun} {colour} {size} {place} sobre fondo {background}"
-    raise ValueError(f"demo captions exist for {LANGUAGES}, not {language!r}")
+    article = "una" if gender == "f" else "un"
+    return f"{article} {noun} {colour} {size} {place} sobre fondo {background}"
 
 
 def random_scene(rng: np.random.Generator) -> Scene:

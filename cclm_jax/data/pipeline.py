@@ -26,8 +26,10 @@ of the dev images per language (``text_ids``, ``text_atts``, ``image_index``) an
 ``image_batches()`` yielding ``image`` uint8 (B, R, R, 3), ``image_index`` int32 (B,) and
 ``valid`` bool (B,) (eval transform, last batch padded).
 """
+import atexit
 import dataclasses
 import os
+import weakref
 from typing import Callable, Dict, Iterator
 
 import numpy as np
@@ -201,12 +203,24 @@ def _text_stage(tokenizer, settings: TextSettings, fields, seed_words):
 
 # ----------------------------------------------------------------------------- iterator
 
+_OPEN_ITERATORS = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_iterators():
+    """Stop prefetching before interpreter shutdown: tf.data threads still running numpy
+    functions at exit abort the process ("terminate called without an active exception")."""
+    for iterator in list(_OPEN_ITERATORS):
+        iterator.close()
+
+
 class BatchIterator:
     """Per-host batches of one kind with exact resume (see the module docstring).
 
     ``make_dataset(start_batch, start_example)`` builds the tf.data pipeline at a position;
     every element carries ``_position`` (int64 (B,), the host-stream position of each example).
-    ``skipped`` holds the source's build-time skip counts.
+    ``skipped`` holds the source's build-time skip counts. ``close()`` stops prefetching (done
+    for every open iterator at exit); the next ``next()`` starts again where it stopped.
     """
 
     def __init__(self, kind: str, make_dataset: Callable[[int, int], tf.data.Dataset],
@@ -225,11 +239,17 @@ class BatchIterator:
     def __next__(self) -> Dict[str, np.ndarray]:
         if self._iterator is None:
             self._iterator = iter(self._make_dataset(self._batches, self._next_example))
+            _OPEN_ITERATORS.add(self)
         batch = {k: v.numpy() for k, v in next(self._iterator).items()}
         positions = batch.pop("_position")
         self._next_example = int(positions[-1]) + 1
         self._batches += 1
         return batch
+
+    def close(self) -> None:
+        """Drop the tf.data iterator and its prefetch threads."""
+        self._iterator = None
+        _OPEN_ITERATORS.discard(self)
 
     def get_state(self) -> Dict[str, np.ndarray]:
         """Position after the last batch handed out (numpy int64 scalars)."""
@@ -246,7 +266,7 @@ class BatchIterator:
                              f"{int(state['batch_size'])}, this pipeline uses {self.batch_size}")
         self._batches = int(state["batches"])
         self._next_example = int(state["next_example"])
-        self._iterator = None
+        self.close()
 
     def metrics(self) -> Dict[str, int]:
         """Counters to log: examples skipped at build time, by reason."""

@@ -24,12 +24,13 @@ hash of the recipe and of the files' sizes and mtimes, so changed inputs rebuild
 * ``catalog_image_caption`` -- any prepared TFDS catalog dataset with an image feature and a
   caption feature (``/`` separates nested feature names, e.g. ``captions/text``).
 
-Bad input is skipped and counted, never silently lost and never a crash. The counts (keys:
-``invalid_utf8``, ``invalid_json``, ``missing_field``, ``missing_image_file``,
-``corrupt_image``, ``invalid_caption``, ``empty_caption``, ``no_caption``, ``empty_text``) are
-stored in ``build_report.json`` next to the built data, logged with file:line for the first
-few cases, and exposed as ``Source.skipped``. A source with no usable example, or aligned files
-of different lengths, raise ``ValueError`` naming the files.
+Bad input is skipped and counted, never silently lost and never a crash. Each skipped record
+(line or aligned line pair) counts once under one of ``RECORD_SKIPS``; captions dropped from a
+record count under ``CAPTION_DROPS`` (a record left without captions then counts as
+``no_caption``). Blank lines are not records. The counts are stored in ``build_report.json``
+next to the built data, logged with file:line for the first few cases, and exposed as
+``Source.skipped``. A source with no usable example, or aligned files of different lengths,
+raise ``ValueError`` naming the files.
 """
 import base64
 import binascii
@@ -50,6 +51,9 @@ import tensorflow_datasets as tfds
 from cclm_jax.data import image as image_lib
 from cclm_jax.data.text import pre_caption
 
+RECORD_SKIPS = ("invalid_utf8", "invalid_json", "missing_field", "missing_image_file",
+                "corrupt_image", "no_caption", "empty_text")
+CAPTION_DROPS = ("empty_caption", "invalid_caption")
 _LOG = logging.getLogger(__name__)
 _MAX_LOGGED_SKIPS = 10
 _REPORT_FILE = "build_report.json"
@@ -151,26 +155,24 @@ def image_caption_examples(paths, *, image_field: str, caption_fields: Dict[str,
     """(key, canonical image–caption example) for every usable line of ``paths``."""
     for path in paths:
         for where, record in _json_records(path, counter):
-            missing = [f for f in [image_field, *caption_fields] if f not in record]
-            if image_field in missing or len(missing) == len(caption_fields) + 1 or (
-                    len(missing) == len(caption_fields)):
-                counter.skip("missing_field", where, f"missing {missing}")
+            if image_field not in record or not any(f in record for f in caption_fields):
+                wanted = [image_field] + list(caption_fields)
+                counter.skip("missing_field", where, f"needs {image_field!r} and one of "
+                             f"{list(caption_fields)}; has {sorted(record)} (wanted {wanted})")
                 continue
-            pairs = []
+            usable = []
             for field, language in caption_fields.items():
                 if field not in record:
                     continue
-                found = _caption_pairs(record[field], language)
-                if found is None:
+                pairs = _caption_pairs(record[field], language)
+                if pairs is None:
                     counter.skip("invalid_caption", where, f"unrecognised layout of field {field!r}")
                     continue
-                pairs.extend(found)
-            usable = []
-            for lang, text in pairs:
-                if _is_usable_text(text):
-                    usable.append((lang, text))
-                else:
-                    counter.skip("empty_caption", where, f"{lang}: {text!r}")
+                for lang, text in pairs:
+                    if _is_usable_text(text):
+                        usable.append((lang, text))
+                    else:
+                        counter.skip("empty_caption", where, f"{field}[{lang}] = {text!r}")
             if not usable:
                 counter.skip("no_caption", where)
                 continue
@@ -285,7 +287,7 @@ class ImageCaptionJsonl(_RecipeBuilder):
     """CCLM json-lines image–caption data (see the module docstring)."""
 
     def _info(self):
-        return self.dataset_info_from_configs(features=tfds.features.FeaturesDict({
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
             "image": tfds.features.Tensor(shape=(), dtype=np.object_),
             "captions": tfds.features.Sequence(tfds.features.Text()),
             "languages": tfds.features.Sequence(tfds.features.Text()),
@@ -302,7 +304,7 @@ class ParallelText(_RecipeBuilder):
     """Parallel sentences from json-lines or line-aligned files (see the module docstring)."""
 
     def _info(self):
-        return self.dataset_info_from_configs(features=tfds.features.FeaturesDict({
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
             "text_1": tfds.features.Text(), "text_2": tfds.features.Text(),
             "lang_1": tfds.features.Text(), "lang_2": tfds.features.Text(),
         }))
@@ -407,8 +409,9 @@ def parallel_text(splits: Dict[str, list], data_dir: str) -> Source:
 def _feature(example, path: str):
     value = example
     for part in path.split("/"):
-        if part not in value:
-            raise KeyError(f"feature {path!r} not found; available: {sorted(value)}")
+        if not isinstance(value, dict) or part not in value:
+            available = sorted(value) if isinstance(value, dict) else []
+            raise KeyError(f"feature {path!r} not found (at {part!r}; available: {available})")
         value = value[part]
     return value
 
@@ -422,12 +425,12 @@ def catalog_image_caption(name: str, *, image_feature: str, caption_feature: str
         raise FileNotFoundError(
             f"TFDS dataset {name!r} is not prepared in {builder.data_dir!r}; build it there first "
             "(e.g. `tfds build`), this pipeline never downloads")
-    features = builder.info.features
+    tensors = builder.info.features.get_tensor_info()
     for feature in (image_feature, caption_feature):
         try:
-            _feature(features, feature)
-        except (KeyError, TypeError) as e:
-            raise KeyError(f"TFDS dataset {name!r}: {e}") from None
+            _feature(tensors, feature)
+        except KeyError as e:
+            raise KeyError(f"TFDS dataset {name!r}: {e.args[0]}") from None
 
     def canonicalize(example):
         captions = tf.reshape(_feature(example, caption_feature), [-1])

@@ -1,0 +1,61 @@
+"""Fixed-ratio mixture schedule: exact ratios, host independence, counts, errors."""
+import pytest
+
+from cclm_jax.data.mixture import Mixture
+
+
+@pytest.mark.parametrize("ratios", [
+    {"image_caption": 1, "parallel_text": 1},
+    {"image_caption": 3, "parallel_text": 1},
+    {"image_caption": 2, "parallel_text": 5},
+    {"image_caption": 7, "parallel_text": 0},
+])
+def test_every_cycle_has_exactly_the_configured_ratio(ratios):
+    mixture = Mixture(ratios)
+    cycle = sum(ratios.values())
+    for start in range(0, 10 * cycle, cycle):
+        window = [mixture.kind_at(s) for s in range(start, start + cycle)]
+        assert {k: window.count(k) for k in ratios if ratios[k]} == {k: r for k, r in ratios.items() if r}
+    assert mixture.kinds == [k for k, r in ratios.items() if r]
+
+
+def test_kinds_are_spread_evenly():
+    mixture = Mixture({"image_caption": 3, "parallel_text": 1})
+    assert mixture.cycle == ["image_caption", "image_caption", "parallel_text", "image_caption"]
+    assert Mixture({"image_caption": 1, "parallel_text": 1}).cycle == ["image_caption", "parallel_text"]
+    longest_run = max(len(run) for run in "".join(
+        "a" if k == "image_caption" else "b" for k in Mixture({"image_caption": 2, "parallel_text": 5}).cycle
+    ).split("a"))
+    assert longest_run <= 3
+
+
+def test_two_hosts_compute_the_same_schedule():
+    ratios = {"image_caption": 2, "parallel_text": 3}
+    host_0, host_1 = Mixture(dict(ratios)), Mixture(dict(ratios))
+    assert [host_0.kind_at(s) for s in range(1000)] == [host_1.kind_at(s) for s in range(1000)]
+
+
+def test_counts_before_agree_with_the_schedule():
+    mixture = Mixture({"image_caption": 2, "parallel_text": 3})
+    counts = {"image_caption": 0, "parallel_text": 0}
+    for step in range(53):
+        assert mixture.counts_before(step) == counts
+        counts[mixture.kind_at(step)] += 1
+    assert mixture.counts_before(5000) == {"image_caption": 2000, "parallel_text": 3000}
+
+
+@pytest.mark.parametrize("ratios,message", [
+    ({}, "at least one"),
+    ({"image_caption": 0, "parallel_text": 0}, "every ratio is 0"),
+    ({"image_caption": 1.5}, "non-negative integer"),
+    ({"image_caption": -2}, "non-negative integer"),
+    ({"image_caption": True}, "non-negative integer"),
+])
+def test_bad_ratios_are_rejected(ratios, message):
+    with pytest.raises(ValueError, match=message):
+        Mixture(ratios)
+
+
+def test_negative_steps_are_rejected():
+    with pytest.raises(ValueError, match="step must be >= 0"):
+        Mixture({"image_caption": 1}).kind_at(-1)
