@@ -70,3 +70,32 @@ def tiny_params():
     ids = jnp.zeros((1, 8), jnp.int32)
     init = jax.jit(lambda key: nn.meta.unbox(model.init(key, jnp.zeros((1, 224, 224, 3)), ids, ids)["params"]))
     return cfg, init(jax.random.PRNGKey(0))
+
+
+@pytest.fixture(scope="session")
+def micro_params():
+    """(model_config, params): a CCLM smaller than the tiny one, with random weights drawn in numpy (nothing
+    compiled), for task tests: 32 px, 2 Swin stages of one block (window 4), 1 text + 2 fusion layers, no
+    dropout (random-number ops dominate CPU compile time)."""
+    import jax
+    import numpy as np
+
+    from cclm_jax.interop.shapes import param_shapes
+    from cclm_jax.models import tiny_model_config
+
+    cfg = tiny_model_config()
+    cfg.vision.update(image_res=32, window_size=4, depths=(1, 1), num_heads=(2, 4), embed_dim=64,
+                      drop_path_rate=0.0)
+    cfg.text.update(num_layers=3, fusion_layer=1, hidden_dropout=0.0, attention_dropout=0.0)
+    rng = np.random.default_rng(0)
+
+    def leaf(path, shape):
+        name = path[-1].key
+        if name == "scale":
+            return np.ones(shape, np.float32)
+        if name == "temp":
+            return np.full(shape, cfg.temp, np.float32)
+        return (0.05 * rng.normal(size=shape)).astype(np.float32)
+
+    shapes = param_shapes(cfg)
+    return cfg, jax.tree_util.tree_map_with_path(leaf, shapes, is_leaf=lambda x: isinstance(x, tuple))

@@ -1,0 +1,441 @@
+"""Fine-tuning: task models, losses, jitted update and prediction steps, host batch builders (spec §4.2, §5).
+
+Tasks (`config.task`):
+- `retrieval` (xFlickr&CO, WIT, Multi30K, MSCOCO): the CCLM module itself; loss = index-aware ITC + ITM with
+  same-id negatives excluded (`retrieval_losses`); evaluation in `cclm_jax.evaluation.retrieval`.
+- `xvnli`: `tasks.XVNLIModel`, mean cross-entropy over 3 labels.
+- `marvl` (NLVR2 / MaRVL): `tasks.NLVRModel`, mean cross-entropy over 2 labels.
+- `xgqa`: `tasks.VQAModel`, answer cross-entropy: each answer's summed next-token NLL times its weight,
+  summed and divided by the number of questions; prediction by `VQAModel.rank_answers`.
+
+Batches (host numpy; images uint8 NHWC are normalised on device):
+- retrieval: `image` (B, H, W, 3), `text_ids`, `text_atts` (B, L), `idx` (B,) image id (same id = positive).
+- xvnli: `image`, `text_ids`, `text_atts` (the hypothesis), `label` (B,).
+- marvl: `image` (left), `image_2` (right), `text_ids`, `text_atts`, `label` (B,) (1 = true).
+- xgqa: `image`, `text_ids`, `text_atts` (the question), `answer_ids`, `answer_atts` (B, A, La) (`<s> answer
+  </s>` rows), `answer_weights` (B, A) float (0 for padding rows).
+Any batch may carry `valid` (B,) bool: padded examples are left out of the loss.
+
+The update step mirrors `steps.make_update_fn` (value_and_grad, the reference AdamW with `schedule_step` = the
+update count, non-finite updates skipped) with a task loss instead of a pre-training view, and reuses
+`steps.jit_step` for sharded jitting. Fine-tuning does not clamp the temperature (the reference's
+`RetrievalModel` does not).
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tensorflow as tf
+from jax.sharding import Mesh
+
+from cclm_jax import objectives
+from cclm_jax.data.image import eval_image, normalize
+from cclm_jax.data.text import pad_batch, pre_caption
+from cclm_jax.data.tokenizer import Tokenizer
+from cclm_jax.evaluation.readers import ImagePairExample, NLIExample, VQAExample
+from cclm_jax.models import tasks
+from cclm_jax.models.cclm import CCLM
+from cclm_jax.models.config import base_model_config, validate_model_config
+from cclm_jax.train import optimizer as optimizer_lib
+from cclm_jax.train import steps
+from cclm_jax.train.state import TrainState, global_norm
+
+TASKS = ("retrieval", "xvnli", "marvl", "xgqa")
+IMAGE_KEYS = ("image", "image_2")
+
+
+def _check_task(task: str) -> None:
+    if task not in TASKS:
+        raise ValueError(f"config.task must be one of {TASKS}, got {task!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------------------------
+
+# Parameters trained at lr x lr_mult (the reference's `init_params` of each fine-tuning model).
+TASK_HEADS = {"retrieval": (), "xvnli": ("cls_head",), "marvl": ("cls_head",), "xgqa": ("text_decoder", "lm_head")}
+PROTOCOLS = ("zero_shot", "translate_test", "few_shot", "all_languages")
+
+
+def default_finetune_config(task: str) -> ml_collections.ConfigDict:
+    """Reference fine-tuning settings shared by every task (spec §4.2); `configs/finetune/*.py` specialise them.
+
+    task: one of TASKS. protocol: one of PROTOCOLS (see `apply_protocol`).
+    model: the CCLM base model at 384 px, Swin window 12 (a 224-px checkpoint is converted on import:
+      `official.load(path, vision__image_res=384, vision__window_size=12)`).
+    init.checkpoint: the pre-trained (or, for few-shot, the English-fine-tuned) checkpoint; init.text_num_heads.
+    train: epochs; batch_size (global; the README's `--bs 128` over 8 GPUs); warmup_fraction of the steps
+      (`finetune_schedule`); seed.
+    optimizer: `train.optimizer` section: lr 3e-5, wd 0.01, lr_mult 2 for `TASK_HEADS[task]`; the no-decay list
+      adds `LayerNorm.scale` so that layers outside the pre-training layout (the NLVR copies, the VQA decoder)
+      keep their LayerNorm weights undecayed, as the reference's `LayerNorm.weight` rule does.
+    eval: batch_size (global), k_test (candidates re-ranked per query: retrieval texts/images, xGQA answers).
+    data: tokenizer (SentencePiece model), max_tokens, max_words, languages (evaluated), train_language;
+      the task configs add their annotation and image locations.
+    mesh: `parallel.make_mesh` sizes.
+    """
+    _check_task(task)
+    model = base_model_config()
+    model.vision.update(image_res=384, window_size=12)
+    opt = optimizer_lib.default_optimizer_config()
+    opt.update(lr=3e-5, new_param_patterns=TASK_HEADS[task],
+               no_decay_patterns=tuple(opt.no_decay_patterns) + ("LayerNorm.scale",))
+    config = ml_collections.ConfigDict({
+        "task": task,
+        "protocol": "zero_shot",
+        "model": model,
+        "init": {"checkpoint": "", "text_num_heads": 16},
+        "train": {"epochs": 10, "batch_size": 128, "warmup_fraction": 0.1, "seed": 42},
+        "optimizer": opt,
+        "eval": {"batch_size": 96, "k_test": 128},
+        "data": {"tokenizer": "", "max_tokens": 40, "max_words": 40, "languages": ["en"], "train_language": "en"},
+        "mesh": {"data": -1},
+    })
+    if task == "retrieval":
+        config.objectives = objectives.default_objectives_config()
+        config.eval.update(rerank=True, pairs_per_block=1024)
+    return config
+
+
+def apply_protocol(config: ml_collections.ConfigDict, protocol: str) -> ml_collections.ConfigDict:
+    """Set `config.protocol` and what it changes (IGLUE protocols, spec §4.2 / §5.2):
+
+    - zero_shot: train on `data.train_language` (English), test every language.
+    - translate_test: the same training; test on the machine-translated English test files.
+    - few_shot: continue from the English-fine-tuned checkpoint (`init.checkpoint`) on the few-shot files:
+      lr 1e-5 (the yaml; the README passes 1e-6), 60 epochs.
+    - all_languages: train on every language's training data.
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    config.protocol = protocol
+    if protocol == "few_shot":
+        config.optimizer.lr = 1e-5
+        config.train.epochs = 60
+    return config
+
+
+def validate_finetune_config(config: ml_collections.ConfigDict) -> None:
+    """Raise ValueError naming the field for what the fine-tuning code cannot run with."""
+    _check_task(config.task)
+    if config.protocol not in PROTOCOLS:
+        raise ValueError(f"config.protocol must be one of {PROTOCOLS}, got {config.protocol!r}")
+    validate_model_config(config.model)
+    for key in ("epochs", "batch_size"):
+        value = config.train[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"config.train.{key} must be a positive integer, got {value!r}")
+    if not 0.0 <= config.train.warmup_fraction < 1.0:
+        raise ValueError(f"config.train.warmup_fraction must be in [0, 1), got {config.train.warmup_fraction!r}")
+    if isinstance(config.eval.k_test, bool) or not isinstance(config.eval.k_test, int) or config.eval.k_test < 1:
+        raise ValueError(f"config.eval.k_test must be a positive integer, got {config.eval.k_test!r}")
+    optimizer_lib.validate_optimizer_config(config.optimizer, optimizer_lib.default_schedule_config())
+    if config.task == "retrieval":
+        objectives.validate_objectives_config(config.objectives)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Models and parameters
+# ----------------------------------------------------------------------------------------------------------
+
+def build_task_model(task: str, model_config: ml_collections.ConfigDict, deterministic: bool = True):
+    """The Linen module of a task; `model_config` is the pre-trained CCLM `model` config."""
+    _check_task(task)
+    validate_model_config(model_config)
+    if task == "retrieval":
+        return CCLM(model_config, deterministic=deterministic)
+    cls = {"xvnli": tasks.XVNLIModel, "marvl": tasks.NLVRModel, "xgqa": tasks.VQAModel}[task]
+    return cls(model_config, deterministic=deterministic)
+
+
+def init_task_params(task: str, pretrained: dict, rng: jax.Array) -> dict:
+    """A task's parameter tree from a pre-trained CCLM tree (new heads drawn from `rng`)."""
+    _check_task(task)
+    if task == "retrieval":
+        return tasks.init_retrieval_params(pretrained)
+    if task == "xvnli":
+        return tasks.init_xvnli_params(pretrained, rng)
+    if task == "marvl":
+        return tasks.init_nlvr_params(pretrained, rng)
+    return tasks.init_vqa_params(pretrained)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Losses: (model, params, batch, rng, *, config, mesh, dropout) -> (total, measurements)
+# ----------------------------------------------------------------------------------------------------------
+
+def _rngs(rng: jax.Array | None) -> dict | None:
+    return None if rng is None else {"dropout": rng}
+
+
+def _valid_weights(batch: Mapping[str, jax.Array], n: int) -> jax.Array:
+    valid = batch.get("valid")
+    return jnp.ones((n,), jnp.float32) if valid is None else valid.astype(jnp.float32)
+
+
+def retrieval_losses(model: CCLM, params, batch, rng, *, config: ml_collections.ConfigDict | None = None,
+                     mesh: Mesh | None = None, dropout: bool = False, negatives: jax.Array | None = None):
+    """{itc, itm}: ITC with soft same-`idx` targets and ITM with same-`idx` entries never drawn as negatives.
+
+    `config` is `config.objectives` (negatives 'local' per data shard, or 'global'; weights itc/itm);
+    `negatives` injects the ITM draw (the `objectives.matching_loss` layout). The temperature is used as is.
+    """
+    config = config or objectives.default_objectives_config()
+    ctx = objectives.Context(model, params, mesh, config.negatives, 0)
+    k_neg, k_img, k_txt, k_itm = jax.random.split(rng, 4)
+    if not dropout:
+        k_img = k_txt = k_itm = None
+    idx, valid = batch.get("idx"), batch.get("valid")
+    image_embeds, image_atts = ctx("encode_image", batch["image"], rng=k_img)
+    text_embeds = ctx("encode_text", batch["text_ids"], batch["text_atts"], rng=k_txt)
+    image_feat, text_feat = ctx("features", image_embeds, text_embeds)
+    temp = params["temp"]
+    losses = {"itc": objectives.contrastive_loss(image_feat, text_feat, temp, idx, valid)}
+    losses["itm"], _ = objectives.matching_loss(ctx, image_embeds, image_atts, image_feat, text_embeds,
+                                                batch["text_atts"], text_feat, temp, k_neg, negatives, idx, valid,
+                                                k_itm)
+    return objectives.weighted_total(losses, config, mesh), losses
+
+
+def classifier_logits(model, params, batch, rng: jax.Array | None = None) -> jax.Array:
+    """(B, classes) float32 logits of an XVNLI or NLVR model (dropout drawn from `rng` when given)."""
+    inputs = [batch["image"]] + ([batch["image_2"]] if isinstance(model, tasks.NLVRModel) else [])
+    return model.apply({"params": params}, *inputs, batch["text_ids"], batch["text_atts"], rngs=_rngs(rng))
+
+
+def classification_losses(model, params, batch, rng, *, config=None, mesh=None, dropout: bool = False):
+    """{ce}: mean cross-entropy of the labels (valid examples); measurements also hold `accuracy` (0..1)."""
+    del config, mesh
+    logits = classifier_logits(model, params, batch, rng if dropout else None)
+    labels = batch["label"].astype(jnp.int32)
+    weights = _valid_weights(batch, labels.shape[0])
+    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), labels[:, None], axis=1)[:, 0]
+    count = jnp.maximum(weights.sum(), 1.0)
+    ce = jnp.sum(nll * weights) / count
+    accuracy = jnp.sum((jnp.argmax(logits, axis=-1) == labels) * weights) / count
+    return ce, {"ce": ce, "accuracy": accuracy}
+
+
+def vqa_losses(model: tasks.VQAModel, params, batch, rng, *, config=None, mesh=None, dropout: bool = False):
+    """{answer}: sum over (question, answer) of weight x summed next-token NLL, divided by the questions."""
+    del config, mesh
+    k_q, k_a = jax.random.split(rng) if dropout else (None, None)
+    apply = lambda method, *args, rng=None: model.apply(  # noqa: E731
+        {"params": params}, *args, method=getattr(model, method), rngs=_rngs(rng))
+    states = apply("question_states", batch["image"], batch["text_ids"], batch["text_atts"], rng=k_q)
+    b, a, length = batch["answer_ids"].shape
+    nll = apply("answer_nll", batch["answer_ids"].reshape(b * a, length),
+                batch["answer_atts"].reshape(b * a, length), jnp.repeat(states, a, axis=0),
+                jnp.repeat(batch["text_atts"], a, axis=0), rng=k_a)
+    weights = batch["answer_weights"].astype(jnp.float32) * _valid_weights(batch, b)[:, None]
+    questions = jnp.maximum(_valid_weights(batch, b).sum(), 1.0)
+    loss = jnp.sum(weights.reshape(-1) * nll) / questions
+    return loss, {"answer": loss}
+
+
+TASK_LOSSES: dict[str, Callable] = {"retrieval": retrieval_losses, "xvnli": classification_losses,
+                                    "marvl": classification_losses, "xgqa": vqa_losses}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Optimizer, schedule and the jitted update
+# ----------------------------------------------------------------------------------------------------------
+
+def finetune_schedule(train_config: ml_collections.ConfigDict, num_train_examples: int) -> ml_collections.ConfigDict:
+    """The `schedule` section for a run: epochs x ceil(N / global batch) steps, the first
+    `train.warmup_fraction` of them warm-up (the reference's `num_warmup_steps: 0.1`), then linear decay."""
+    if num_train_examples <= 0:
+        raise ValueError(f"fine-tuning needs training examples, got {num_train_examples}")
+    total = int(train_config.epochs) * math.ceil(num_train_examples / int(train_config.batch_size))
+    warmup = int(float(train_config.warmup_fraction) * total)
+    return ml_collections.ConfigDict({"kind": "linear", "warmup_steps": warmup, "total_steps": total})
+
+
+def make_task_optimizer(config: ml_collections.ConfigDict, schedule: ml_collections.ConfigDict,
+                        params) -> optax.GradientTransformationExtraArgs:
+    """`optimizer.make_optimizer` with the run's `optimizer` section (lr 3e-5, lr_mult for the task head)."""
+    return optimizer_lib.make_optimizer(config.optimizer, schedule, params, config.model)
+
+
+def prepare_batch(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """uint8 images (`image`, `image_2`) -> normalised float32 on device; everything else unchanged."""
+    out = dict(batch)
+    for key in IMAGE_KEYS:
+        if key in out and out[key].dtype == jnp.uint8:
+            out[key] = normalize(out[key])
+    return out
+
+
+def make_loss_fn(config: ml_collections.ConfigDict, mesh: Mesh | None = None, dropout: bool = True) -> Callable:
+    """`loss_fn(params, batch, rng) -> (total, measurements)` of `config.task` (model built with dropout)."""
+    model = build_task_model(config.task, config.model, deterministic=not dropout)
+    task_loss = TASK_LOSSES[config.task]
+    objectives_config = config.get("objectives")
+
+    def loss_fn(params, batch, rng):
+        return task_loss(model, params, prepare_batch(batch), rng, config=objectives_config, mesh=mesh,
+                         dropout=dropout)
+
+    return loss_fn
+
+
+def make_update_fn(loss_fn: Callable, optimizer: optax.GradientTransformationExtraArgs,
+                   schedule: ml_collections.ConfigDict, lr: float) -> Callable:
+    """`update(state, batch) -> (state, metrics)`: one optimizer update, skipped when loss or gradient is
+    non-finite; metrics hold the loss terms, `loss`, `grad_norm`, `param_norm`, `lr`, `skipped_nonfinite`."""
+    lr_fn = optimizer_lib.linear_warmup_linear_decay(lr, schedule.warmup_steps, schedule.total_steps)
+
+    def update(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        step = state.step
+        rng = jax.random.fold_in(state.rng, step)
+        (total, measurements), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params, schedule_step=step)
+        new_params = optax.apply_updates(state.params, updates)
+        grad_norm = global_norm(grads)
+        finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        state = state.replace(step=step + 1, params=keep(new_params, state.params),
+                              opt_state=keep(opt_state, state.opt_state),
+                              nonfinite=state.nonfinite + (~finite).astype(jnp.int32))
+        metrics = {**measurements, "loss": total, "grad_norm": grad_norm, "param_norm": global_norm(state.params),
+                   "lr": lr_fn(step), "skipped_nonfinite": (~finite).astype(jnp.int32)}
+        return state, metrics
+
+    return update
+
+
+def make_train_step(config: ml_collections.ConfigDict, optimizer: optax.GradientTransformationExtraArgs,
+                    schedule: ml_collections.ConfigDict, *, mesh: Mesh | None = None, state_shardings=None,
+                    batch_sharding=None) -> Callable:
+    """Jitted `step(state, batch) -> (state, metrics)` of `config.task`, the state donated.
+
+    With `state_shardings` the state stays in them and batches arrive over `batch_sharding` (`steps.jit_step`).
+    """
+    update = make_update_fn(make_loss_fn(config, mesh), optimizer, schedule, float(config.optimizer.lr))
+    if state_shardings is None:
+        return jax.jit(update, donate_argnums=(0,))
+    return steps.jit_step(update, state_shardings, batch_sharding)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Prediction
+# ----------------------------------------------------------------------------------------------------------
+
+def make_predict_fn(task: str, model_config: ml_collections.ConfigDict, *, k_test: int | None = None) -> Callable:
+    """Jitted prediction of a classification or VQA task (no dropout).
+
+    xvnli / marvl: `predict(params, batch) -> (B, classes)` float32 logits (the prediction is the argmax).
+    xgqa: `predict(params, batch, answer_ids (A, La), answer_atts) -> (B,) int32` index of the best answer
+    among the top-`k_test` by first-token probability (re-ranked by likelihood).
+    """
+    if task not in ("xvnli", "marvl", "xgqa"):
+        raise ValueError(f"make_predict_fn covers xvnli, marvl and xgqa (retrieval: evaluation.retrieval), "
+                         f"got {task!r}")
+    model = build_task_model(task, model_config, deterministic=True)
+    if task != "xgqa":
+        return jax.jit(lambda params, batch: classifier_logits(model, params, prepare_batch(batch)))
+    if k_test is None or k_test < 1:
+        raise ValueError(f"xgqa prediction needs k_test >= 1 (answers re-ranked per question), got {k_test!r}")
+
+    def predict(params, batch, answer_ids, answer_atts):
+        batch = prepare_batch(batch)
+        ranked, _ = model.apply({"params": params}, batch["image"], batch["text_ids"], batch["text_atts"],
+                                answer_ids, answer_atts, k_test, method=model.rank_answers)
+        return ranked[:, 0]
+
+    return jax.jit(predict)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Host batch builders (evaluation transform: resize to the model resolution, no augmentation)
+# ----------------------------------------------------------------------------------------------------------
+
+_QUESTION_PUNCTUATION = re.compile(r"[,.'!?\"()*#:;~]")
+
+
+def pre_question(question: str, max_words: int) -> str:
+    """The reference VQA question cleaning: lowercase, punctuation `, . ' ! ? " ( ) * # : ; ~` removed,
+    `-` and `/` to spaces, trailing spaces stripped, the first `max_words` space-separated words kept."""
+    text = _QUESTION_PUNCTUATION.sub("", question.lower()).replace("-", " ").replace("/", " ").rstrip(" ")
+    words = text.split(" ")
+    return " ".join(words[:max_words]) if len(words) > max_words else text
+
+
+def encode_texts(tokenizer: Tokenizer, texts: Sequence[str], *, max_tokens: int, max_words: int,
+                 clean: Callable[[str, int], str] = pre_caption) -> tuple[np.ndarray, np.ndarray]:
+    """Texts -> (ids, atts) int32 (N, max_tokens): `clean`ed, `<s> ... </s>`, padded with `<pad>`."""
+    return pad_batch(tokenizer.encode_batch([clean(t, max_words) for t in texts]), max_tokens)
+
+
+def load_images(paths: Sequence[str], image_res: int) -> np.ndarray:
+    """Image files -> uint8 (N, image_res, image_res, 3), bicubic resize (the reference's test transform)."""
+    out = np.empty((len(paths), image_res, image_res, 3), np.uint8)
+    for i, path in enumerate(paths):
+        try:
+            data = tf.io.read_file(path)
+        except tf.errors.NotFoundError:
+            raise FileNotFoundError(f"image {path!r} does not exist") from None
+        out[i] = eval_image(data, image_res).numpy()
+    return out
+
+
+def nli_batch(examples: Sequence[NLIExample], tokenizer: Tokenizer, *, image_res: int, max_tokens: int,
+              max_words: int) -> dict[str, np.ndarray]:
+    """XVNLI batch: image, hypothesis ids/atts, label."""
+    ids, atts = encode_texts(tokenizer, [e.hypothesis for e in examples], max_tokens=max_tokens,
+                             max_words=max_words)
+    return {"image": load_images([e.image_path for e in examples], image_res), "text_ids": ids,
+            "text_atts": atts, "label": np.array([e.label for e in examples], np.int32)}
+
+
+def image_pair_batch(examples: Sequence[ImagePairExample], tokenizer: Tokenizer, *, image_res: int,
+                     max_tokens: int, max_words: int) -> dict[str, np.ndarray]:
+    """MaRVL / NLVR2 batch: left and right images, statement ids/atts, label."""
+    ids, atts = encode_texts(tokenizer, [e.sentence for e in examples], max_tokens=max_tokens,
+                             max_words=max_words)
+    return {"image": load_images([e.image_paths[0] for e in examples], image_res),
+            "image_2": load_images([e.image_paths[1] for e in examples], image_res),
+            "text_ids": ids, "text_atts": atts, "label": np.array([e.label for e in examples], np.int32)}
+
+
+def answer_candidates(answers: Sequence[str], tokenizer: Tokenizer,
+                      answer_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """Answers -> `<s> answer </s>` (ids, atts) int32 (A, answer_tokens); an answer that does not fit is an
+    error (it would be scored on a truncated sequence)."""
+    pieces = tokenizer.encode_batch(list(answers))
+    for answer, ids in zip(answers, pieces):
+        if len(ids) + 2 > answer_tokens:
+            raise ValueError(f"answer {answer!r} needs {len(ids) + 2} tokens with <s> </s>; "
+                             f"answer_tokens is {answer_tokens}")
+    return pad_batch(pieces, answer_tokens)
+
+
+def vqa_batch(examples: Sequence[VQAExample], tokenizer: Tokenizer, *, image_res: int, max_tokens: int,
+              max_words: int, max_answers: int, answer_tokens: int) -> dict[str, np.ndarray]:
+    """xGQA training batch: image, question ids/atts, up to `max_answers` answers per question, each weighted
+    1 / (number of answers of the question) as the reference; padding answers get weight 0."""
+    ids, atts = encode_texts(tokenizer, [e.question for e in examples], max_tokens=max_tokens,
+                             max_words=max_words, clean=pre_question)
+    b = len(examples)
+    answer_ids = np.zeros((b, max_answers, answer_tokens), np.int32)
+    answer_atts = np.zeros((b, max_answers, answer_tokens), np.int32)
+    weights = np.zeros((b, max_answers), np.float32)
+    for i, example in enumerate(examples):
+        if not example.answers:
+            raise ValueError(f"question {example.question_id!r} has no answer to train on")
+        if len(example.answers) > max_answers:
+            raise ValueError(f"question {example.question_id!r} has {len(example.answers)} answers; "
+                             f"max_answers is {max_answers}")
+        n = len(example.answers)
+        answer_ids[i, :n], answer_atts[i, :n] = answer_candidates(example.answers, tokenizer, answer_tokens)
+        weights[i, :n] = 1.0 / n
+    return {"image": load_images([e.image_path for e in examples], image_res), "text_ids": ids,
+            "text_atts": atts, "answer_ids": answer_ids, "answer_atts": answer_atts, "answer_weights": weights}
