@@ -1,0 +1,213 @@
+"""The training program end to end (micro config, CLI subprocesses): exact resume after SIGTERM and after
+SIGKILL, checkpoint restore onto another mesh, NaN handling, and config validation messages."""
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from cclm_jax import parallel
+from cclm_jax.checkpoint import Checkpointer, abstract_like
+from cclm_jax.interop.workdir import restore_params
+from cclm_jax.run_config import validate_run_config
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "configs"))
+import tiny  # noqa: E402  (configs/tiny.py)
+
+STEPS = 6
+
+
+def _env(devices: int = 1) -> dict:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={devices} "
+                        "--xla_backend_optimization_level=0")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+DEMO_DIR = pathlib.Path(os.environ.get("CCLM_TEST_DATA_DIR", "/tmp/cclm_jax_test_data"))
+
+
+def _train_cmd(workdir, steps=STEPS, *extra):
+    return [sys.executable, "-m", "cclm_jax", "train", f"--config={REPO}/configs/tiny.py:micro,{steps}",
+            f"--workdir={workdir}", "--config.train.checkpoint_every=2", "--config.train.log_every=1",
+            f"--config.data.data_dir={DEMO_DIR}", *extra]
+
+
+def _run(cmd, timeout=600):
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _params(workdir):
+    return jax.tree.map(np.asarray, restore_params(str(workdir))[1])
+
+
+def _assert_bitwise_equal(a, b):
+    for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+
+
+def _losses(workdir):
+    import json
+
+    rows = [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: {k: v for k, v in r.items() if k.endswith(("/itc", "/ttc", "/mlm"))} for r in rows}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("full")
+    _run(_train_cmd(workdir))
+    return workdir
+
+
+def _wait_for(predicate, proc, timeout=600):
+    start = time.time()
+    while not predicate():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() - start < timeout, "timed out"
+        time.sleep(0.2)
+
+
+def test_resume_after_sigterm_is_exact(uninterrupted, tmp_path):
+    proc = subprocess.Popen(_train_cmd(tmp_path), env=_env(), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: (tmp_path / "metrics.jsonl").exists() and (tmp_path / "metrics.jsonl").read_text().count("\n") >= 2,
+              proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "preempted_at" in out, "the run did not stop at SIGTERM"
+    stopped = Checkpointer(str(tmp_path), every=1, keep=10)
+    assert stopped.latest_step() < STEPS
+    stopped.close()
+    _run(_train_cmd(tmp_path))
+    _assert_bitwise_equal(_params(uninterrupted), _params(tmp_path))
+    full, resumed = _losses(uninterrupted), _losses(tmp_path)
+    for step in range(1, STEPS + 1):  # every step saw the same batch (same losses), before and after resume
+        assert resumed[step] == full[step], step
+
+
+def test_resume_after_sigkill_uses_last_complete_checkpoint(uninterrupted, tmp_path):
+    proc = subprocess.Popen(_train_cmd(tmp_path), env=_env(), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: (tmp_path / "checkpoints" / "4").is_dir(), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    _run(_train_cmd(tmp_path))
+    _assert_bitwise_equal(_params(uninterrupted), _params(tmp_path))
+
+
+def test_export_of_a_run_loads_in_pytorch(uninterrupted, tmp_path):
+    """`cclm-jax export` of the trained run -> `.th` -> the pure-PyTorch module gives the JAX features."""
+    torch = pytest.importorskip("torch")
+    from cclm_jax.interop import official
+    from cclm_jax.models import build_model
+    from cclm_jax.torch import load as torch_load
+
+    out = tmp_path / "run.th"
+    _run([sys.executable, "-m", "cclm_jax", "export", f"--workdir={uninterrupted}", f"--out={out}"])
+    config, params = official.load(out, text_num_heads=4)
+    _assert_bitwise_equal(_params(uninterrupted), jax.tree.map(np.asarray, params))
+    model = build_model(config)
+    ids = np.array([[0, 5, 9, 2, 1, 1]], np.int32)
+    atts = (ids != 1).astype(np.int32)
+    jax_feat = model.apply({"params": params}, model.apply({"params": params}, ids, atts, method=model.encode_text),
+                           method=model.text_features)
+    torch_model = torch_load(str(out), text_num_heads=4)
+    with torch.no_grad():
+        t_feat = torch_model.text_features(torch_model.encode_text(torch.from_numpy(ids).long(),
+                                                                   torch.from_numpy(atts).long()))
+    np.testing.assert_allclose(t_feat.numpy(), np.asarray(jax_feat), atol=1e-5)
+
+
+def test_checkpoint_restores_onto_another_mesh(tmp_path):
+    """A state saved from an (8,) data mesh restores onto (data 4, fsdp 2) with the new shardings."""
+    from cclm_jax.models import build_model
+    from cclm_jax.train.optimizer import make_optimizer
+    from cclm_jax.train.state import create_train_state
+
+    config = tiny.get_config("micro")
+    config.model.text.update(vocab_size=100, mask_token_id=99)
+    model = build_model(config.model)
+
+    def state_on(mesh):
+        params, _ = parallel.init_sharded_params(model, config.model, mesh, jax.random.PRNGKey(0))
+        optimizer = make_optimizer(config.optimizer, config.schedule, params, config.model)
+        return jax.jit(lambda p: create_train_state(p, optimizer, jax.random.PRNGKey(1)))(params)
+
+    data_mesh = parallel.make_mesh({"data": 8})
+    saved = state_on(data_mesh)
+    ckpt = Checkpointer(str(tmp_path), every=1, keep=2)
+    ckpt.save(3, saved, {"image_caption": {"batches": 2}}, force=True)
+    ckpt.close()
+
+    fsdp_mesh = parallel.make_mesh({"data": 4, "fsdp": 2})
+    target = state_on(fsdp_mesh)
+    shardings = jax.tree.map(lambda x: x.sharding, target)
+    restored, data = Checkpointer(str(tmp_path), every=1, keep=2).restore(abstract_like(target, shardings))
+    assert data == {"image_caption": {"batches": 2}}
+    _assert_bitwise_equal(jax.tree.map(np.asarray, saved), jax.tree.map(np.asarray, restored))
+    emb = restored.params["text_encoder"]["embeddings"]["word_embeddings"]
+    assert emb.sharding.mesh.shape == fsdp_mesh.shape and emb.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda c: c.train.update(mode="both"), "config.train.mode"),
+    (lambda c: c.model.vision.update(embed_dim=16), "must equal model.text.hidden_size"),
+    (lambda c: c.data.image_caption.update(batch_size=12), "not divisible by the 8 batch shards"),
+    (lambda c: c.data.image_caption.update(kind="jsonl", paths=["/nonexistent/cc3m.jsonl"]), "does not exist"),
+    (lambda c: c.data.update(tokenizer="/nonexistent/spm.model"), "config.data.tokenizer"),
+    (lambda c: c.init.update(xlmr_dir="/tmp"), "must be given together"),
+    (lambda c: c.optimizer.update(lr=-1.0), "lr"),
+])
+def test_invalid_configs_fail_with_one_clear_message(edit, message):
+    config = tiny.get_config("micro")
+    config.data.image_caption.batch_size = 16
+    config.data.parallel_text.batch_size = 16
+    edit(config)
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        validate_run_config(config, num_devices=8)
+
+
+def test_unknown_config_key_is_rejected():
+    config = tiny.get_config("micro")
+    with config.unlocked():
+        config.train.num_stepz = 3
+    with pytest.raises(ValueError, match="config.train.num_stepz: unknown key"):
+        validate_run_config(config, num_devices=1)
+
+
+def test_nan_batch_skips_the_update_and_is_counted():
+    from cclm_jax.models import build_model
+    from cclm_jax.train.optimizer import make_optimizer
+    from cclm_jax.train.state import create_train_state
+    from cclm_jax.train.steps import StepConfig, make_train_steps
+
+    config = tiny.get_config("micro")
+    config.model.text.update(vocab_size=100, mask_token_id=99)
+    model = build_model(config.model)
+    mesh = parallel.make_mesh({"data": 2, "tensor": 4})
+    params, _ = parallel.init_sharded_params(model, config.model, mesh, jax.random.PRNGKey(0))
+    optimizer = make_optimizer(config.optimizer, config.schedule, params, config.model)
+    state = jax.jit(lambda p: create_train_state(p, optimizer, jax.random.PRNGKey(1)))(params)
+    before = jax.tree.map(np.asarray, state.params)
+    step = make_train_steps(StepConfig(config.model, config.objectives, config.optimizer, config.schedule, 2, mesh),
+                            optimizer, "alternate")["image_caption"]
+    rng = np.random.default_rng(0)
+    b, length = 4, 16
+    ids = rng.integers(4, 99, (b, length)).astype(np.int32)
+    batch = {"image": np.full((b, 64, 64, 3), np.nan, np.float32), "text_ids": ids,
+             "text_atts": np.ones((b, length), np.int32), "text_ids_masked": ids,
+             "masked_pos": np.tile(np.arange(1, 5, dtype=np.int32), (b, 1)), "masked_ids": ids[:, 1:5]}
+    state, metrics = step(state, {"image_caption": batch})
+    assert int(metrics["skipped_nonfinite"]) == 1 and int(state.nonfinite) == 1 and int(state.step) == 1
+    _assert_bitwise_equal(before, jax.tree.map(np.asarray, state.params))
