@@ -14,6 +14,7 @@ INSTALL_REQUIRES = [
     "ml-collections>=1.0,<1.3",
     "clu>=0.0.12,<0.1",
     "numpy>=1.26,<3",
+    "scipy>=1.11,<2",  # relative-position-bias interpolation (224/7 -> 384/12)
     "pillow>=10,<14",
     "matplotlib>=3.8,<4",
     "absl-py>=2.1,<3",
