@@ -176,6 +176,7 @@ def matching_loss(ctx: Context, cond_embeds, cond_atts, cond_feat, text_embeds, 
                   rng, negatives=None, idx=None, valid=None, dropout_rng=None) -> tuple[jax.Array, jax.Array]:
     """ITM/TTM: 2-way CE over B positives, B (negative cond, text) and B (cond, negative text) pairs.
 
+    `cond_embeds` is the condition (B, Lc, Dc) or its cached per-layer cross keys/values (`fusion_condition`).
     Returns (loss, the (2B,) negative indices used).
     """
     b = text_embeds.shape[0]
@@ -185,7 +186,7 @@ def matching_loss(ctx: Context, cond_embeds, cond_atts, cond_feat, text_embeds, 
     neg_cond, neg_text = negatives[:b], negatives[b:]
     keys = jax.random.split(dropout_rng, 3) if dropout_rng is not None else (None,) * 3
     pos = ctx("fuse", cond_embeds, cond_atts, text_embeds, text_atts, rng=keys[0])[:, 0]
-    take = lambda x, i: jnp.take(jnp.asarray(x), i, axis=0)  # noqa: E731
+    take = lambda x, i: jax.tree.map(lambda a: jnp.take(jnp.asarray(a), i, axis=0), x)  # noqa: E731
     neg1 = ctx("fuse", take(cond_embeds, neg_cond), take(cond_atts, neg_cond), text_embeds, text_atts,
                rng=keys[1])[:, 0]
     neg2 = ctx("fuse", cond_embeds, cond_atts, take(text_embeds, neg_text), take(text_atts, neg_text),
@@ -205,7 +206,8 @@ def matching_loss(ctx: Context, cond_embeds, cond_atts, cond_feat, text_embeds, 
 def masked_token_loss(ctx: Context, hidden: jax.Array, labels: jax.Array, valid=None) -> jax.Array:
     """Mean CE over real masked positions; hidden (B, M, D) after the MLM transform, labels (B, M) (-100 pad).
 
-    Logits exist only at the B*M masked positions, and with `mlm_chunk` only for that many at a time.
+    Logits exist only at the B*M masked positions, and with `mlm_chunk` only for that many at a time (also in
+    the backward pass, which recomputes each chunk's logits).
     """
     b, m, d = hidden.shape
     mask = labels != IGNORE
@@ -219,7 +221,9 @@ def masked_token_loss(ctx: Context, hidden: jax.Array, labels: jax.Array, valid=
 
     chunk = ctx.mlm_chunk
     if chunk and chunk < b * m and (b * m) % chunk == 0:
-        nll = jax.lax.map(lambda xs: chunk_nll(*xs), (flat_h.reshape(-1, chunk, d), flat_y.reshape(-1, chunk)))
+        # Rematerialised per chunk: the backward pass keeps no chunk's logits, only (h, y).
+        nll = jax.lax.map(jax.checkpoint(lambda xs: chunk_nll(*xs)),
+                          (flat_h.reshape(-1, chunk, d), flat_y.reshape(-1, chunk)))
         nll = nll.reshape(-1)
     else:
         nll = chunk_nll(flat_h, flat_y)
@@ -229,6 +233,15 @@ def masked_token_loss(ctx: Context, hidden: jax.Array, labels: jax.Array, valid=
 # ----------------------------------------------------------------------------------------------------------
 # Views
 # ----------------------------------------------------------------------------------------------------------
+
+def fusion_condition(ctx: Context, cond_embeds: jax.Array):
+    """What the fusion passes cross-attend to: the condition itself, or with `model.cache_cross_kv` its
+    per-layer cross-attention keys/values, computed once here and reused by every pass (and gathered for
+    the negatives)."""
+    if ctx.model.config.get("cache_cross_kv", False):
+        return ctx("cross_kv", cond_embeds)
+    return cond_embeds
+
 
 def _split(rng: jax.Array | None, n: int):
     return (None,) * n if rng is None else tuple(jax.random.split(rng, n))
@@ -261,10 +274,11 @@ def image_text_losses(model: CCLM, params, batch: Mapping[str, jax.Array], rng: 
         text_feat_2 = ctx("text_features", text_embeds_2)
         out["itc"] = 0.5 * (out["itc"] + contrastive_loss(image_feat, text_feat_2, temp, idx, valid))
         out["ttc"] = contrastive_loss(text_feat, text_feat_2, temp, idx, valid)
+    image_cond = fusion_condition(ctx, image_embeds)
     out["itm"], out["negatives"] = matching_loss(
-        ctx, image_embeds, image_atts, image_feat, text_embeds, batch["text_atts"], text_feat, temp, k_neg,
+        ctx, image_cond, image_atts, image_feat, text_embeds, batch["text_atts"], text_feat, temp, k_neg,
         negatives, idx, valid, k_itm)
-    hidden = ctx("mlm_hidden", batch["text_ids_masked"], batch["text_atts"], image_embeds, image_atts,
+    hidden = ctx("mlm_hidden", batch["text_ids_masked"], batch["text_atts"], image_cond, image_atts,
                  batch["masked_pos"], rng=k_mlm)
     out["mlm"] = masked_token_loss(ctx, hidden, batch["masked_ids"], valid)
     return out
@@ -298,10 +312,10 @@ def parallel_text_losses(model: CCLM, params, batch: Mapping[str, jax.Array], rn
     feat_1, feat_2 = ctx("text_features", emb_1), ctx("text_features", emb_2)
     out = {"ttc": contrastive_loss(feat_1, feat_2, temp, None, valid)}
     out["ttm"], out["negatives"] = matching_loss(
-        ctx, emb_1, batch["text_atts"], feat_1, emb_2, batch["text_atts_2"], feat_2, temp, k_neg, negatives,
-        None, valid, k_ttm)
-    hidden = ctx("mlm_hidden", batch["text_ids_masked"], batch["text_atts"], emb_2, batch["text_atts_2"],
-                 batch["masked_pos"], rng=k_mlm)
+        ctx, fusion_condition(ctx, emb_1), batch["text_atts"], feat_1, emb_2, batch["text_atts_2"], feat_2, temp,
+        k_neg, negatives, None, valid, k_ttm)
+    hidden = ctx("mlm_hidden", batch["text_ids_masked"], batch["text_atts"], fusion_condition(ctx, emb_2),
+                 batch["text_atts_2"], batch["masked_pos"], rng=k_mlm)
     out["mlm"] = masked_token_loss(ctx, hidden, batch["masked_ids"], valid)
     return out
 

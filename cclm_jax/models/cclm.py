@@ -10,6 +10,9 @@ Public methods (use with `model.apply({'params': params}, ..., method=model.<nam
   parallel pair use `text_features`).
 - `fuse(cond_embeds, cond_atts, text_embeds, text_atts) -> (B, L, D)`: the fusion layers cross-attending
   to `cond` (image tokens or the other sentence's text-encoder states).
+- `cross_kv(cond_embeds) -> ((keys, values), ...)`: per fusion layer, the cross-attention projections of a
+  condition, each (B, Lc, nH, hd); `fuse` and `mlm_hidden` accept it in place of `cond_embeds` (computed
+  once, shared by several fusion passes; gather its leaves along axis 0 to pick other examples' conditions).
 - `itm_logits(cls) -> (B, 2)`; `bbox(cls) -> (B, 4)` in [0, 1] (cx, cy, w, h).
 - `mlm_hidden(ids_masked, atts, cond_embeds, cond_atts, masked_pos) -> (B, M, D)`: all layers, hidden states
   gathered at `masked_pos` (B, M) and passed through the MLM transform; `mlm_decode(hidden) -> (B, M, V)`;
@@ -72,7 +75,8 @@ class CCLM(nn.Module):
             intermediate=t.intermediate_size, num_layers=t.num_layers, fusion_layer=t.fusion_layer,
             max_positions=t.max_position_embeddings, type_vocab_size=t.type_vocab_size,
             dropout=t.hidden_dropout, attention_dropout=t.attention_dropout, eps=t.layer_norm_eps,
-            remat=cfg.remat, deterministic=self.deterministic, dtype=dtype)
+            remat=cfg.remat, deterministic=self.deterministic, dtype=dtype,
+            attention_impl=cfg.get("attention_impl", "xla"))
         self.mlm_head = MLMHead(t.vocab_size, t.layer_norm_eps, dtype)
         self.text_proj = self._projection(t.hidden_size)
         self.vision_proj = self._projection(vision_width(cfg))
@@ -115,7 +119,11 @@ class CCLM(nn.Module):
     def features(self, image_embeds: jax.Array, text_embeds: jax.Array) -> tuple[jax.Array, jax.Array]:
         return self.image_features(image_embeds), self.text_features(text_embeds)
 
-    def fuse(self, cond_embeds: jax.Array, cond_atts: jax.Array, text_embeds: jax.Array,
+    def cross_kv(self, cond_embeds: jax.Array) -> tuple[tuple[jax.Array, jax.Array], ...]:
+        """Per fusion layer, the cross-attention (keys, values) of a condition; accepted as `cond_embeds`."""
+        return self.text_encoder.cross_key_values(cond_embeds)
+
+    def fuse(self, cond_embeds: jax.Array | tuple, cond_atts: jax.Array, text_embeds: jax.Array,
              text_atts: jax.Array) -> jax.Array:
         return self.text_encoder.fuse(text_embeds, text_atts, cond_embeds, cond_atts)
 
@@ -125,7 +133,7 @@ class CCLM(nn.Module):
     def bbox(self, cls: jax.Array) -> jax.Array:
         return jax.nn.sigmoid(self.bbox_head(cls))
 
-    def mlm_hidden(self, ids_masked: jax.Array, atts: jax.Array, cond_embeds: jax.Array,
+    def mlm_hidden(self, ids_masked: jax.Array, atts: jax.Array, cond_embeds: jax.Array | tuple,
                    cond_atts: jax.Array, masked_pos: jax.Array) -> jax.Array:
         hidden = self.text_encoder.fuse(self.text_encoder.encode(ids_masked, atts), atts, cond_embeds,
                                         cond_atts)

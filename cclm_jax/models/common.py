@@ -14,6 +14,7 @@ from flax import linen as nn
 
 Initializer = Callable[..., jax.Array]
 LAYER_NORM_EPS = 1e-5
+ATTENTION_IMPLS = ("xla", "dot_product")
 
 
 def trunc_normal_init(std: float) -> Initializer:
@@ -76,3 +77,25 @@ class LayerNorm(nn.Module):
 def attention_softmax(scores: jax.Array) -> jax.Array:
     """Softmax over the last axis in float32."""
     return jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
+
+
+def cudnn_attention_supported(q: jax.Array, k: jax.Array) -> bool:
+    """Whether cuDNN flash attention takes these (B, L, nH, hd) operands with a bias, in training.
+
+    Needs a CUDA backend, fp16/bf16, head_dim a multiple of 8 and <= 128, and even query/key lengths.
+    """
+    return (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+            and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128 and q.shape[1] % 2 == 0 and k.shape[1] % 2 == 0)
+
+
+def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
+    """softmax(q k^T + bias) v through `jax.nn.dot_product_attention`, q already scaled.
+
+    q (B, Lq, nH, hd), k/v (B, Lk, nH, hd), bias float32 broadcastable to (B, nH, Lq, Lk) -> (B, Lq, nH, hd).
+    cuDNN flash attention where `cudnn_attention_supported` (its bias must be (B, 1, Lq, Lk)), else the XLA
+    implementation (scores and softmax in float32, like the explicit path).
+    """
+    if cudnn_attention_supported(q, k):
+        bias = jnp.broadcast_to(bias, (q.shape[0], 1, q.shape[1], k.shape[1])).astype(q.dtype)
+        return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=1.0, implementation="cudnn")
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=1.0, implementation="xla")

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from cclm_jax.models.common import DenseGeneral, LayerNorm, attention_softmax, param_with_axes
+from cclm_jax.models.common import DenseGeneral, LayerNorm, attention_softmax, fused_attention, param_with_axes
 
 SELF_MASK_VALUE = -10000.0
 CROSS_MASK_VALUE = -1e9
@@ -40,8 +40,10 @@ def bert_init(std: float = 0.02):
 class AttentionCore(nn.Module):
     """Query/key/value projections and scaled dot-product attention (torch `*.self`).
 
-    x (B, L, D) queries; kv (B, Lk, Dk) key/value source; bias (B, 1, 1, Lk) additive float32.
-    Returns the context (B, L, nH, hd).
+    x (B, L, D) queries; kv: the key/value source (B, Lk, Dk), or its projections `(keys, values)` each
+    (B, Lk, nH, hd) from `key_value` (computed once, reused by several passes); bias (B, 1, 1, Lk) additive
+    float32. Returns the context (B, L, nH, hd). `attention_impl` 'dot_product' routes through
+    `fused_attention` when attention dropout is inactive; otherwise the explicit einsums run.
     """
 
     num_heads: int
@@ -49,19 +51,28 @@ class AttentionCore(nn.Module):
     attention_dropout: float
     deterministic: bool = True
     dtype: Any = jnp.float32
+    attention_impl: str = "xla"
 
-    @nn.compact
-    def __call__(self, x: jax.Array, kv: jax.Array, bias: jax.Array) -> jax.Array:
-        def proj(name, inputs):
+    def setup(self):
+        def proj():
             return DenseGeneral((self.num_heads, self.head_dim), axes=("embed", "heads", None),
-                                dtype=self.dtype, kernel_init=bert_init(), name=name)(inputs)
+                                dtype=self.dtype, kernel_init=bert_init())
 
-        q = proj("query", x) * (self.head_dim ** -0.5)
-        k = proj("key", kv)
-        v = proj("value", kv)
+        self.query, self.key, self.value = proj(), proj(), proj()
+        self.dropout = nn.Dropout(self.attention_dropout)
+
+    def key_value(self, kv: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(B, Lk, Dk) -> (keys, values), each (B, Lk, nH, hd) in the compute dtype."""
+        return self.key(kv), self.value(kv)
+
+    def __call__(self, x: jax.Array, kv: jax.Array | tuple[jax.Array, jax.Array], bias: jax.Array) -> jax.Array:
+        q = self.query(x) * (self.head_dim ** -0.5)
+        k, v = kv if isinstance(kv, tuple) else self.key_value(kv)
+        if self.attention_impl == "dot_product" and (self.deterministic or self.attention_dropout == 0.0):
+            return fused_attention(q, k.astype(q.dtype), v.astype(q.dtype), bias)
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) + bias
         probs = attention_softmax(scores)
-        probs = nn.Dropout(self.attention_dropout)(probs, deterministic=self.deterministic)
+        probs = self.dropout(probs, deterministic=self.deterministic)
         return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v)
 
 
@@ -85,7 +96,10 @@ class ResidualOutput(nn.Module):
 
 
 class Attention(nn.Module):
-    """BERT attention block, self or cross: LN(x + dropout(dense(attention(x, kv)))); (B, L, D)."""
+    """BERT attention block, self or cross: LN(x + dropout(dense(attention(x, kv)))); (B, L, D).
+
+    `kv` as in `AttentionCore` (a source array or precomputed `(keys, values)`).
+    """
 
     hidden: int
     num_heads: int
@@ -94,14 +108,19 @@ class Attention(nn.Module):
     eps: float
     deterministic: bool = True
     dtype: Any = jnp.float32
+    attention_impl: str = "xla"
 
-    @nn.compact
-    def __call__(self, x: jax.Array, kv: jax.Array, bias: jax.Array) -> jax.Array:
-        head_dim = self.hidden // self.num_heads
-        context = AttentionCore(self.num_heads, head_dim, self.attention_dropout, self.deterministic,
-                                self.dtype, name="self")(x, kv, bias)
-        return ResidualOutput(self.hidden, ("heads", None, "embed"), (-2, -1), self.dropout, self.eps,
-                              self.deterministic, self.dtype, name="output")(context, x)
+    def setup(self):
+        self.self = AttentionCore(self.num_heads, self.hidden // self.num_heads, self.attention_dropout,
+                                  self.deterministic, self.dtype, self.attention_impl)
+        self.output = ResidualOutput(self.hidden, ("heads", None, "embed"), (-2, -1), self.dropout, self.eps,
+                                     self.deterministic, self.dtype)
+
+    def key_value(self, kv: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return self.self.key_value(kv)
+
+    def __call__(self, x: jax.Array, kv: jax.Array | tuple[jax.Array, jax.Array], bias: jax.Array) -> jax.Array:
+        return self.output(self.self(x, kv, bias), x)
 
 
 class Intermediate(nn.Module):
@@ -118,31 +137,44 @@ class Intermediate(nn.Module):
 
 
 class TextLayer(nn.Module):
-    """One post-LN BERT layer; with `cross=True` a cross-attention block sits before the FFN."""
+    """One post-LN BERT layer; with `cross=True` a cross-attention block sits before the FFN.
+
+    `cond` is the cross-attention source (B, Lc, Dc) or its precomputed `(keys, values)` (`cross_key_value`).
+    """
 
     hidden: int
     num_heads: int
-    intermediate: int
+    intermediate_size: int
     cross: bool
     dropout: float
     attention_dropout: float
     eps: float
     deterministic: bool = True
     dtype: Any = jnp.float32
+    attention_impl: str = "xla"
 
-    @nn.compact
-    def __call__(self, x: jax.Array, bias: jax.Array, cond: jax.Array | None = None,
-                 cond_bias: jax.Array | None = None) -> jax.Array:
-        def attention(name):
+    def setup(self):
+        def attention():
             return Attention(self.hidden, self.num_heads, self.dropout, self.attention_dropout, self.eps,
-                             self.deterministic, self.dtype, name=name)
+                             self.deterministic, self.dtype, self.attention_impl)
 
-        x = attention("attention")(x, x, bias)
+        self.attention = attention()
+        if self.cross:
+            self.crossattention = attention()
+        self.intermediate = Intermediate(self.intermediate_size, self.dtype)
+        self.output = ResidualOutput(self.hidden, ("mlp", "embed"), (-1,), self.dropout, self.eps,
+                                     self.deterministic, self.dtype)
+
+    def cross_key_value(self, cond: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The cross-attention (keys, values) of a condition (B, Lc, Dc), each (B, Lc, nH, hd)."""
+        return self.crossattention.key_value(cond)
+
+    def __call__(self, x: jax.Array, bias: jax.Array, cond: jax.Array | tuple | None = None,
+                 cond_bias: jax.Array | None = None) -> jax.Array:
+        x = self.attention(x, x, bias)
         if self.cross and cond is not None:  # without a condition a fusion layer skips cross-attention
-            x = attention("crossattention")(x, cond, cond_bias)
-        h = Intermediate(self.intermediate, self.dtype, name="intermediate")(x)
-        return ResidualOutput(self.hidden, ("mlp", "embed"), (-1,), self.dropout, self.eps,
-                              self.deterministic, self.dtype, name="output")(h, x)
+            x = self.crossattention(x, cond, cond_bias)
+        return self.output(self.intermediate(x), x)
 
 
 class Embeddings(nn.Module):
@@ -196,6 +228,7 @@ class TextStack(nn.Module):
     remat: bool = False
     deterministic: bool = True
     dtype: Any = jnp.float32
+    attention_impl: str = "xla"
 
     def setup(self):
         self.embeddings = Embeddings(self.vocab_size, self.hidden, self.max_positions,
@@ -204,7 +237,8 @@ class TextStack(nn.Module):
         layer_cls = nn.remat(TextLayer) if self.remat else TextLayer
         self.layer = [
             layer_cls(self.hidden, self.num_heads, self.intermediate, i >= self.fusion_layer,
-                      self.dropout, self.attention_dropout, self.eps, self.deterministic, self.dtype)
+                      self.dropout, self.attention_dropout, self.eps, self.deterministic, self.dtype,
+                      self.attention_impl)
             for i in range(self.num_layers)
         ]
 
@@ -216,13 +250,28 @@ class TextStack(nn.Module):
             x = layer(x, bias)
         return x
 
-    def fuse(self, x: jax.Array, atts: jax.Array, cond: jax.Array, cond_atts: jax.Array) -> jax.Array:
-        """Fusion encoder ('fusion' mode): layers [fusion_layer, num_layers) cross-attending to `cond`."""
+    def cross_key_values(self, cond: jax.Array) -> tuple[tuple[jax.Array, jax.Array], ...]:
+        """Every fusion layer's cross-attention (keys, values) of a condition (B, Lc, Dc), each (B, Lc, nH, hd)."""
+        cond = cond.astype(self.dtype)
+        return tuple(layer.cross_key_value(cond) for layer in self.layer[self.fusion_layer:])
+
+    def fuse(self, x: jax.Array, atts: jax.Array, cond: jax.Array | tuple, cond_atts: jax.Array) -> jax.Array:
+        """Fusion encoder ('fusion' mode): layers [fusion_layer, num_layers) cross-attending to `cond`.
+
+        `cond`: the condition (B, Lc, Dc), or its per-layer (keys, values) from `cross_key_values`.
+        """
         bias = self_attention_bias(atts)
         cond_bias = cross_attention_bias(cond_atts)
-        cond = cond.astype(self.dtype)
-        for layer in self.layer[self.fusion_layer:]:
-            x = layer(x, bias, cond, cond_bias)
+        fusion_layers = self.layer[self.fusion_layer:]
+        if isinstance(cond, tuple):
+            if len(cond) != len(fusion_layers):
+                raise ValueError(f"cached cross keys/values for {len(cond)} layers, the model has "
+                                 f"{len(fusion_layers)} fusion layers")
+            per_layer = cond
+        else:
+            per_layer = (cond.astype(self.dtype),) * len(fusion_layers)
+        for layer, layer_cond in zip(fusion_layers, per_layer):
+            x = layer(x, bias, layer_cond, cond_bias)
         return x
 
     def encode_all(self, ids: jax.Array, atts: jax.Array) -> jax.Array:

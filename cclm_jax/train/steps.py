@@ -20,7 +20,6 @@ import optax
 from jax.sharding import Mesh
 
 from cclm_jax import objectives
-from cclm_jax.data.image import normalize
 from cclm_jax.models.cclm import TEMP_MAX, TEMP_MIN, build_model
 from cclm_jax.train.optimizer import linear_warmup_linear_decay
 from cclm_jax.train.state import TrainState, global_norm
@@ -46,6 +45,8 @@ def prepare_batch(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
     """uint8 images -> normalised float32 (on device); everything else unchanged."""
     out = dict(batch)
     if "image" in out and out["image"].dtype == jnp.uint8:
+        from cclm_jax.data.image import normalize  # imports tensorflow: only when uint8 images arrive
+
         out["image"] = normalize(out["image"])
     return out
 
