@@ -69,7 +69,8 @@ def test_sharpness_against_numpy_convolution():
     smooth = np.round((box + 4 * x[1:-1, 1:-1]) / 13)
     inner = np.clip(smooth + 1.36 * (x[1:-1, 1:-1] - smooth), 0, 255).astype(np.uint8)
     out = ra.sharpness(image, 1.36)
-    assert np.abs(out[1:-1, 1:-1].astype(int) - inner).max() <= 1
+    difference = np.abs(out[1:-1, 1:-1].astype(int) - inner)
+    assert difference.max() <= 1 and (difference == 0).mean() > 0.99  # cv2's rounding of the smooth
     np.testing.assert_array_equal(out[0], image[0])
     np.testing.assert_array_equal(out[:, -1], image[:, -1])
 

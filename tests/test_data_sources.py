@@ -152,7 +152,7 @@ def test_host_splits_are_disjoint_and_equal(tmp_path):
     shards = [[ex["text_1"].numpy() for ex in source.read(source.host_split("train", i, 3))] for i in range(3)]
     assert [len(s) for s in shards] == [3, 3, 3]
     assert len(set().union(*shards)) == 9
-    assert source.read(source.host_split("train", 0, 1)).cardinality().numpy() == 11
+    assert sum(1 for _ in source.read(source.host_split("train", 0, 1))) == 11
     with pytest.raises(ValueError, match="outside"):
         source.host_split("train", 3, 3)
 

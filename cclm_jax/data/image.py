@@ -12,8 +12,9 @@ int32/int64 tensors of shape (2,), so the same seed gives the same pixels):
   shrinking (PIL's filter, which torchvision uses on PIL images).
 * ``eval_image(data, size)``: Resize((size, size), bicubic); uint8 (size, size, 3).
 * ``random_augment(image, seed)``: draws 2 ops uniformly with replacement, an apply flag
-  (p 0.5) and a direction (+-1) for each, then runs them with OpenCV on the host
-  (``randaugment.random_augment_numpy``).
+  (p 0.5) and a direction (+-1) for each (``random_augment_draws``), then runs them with
+  OpenCV on the host (``randaugment.random_augment_numpy``). The training pipeline makes the
+  draws per example and runs the ops once per batch (one host call instead of one per image).
 
 Device side (JAX): ``normalize(images)``: uint8 (N, H, W, 3) -> float32 (N, H, W, 3) as
 ``(x / 255 - mean) / std`` with the CLIP statistics.
@@ -23,7 +24,6 @@ undecodable images at build time, so training never meets one.
 """
 import math
 
-import jax.numpy as jnp
 import numpy as np
 import tensorflow as tf
 
@@ -34,7 +34,10 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def normalize(images):
-    """uint8 (N, H, W, 3) NHWC -> float32 (N, H, W, 3) normalised with the CLIP mean/std."""
+    """uint8 (N, H, W, 3) NHWC -> float32 (N, H, W, 3) normalised with the CLIP mean/std (jnp;
+    jit-able, runs on device)."""
+    import jax.numpy as jnp  # deferred: host-side data workers need not import jax
+
     x = jnp.asarray(images).astype(jnp.float32) / 255.0
     return (x - jnp.asarray(CLIP_MEAN, jnp.float32)) / jnp.asarray(CLIP_STD, jnp.float32)
 
@@ -78,14 +81,13 @@ def _decode_window(data, window):
 
 def resize_bicubic(image, size):
     """uint8 (H, W, 3) -> uint8 (size, size, 3); Keys a=-0.5 bicubic, antialiased when shrinking."""
-    x = tf.cast(image, tf.float32)
     shrinks = tf.reduce_any(tf.shape(image)[:2] > size)
     out = tf.cond(
         shrinks,
-        lambda: tf.image.resize(x, (size, size), method="bicubic", antialias=True),
-        lambda: tf.image.resize(x, (size, size), method="bicubic", antialias=False),
+        lambda: tf.image.resize(image, (size, size), method="bicubic", antialias=True),
+        lambda: tf.image.resize(image, (size, size), method="bicubic", antialias=False),
     )
-    return tf.cast(tf.clip_by_value(tf.round(out), 0.0, 255.0), tf.uint8)
+    return tf.saturate_cast(tf.round(out), tf.uint8)
 
 
 # ----------------------------------------------------------------------------- random ops

@@ -13,9 +13,11 @@ iterator yields dicts of numpy arrays with a static per-host batch size (remaind
   (both masked; the order of each pair is swapped with probability 0.5).
 
 One pipeline per source: host shard (``tfds.even_splits``, equal sizes) -> per-epoch shuffle
-(buffer ``shuffle_buffer``, seed from (seed, kind, host, epoch)) -> per-example map with
-stateless seeds from (seed, kind, host, example position) -> batch -> tokenise and mask
-(numpy, seeded by (seed, kind, host, batch number)) -> prefetch. Everything random is a
+of the serialized records (buffer ``shuffle_buffer``, seed from (seed, kind, host, epoch)) ->
+image–caption: per-example parse, image transform and caption choice with stateless seeds from
+(seed, kind, host, example position) -> batch; parallel text: batch, then parse -> pair swap,
+tokenisation and masking per batch (numpy, seeded by (seed, kind, host, batch number)) ->
+prefetch. Everything random is a
 function of positions, so ``get_state()`` is two counters (``{"batches", "next_example",
 "batch_size"}`` as numpy int64) and ``set_state`` rebuilds the pipeline at that position: the
 resumed iterator yields bitwise the batches an uninterrupted one would. Restoring reads and
@@ -37,6 +39,7 @@ import tensorflow as tf
 
 from cclm_jax.data import demo as demo_lib
 from cclm_jax.data import image as image_lib
+from cclm_jax.data import randaugment
 from cclm_jax.data import sources
 from cclm_jax.data.config import validate_data_config
 from cclm_jax.data.mixture import Mixture
@@ -121,17 +124,21 @@ def choose_caption(languages, allowed, seed):
 
 
 def _image_caption_map(reader, languages, base_seed, sample_2):
+    """Per example: crop/resize/flip the image, draw its RandomAugment ops (applied per batch,
+    one host call per batch), choose the caption(s)."""
     def fn(position, example):
         seeds = tf.random.experimental.stateless_split(
-            tf.random.experimental.stateless_fold_in(base_seed, position), 3)
+            tf.random.experimental.stateless_fold_in(base_seed, position), 4)
         allowed = _allowed_captions(example, languages)
         first = choose_caption(example["languages"], allowed, seeds[1])
         out = {
             "image": image_lib.train_image(example["image"], seeds[0], reader.image_res,
-                                           tuple(reader.crop_scale), reader.randaugment),
+                                           tuple(reader.crop_scale), augment=False),
             "caption": example["captions"][first],
             "_position": position,
         }
+        if reader.randaugment:
+            out["_augment"] = image_lib.random_augment_draws(seeds[3])
         if sample_2:
             other = allowed & tf.not_equal(example["languages"], example["languages"][first])
             second = tf.cond(tf.reduce_any(other),
@@ -139,18 +146,6 @@ def _image_caption_map(reader, languages, base_seed, sample_2):
                              lambda: first)
             out["caption_2"] = example["captions"][second]
         return out
-    return fn
-
-
-def _parallel_map(base_seed):
-    def fn(position, example):
-        seed = tf.random.experimental.stateless_fold_in(base_seed, position)
-        swap = tf.random.stateless_uniform([], seed) < 0.5
-        return {
-            "caption": tf.where(swap, example["text_2"], example["text_1"]),
-            "caption_2": tf.where(swap, example["text_1"], example["text_2"]),
-            "_position": position,
-        }
     return fn
 
 
@@ -178,23 +173,53 @@ class TextSettings:
         return (ids, atts) + tuple(masked)
 
 
-def _text_stage(tokenizer, settings: TextSettings, fields, seed_words):
-    """Batch map: tokenise and mask each of ``fields`` (numpy, seeded by the batch number)."""
-    def run(batch_number, *captions):
+_SWAP_STREAM = 2
+
+
+def _augment_batch(images, op_ids, apply, signs):
+    """RandomAugment each image of a uint8 (B, H, W, 3) batch with its drawn ops."""
+    out = np.empty_like(images)
+    for k in range(images.shape[0]):
+        out[k] = randaugment.random_augment_numpy(images[k], op_ids[k], apply[k], signs[k])
+    return out
+
+
+def _batch_stage(tokenizer, settings: TextSettings, fields, seed_words, swap: bool = False,
+                 augment: bool = False):
+    """Batch map, one host call per batch: RandomAugment the images with their ``_augment``
+    draws (when ``augment``), then tokenise and mask the text ``fields`` (numpy, seeded by the
+    batch number). The first field gives the un-suffixed keys, the second the ``_2`` keys.
+    With ``swap`` the two fields trade places in a random half of the rows first.
+    """
+    def run(batch_number, *arrays):
         outputs = []
-        for stream, values in enumerate(captions):
+        if augment:
+            outputs.append(_augment_batch(*arrays[:4]))
+            arrays = arrays[4:]
+        texts = arrays
+        if swap:
+            flip = np.random.default_rng([*seed_words, int(batch_number), _SWAP_STREAM]).random(len(texts[0])) < 0.5
+            texts = (np.where(flip, texts[1], texts[0]), np.where(flip, texts[0], texts[1]))
+        for stream, values in enumerate(texts):
             rng = np.random.default_rng([*seed_words, int(batch_number), stream])
             outputs.extend(settings.encode_and_mask(tokenizer, values, rng))
         return outputs
 
     def fn(batch_number, batch):
+        inputs = [batch_number]
+        types = []
+        if augment:
+            inputs += [batch["image"], *batch["_augment"]]
+            types.append(tf.uint8)
+        inputs += [batch[f] for f in fields]
+        types += [tf.int32] * (5 * len(fields))
+        results = tf.numpy_function(run, inputs, types, stateful=False)
+        out = {"_position": batch["_position"]}
+        if "image" in batch:
+            out["image"] = tf.ensure_shape(results.pop(0), batch["image"].shape) if augment else batch["image"]
+        batch_size = batch["_position"].shape[0]
         shapes = [settings.max_tokens] * 3 + [settings.max_masks] * 2
-        results = tf.numpy_function(run, [batch_number] + [batch[f] for f in fields],
-                                    [tf.int32] * (5 * len(fields)), stateful=False)
-        out = {k: v for k, v in batch.items() if k not in fields}
-        batch_size = batch[fields[0]].shape[0]
-        for i, field in enumerate(fields):
-            suffix = "" if field == "caption" else "_2"
+        for i, suffix in enumerate(["", "_2"][:len(fields)]):
             for j, key in enumerate(_TEXT_KEYS):
                 out[key + suffix] = tf.ensure_shape(results[5 * i + j], [batch_size, shapes[j]])
         return out
@@ -299,22 +324,62 @@ def _options(threads: int) -> tf.data.Options:
     return options
 
 
-def _make_pipeline(records, size, cfg, kind, batch_size, example_map, fields, settings, tokenizer,
-                   seed_words, base_seed):
+def _check_size(kind, size, batch_size):
     if size < batch_size:
         raise ValueError(f"{kind}: the host shard has {size} examples, fewer than the per-host "
                          f"batch size {batch_size}")
 
+
+def _image_caption_pipeline(cfg, source, split, size, tokenizer, process_index):
+    """make(start_batch, start_example) for the image–caption kind: per-example image and
+    caption choice (stateless seeds from the example position), then batched text."""
+    section = cfg.image_caption
+    _check_size("image_caption", size, section.batch_size)
+    base_seed = _base_seed(cfg.seed, "image_caption", process_index)
+    languages = list(section.languages)
+    example_map = _image_caption_map(section, languages, base_seed, section.sample_2_captions)
+    fields = ("caption", "caption_2") if section.sample_2_captions else ("caption",)
+    settings = TextSettings(section.max_tokens, section.max_words, section.max_masks, section.mask_prob)
+    batch_stage = _batch_stage(tokenizer, settings, fields, (cfg.seed, _KIND_SALT["image_caption"], process_index),
+                               augment=section.randaugment)
+    records = source.raw(split)
+    # built json-lines sources hold no empty caption; catalog ones may
+    needs_filter = bool(languages) or source.parse_spec is None
+
     def make(start_batch: int, start_example: int) -> tf.data.Dataset:
         ds = _host_stream(records, size, cfg.shuffle_buffer, base_seed, start_example)
-        if kind == "image_caption":
-            languages = list(cfg.image_caption.languages)
-            ds = ds.filter(lambda position, ex: tf.reduce_any(_allowed_captions(ex, languages)))
-        ds = ds.map(example_map, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        ds = ds.batch(batch_size, drop_remainder=True)
-        ds = tf.data.Dataset.zip(tf.data.Dataset.counter(start_batch), ds)
-        ds = ds.map(_text_stage(tokenizer, settings, fields, seed_words),
+        if needs_filter:
+            ds = ds.filter(lambda position, raw: tf.reduce_any(_allowed_captions(source.decode(raw), languages)))
+        ds = ds.map(lambda position, raw: example_map(position, source.decode(raw)),
                     num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = ds.batch(section.batch_size, drop_remainder=True)
+        ds = tf.data.Dataset.zip(tf.data.Dataset.counter(start_batch), ds)
+        ds = ds.map(batch_stage, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return ds.prefetch(cfg.prefetch).with_options(_options(cfg.threads))
+    return make
+
+
+def _parallel_text_pipeline(cfg, source, split, size, tokenizer, process_index):
+    """make(start_batch, start_example) for the parallel-text kind: serialized pairs are
+    shuffled and batched, then parsed, swapped, tokenised and masked per batch."""
+    section = cfg.parallel_text
+    _check_size("parallel_text", size, section.batch_size)
+    base_seed = _base_seed(cfg.seed, "parallel_text", process_index)
+    settings = TextSettings(section.max_tokens, section.max_words, section.max_masks, section.mask_prob)
+    batch_stage = _batch_stage(tokenizer, settings, ("text_1", "text_2"),
+                             (cfg.seed, _KIND_SALT["parallel_text"], process_index), swap=True)
+    records = source.raw(split)
+
+    def parse(batch_number, positions_and_raw):
+        positions, raw = positions_and_raw
+        return batch_number, {"_position": positions, **source.decode_batch(raw)}
+
+    def make(start_batch: int, start_example: int) -> tf.data.Dataset:
+        ds = _host_stream(records, size, cfg.shuffle_buffer, base_seed, start_example)
+        ds = ds.batch(section.batch_size, drop_remainder=True)
+        ds = tf.data.Dataset.zip(tf.data.Dataset.counter(start_batch), ds)
+        ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = ds.map(batch_stage, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         return ds.prefetch(cfg.prefetch).with_options(_options(cfg.threads))
     return make
 
@@ -326,22 +391,16 @@ def build_train_pipelines(data_config, tokenizer: Tokenizer, *, process_index: i
     cfg = data_config
     pipelines = {}
     for kind in Mixture(dict(cfg.mix)).kinds:
-        section = cfg[kind]
-        source, split = open_image_caption(cfg, kind) if kind == "image_caption" else open_parallel_text(cfg)
+        if kind == "image_caption":
+            source, split = open_image_caption(cfg, kind)
+            build = _image_caption_pipeline
+        else:
+            source, split = open_parallel_text(cfg)
+            build = _parallel_text_pipeline
         host_split = source.host_split(split, process_index, process_count)
         size = source.num_examples(split) // process_count
-        base_seed = _base_seed(cfg.seed, kind, process_index)
-        seed_words = (cfg.seed, _KIND_SALT[kind], process_index)
-        settings = TextSettings(section.max_tokens, section.max_words, section.max_masks, section.mask_prob)
-        if kind == "image_caption":
-            example_map = _image_caption_map(section, list(section.languages), base_seed,
-                                             section.sample_2_captions)
-            fields = ("caption", "caption_2") if section.sample_2_captions else ("caption",)
-        else:
-            example_map, fields = _parallel_map(base_seed), ("caption", "caption_2")
-        make = _make_pipeline(source.read(host_split), size, cfg, kind, section.batch_size, example_map,
-                              fields, settings, tokenizer, seed_words, base_seed)
-        pipelines[kind] = BatchIterator(kind, make, section.batch_size, source.skipped)
+        make = build(cfg, source, host_split, size, tokenizer, process_index)
+        pipelines[kind] = BatchIterator(kind, make, cfg[kind].batch_size, source.skipped)
     return pipelines
 
 

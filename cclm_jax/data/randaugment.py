@@ -9,8 +9,8 @@ RGB uint8 array; this module re-implements the same semantics:
   ``lut[v] = (step // 2 + #pixels below v) // step``; channel kept when ``step == 0``.
 * ``brightness(f)`` -- ``v -> clip(v * f, 0, 255)`` truncated (float32 table).
 * ``sharpness(f)`` -- 3x3 kernel [[1,1,1],[1,5,1],[1,1,1]] / 13 (cv2 ``filter2D``, rounded),
-  interior pixels ``s + f * (v - s)``; the 1-pixel border is kept. The result is clipped to
-  [0, 255] (the reference casts without clipping, which wraps around).
+  interior pixels ``s + f * (v - s)`` truncated; the 1-pixel border is kept. The result is
+  clipped to [0, 255] (the reference casts without clipping, which wraps around).
 * ``shear_x(s)``, ``shear_y(s)``, ``translate_x(t)``, ``translate_y(t)``, ``rotate(deg)`` --
   ``cv2.warpAffine`` bilinear with the forward matrices [[1, s, 0], [0, 1, 0]],
   [[1, 0, 0], [s, 1, 0]], [[1, 0, -t], [0, 1, 0]], [[1, 0, 0], [0, 1, -t]] and
@@ -63,7 +63,7 @@ def auto_contrast(image):
 def equalize(image):
     luts = np.empty((3, 256), np.uint8)
     for c in range(3):
-        hist = np.bincount(image[:, :, c].ravel(), minlength=256)
+        hist = cv2.calcHist([image], [c], None, [256], [0, 256])[:, 0].astype(np.int64)
         nonzero = hist[hist > 0]
         step = int(nonzero[:-1].sum()) // 255
         if step == 0:
@@ -80,10 +80,10 @@ def brightness(image, factor):
 
 
 def sharpness(image, factor):
-    smooth = cv2.filter2D(image, -1, _SHARPNESS_KERNEL).astype(np.float32)[1:-1, 1:-1]
-    out = image.copy()
-    inner = image[1:-1, 1:-1].astype(np.float32)
-    out[1:-1, 1:-1] = np.clip(smooth + np.float32(factor) * (inner - smooth), 0, 255).astype(np.uint8)
+    smooth = cv2.filter2D(image, -1, _SHARPNESS_KERNEL)
+    # saturate(round(x - 0.499)) = clip(floor(x)) away from float32 rounding at x.999
+    out = cv2.addWeighted(image, float(factor), smooth, 1.0 - float(factor), -0.499)
+    out[0], out[-1], out[:, 0], out[:, -1] = image[0], image[-1], image[:, 0], image[:, -1]
     return out
 
 

@@ -262,6 +262,7 @@ class _RecipeBuilder(tfds.core.GeneratorBasedBuilder):
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "First version."}
+    PARSE_SPEC: dict = {}  # tf.io parse spec of the serialized examples
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -286,6 +287,9 @@ class _RecipeBuilder(tfds.core.GeneratorBasedBuilder):
 class ImageCaptionJsonl(_RecipeBuilder):
     """CCLM json-lines image–caption data (see the module docstring)."""
 
+    PARSE_SPEC = {"image": tf.io.FixedLenFeature([], tf.string),
+                  "captions": tf.io.RaggedFeature(tf.string), "languages": tf.io.RaggedFeature(tf.string)}
+
     def _info(self):
         return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
             "image": tfds.features.Tensor(shape=(), dtype=np.object_),
@@ -303,6 +307,8 @@ class ImageCaptionJsonl(_RecipeBuilder):
 class ParallelText(_RecipeBuilder):
     """Parallel sentences from json-lines or line-aligned files (see the module docstring)."""
 
+    PARSE_SPEC = {key: tf.io.FixedLenFeature([], tf.string) for key in ("text_1", "text_2", "lang_1", "lang_2")}
+
     def _info(self):
         return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
             "text_1": tfds.features.Text(), "text_2": tfds.features.Text(),
@@ -317,24 +323,47 @@ class ParallelText(_RecipeBuilder):
 
 @dataclasses.dataclass
 class Source:
-    """A readable dataset in canonical form.
+    """A dataset readable in canonical form.
 
-    ``read(split)`` -> tf.data.Dataset in a fixed order; ``num_examples(split)``;
-    ``host_split(split, index, count)`` -> the split of host ``index`` of ``count``
-    (equal sizes, remainder dropped); ``skipped`` -> build-time skip counts.
+    ``raw(split)`` -> tf.data.Dataset of raw records in a fixed order: serialized
+    ``tf.train.Example`` strings for the builders here (cheap to shuffle; parse after batching
+    with ``decode_batch``), canonical dicts for catalog datasets. ``decode(raw)`` -> canonical
+    example; ``read(split)`` = ``raw(split).map(decode)``. ``num_examples(split)``;
+    ``host_split(split, index, count)`` -> the split of host ``index`` of ``count`` (equal
+    sizes, remainder dropped); ``skipped`` -> build-time skip counts.
     """
 
     builder: tfds.core.DatasetBuilder
-    canonicalize: Callable
     skipped: Dict[str, int]
+    parse_spec: Optional[dict] = None
+    canonicalize: Optional[Callable] = None
+    image_feature: Optional[str] = None
+
+    def raw(self, split) -> tf.data.Dataset:
+        if self.parse_spec is None:
+            decoders = {self.image_feature: tfds.decode.SkipDecoding()} if self.image_feature else None
+            ds = self.builder.as_dataset(split=split, shuffle_files=False, decoders=decoders)
+            return ds.map(self.canonicalize, num_parallel_calls=tf.data.AUTOTUNE)
+        instructions = self.builder.info.splits[split].file_instructions
+        files = tf.data.Dataset.from_tensor_slices((
+            tf.constant([str(i.filename) for i in instructions], tf.string),
+            tf.constant([int(i.skip) for i in instructions], tf.int64),
+            tf.constant([int(i.take) for i in instructions], tf.int64)))
+        return files.flat_map(lambda f, skip, take: tf.data.TFRecordDataset(f).skip(skip).take(take))
+
+    def decode(self, raw):
+        if self.parse_spec is None:
+            return raw
+        return tf.io.parse_single_example(raw, self.parse_spec)
+
+    def decode_batch(self, raw):
+        """Batched ``decode`` of serialized records (builders here only)."""
+        if self.parse_spec is None:
+            raise ValueError("decode_batch reads serialized records; catalog sources are decoded already")
+        return tf.io.parse_example(raw, self.parse_spec)
 
     def read(self, split) -> tf.data.Dataset:
-        ds = self.builder.as_dataset(split=split, shuffle_files=False, decoders=self._decoders())
-        return ds.map(self.canonicalize, num_parallel_calls=tf.data.AUTOTUNE)
-
-    def _decoders(self):
-        image_feature = getattr(self.canonicalize, "image_feature", None)
-        return {image_feature: tfds.decode.SkipDecoding()} if image_feature else None
+        return self.raw(split).map(self.decode, num_parallel_calls=tf.data.AUTOTUNE)
 
     def num_examples(self, split) -> int:
         return int(self.builder.info.splits[split].num_examples)
@@ -346,22 +375,15 @@ class Source:
             return split
         return tfds.even_splits(split, n=count, drop_remainder=True)[index]
 
-    def splits(self) -> List[str]:
-        return list(self.builder.info.splits.keys())
-
-
-def _identity(example):
-    return example
-
 
 def _prepare(builder: _RecipeBuilder) -> Source:
     report_path = pathlib.Path(builder.data_dir) / _REPORT_FILE
     if not report_path.exists():
-        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        builder.download_and_prepare(file_format="tfrecord", download_config=tfds.download.DownloadConfig(
             compute_stats=tfds.download.ComputeStatsMode.SKIP))
         report_path = pathlib.Path(builder.data_dir) / _REPORT_FILE
         report_path.write_text(json.dumps(dict(builder.counter.counts), sort_keys=True))
-    return Source(builder, _identity, json.loads(report_path.read_text()))
+    return Source(builder, json.loads(report_path.read_text()), parse_spec=builder.PARSE_SPEC)
 
 
 def _absolute(entry):
@@ -437,5 +459,4 @@ def catalog_image_caption(name: str, *, image_feature: str, caption_feature: str
         return {"image": _feature(example, image_feature), "captions": captions,
                 "languages": tf.fill(tf.shape(captions), language)}
 
-    canonicalize.image_feature = image_feature
-    return Source(builder, canonicalize, {})
+    return Source(builder, {}, canonicalize=canonicalize, image_feature=image_feature)

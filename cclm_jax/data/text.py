@@ -101,26 +101,28 @@ def mask_batch(text_ids, text_atts, rng: np.random.Generator, *, vocab_size: int
     """Reference masking of padded ``<s> ... </s>`` rows (see the module docstring).
 
     text_ids, text_atts: int (B, L). Returns text_ids_masked (B, L), masked_pos (B, max_masks),
-    masked_ids (B, max_masks), all int32.
+    masked_ids (B, max_masks), all int32. Work is done on the longest row's width only.
     """
     text_ids = np.asarray(text_ids, np.int32)
     batch, max_tokens = text_ids.shape
     lengths = np.asarray(text_atts).sum(axis=1)
+    width = max(int(lengths.max(initial=0)), 2)
+    ids = text_ids[:, :width]
     masked = select_mask_positions(
-        lengths, rng, max_tokens=max_tokens, mask_prob=mask_prob, max_masks=max_masks,
+        lengths, rng, max_tokens=width, mask_prob=mask_prob, max_masks=max_masks,
         skipgram_prob=skipgram_prob, skipgram_max=skipgram_max)
-    to_mask = rng.random((batch, max_tokens)) < 0.8
-    to_random = rng.random((batch, max_tokens)) < 0.5
-    random_ids = rng.integers(0, vocab_size, (batch, max_tokens))
-    replaced = np.where(to_mask, mask_id, np.where(to_random, random_ids, text_ids))
-    text_ids_masked = np.where(masked, replaced, text_ids).astype(np.int32)
+    to_mask = rng.random((batch, width)) < 0.8
+    to_random = rng.random((batch, width)) < 0.5
+    random_ids = rng.integers(0, vocab_size, (batch, width))
+    replaced = np.where(to_mask, mask_id, np.where(to_random, random_ids, ids))
+    text_ids_masked = text_ids.copy()
+    text_ids_masked[:, :width] = np.where(masked, replaced, ids)
 
     order = np.argsort(~masked, axis=1, kind="stable")[:, :max_masks]
     valid = np.take_along_axis(masked, order, axis=1)
     masked_pos = np.where(valid, order, 0).astype(np.int32)
-    masked_ids = np.where(valid, np.take_along_axis(text_ids, order, axis=1), IGNORE_ID)
-    if max_masks > max_tokens:
-        pad = max_masks - max_tokens
-        masked_pos = np.pad(masked_pos, ((0, 0), (0, pad)))
-        masked_ids = np.pad(masked_ids, ((0, 0), (0, pad)), constant_values=IGNORE_ID)
-    return text_ids_masked, masked_pos, masked_ids.astype(np.int32)
+    masked_ids = np.where(valid, np.take_along_axis(ids, order, axis=1), IGNORE_ID).astype(np.int32)
+    pad = max_masks - masked_pos.shape[1]
+    masked_pos = np.pad(masked_pos, ((0, 0), (0, pad)))
+    masked_ids = np.pad(masked_ids, ((0, 0), (0, pad)), constant_values=IGNORE_ID)
+    return text_ids_masked, masked_pos, masked_ids
