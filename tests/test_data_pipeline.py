@@ -1,5 +1,5 @@
 """Training pipelines (batch contract, exact resume, hosts, languages) and the retrieval dev set,
-on a tiny generated demo."""
+on a tiny generated demo; Flickr8k with the XLM-R tokenizer when ../shared/data is present."""
 import io
 import json
 import subprocess
@@ -8,7 +8,9 @@ import textwrap
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
+from cclm_jax.data import image as image_lib
 from cclm_jax.data import pipeline
 from cclm_jax.data.config import default_data_config, validate_data_config
 from cclm_jax.data.mixture import Mixture
@@ -230,7 +232,10 @@ def test_process_exits_cleanly_with_prefetching_pipelines(setup, tmp_path):
     config_file.write_text(cfg.to_json())
     code = textwrap.dedent(f"""
         import json, sys, ml_collections
-        from cclm_jax.data import pipeline
+        import tensorflow as tf
+
+from cclm_jax.data import image as image_lib
+from cclm_jax.data import pipeline
         cfg = ml_collections.ConfigDict(json.loads(open({str(config_file)!r}).read()))
         pipes = pipeline.build_train_pipelines(cfg, pipeline.load_tokenizer(cfg))
         next(pipes["image_caption"]); next(pipes["parallel_text"])
@@ -239,3 +244,44 @@ def test_process_exits_cleanly_with_prefetching_pipelines(setup, tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "batches ok" in done.stdout
+
+
+def test_flickr8k_with_the_xlmr_tokenizer(shared_data_dir, tmp_path):
+    flickr = shared_data_dir / "flickr8k"
+    cfg = default_data_config()
+    cfg.data_dir = str(tmp_path)
+    cfg.tokenizer = str(shared_data_dir / "xlmr_spm" / "sentencepiece.bpe.model")
+    cfg.mix = {"image_caption": 1}
+    for section, batch_size in (("image_caption", 16), ("eval", 100)):
+        cfg[section].update(kind="jsonl", paths=[str(flickr / "val.jsonl")], image_field="image",
+                            image_root=str(flickr), batch_size=batch_size)
+        cfg[section].caption_fields.update({"multi30k_task1": "", "flickr8kcn_zh": "zh"})
+    tok = pipeline.load_tokenizer(cfg)
+    it = pipeline.build_train_pipelines(cfg, tok)["image_caption"]
+    assert it.skipped == {}
+    batch = next(it)
+    assert batch["image"].shape == (16, 224, 224, 3) and batch["text_ids"].shape == (16, 40)
+    assert batch["image"].std() > 20  # real photographs, not blank images
+    records = [json.loads(line) for line in open(flickr / "val.jsonl", encoding="utf-8")]
+    cleaned = {pipeline.pre_caption(c, 40) for r in records
+               for c in list(r["multi30k_task1"].values()) + r["flickr8kcn_zh"]}
+    assert all(tok.decode(ids) in cleaned for ids in batch["text_ids"])
+
+    data = pipeline.build_retrieval_eval(cfg, tok)
+    assert data.num_images == len(records) == 237
+    assert sorted(data.texts) == ["cs", "de", "en", "fr", "zh"]
+    np.testing.assert_array_equal(np.sort(data.texts["de"]["image_index"]), np.arange(237))
+    # group the captions by image index and match each group to its json-lines record
+    by_german = {pipeline.pre_caption(r["multi30k_task1"]["de"], 40): r for r in records}
+    german = {int(i): tok.decode(ids) for i, ids in zip(data.texts["de"]["image_index"], data.texts["de"]["text_ids"])}
+    chinese = {}
+    for i, ids in zip(data.texts["zh"]["image_index"], data.texts["zh"]["text_ids"]):
+        chinese.setdefault(int(i), []).append(tok.decode(ids))
+    for i in range(237):
+        record = by_german[german[i]]
+        assert sorted(chinese.get(i, [])) == sorted(pipeline.pre_caption(c, 40) for c in record["flickr8kcn_zh"])
+    first = next(data.image_batches())
+    for row in (0, 7):
+        record = by_german[german[int(first["image_index"][row])]]
+        expected = image_lib.eval_image(tf.constant((flickr / record["image"]).read_bytes()), 224).numpy()
+        np.testing.assert_array_equal(first["image"][row], expected)

@@ -21,7 +21,8 @@ image_caption (training) and eval (retrieval dev set) share the reader keys
     image_field (str)       json field with base64 bytes or, with image_root, a path.
     image_root (str)        "" = base64 images; else the directory that image paths are relative to.
     caption_fields (dict)   field -> language; "" = the field holds {lang: text | [texts]} (or a
-                            list of such dicts), e.g. {"caption": ""}.
+                            list of such dicts). {} (default) = {"caption": ""}, the CCLM layout
+                            (an empty default, so that ``update`` does not merge a stale key).
     tfds_name, tfds_split, tfds_data_dir, image_feature, caption_feature, tfds_language
                             catalog dataset (kind tfds), e.g. "coco_captions", "train",
                             "image", "captions/text", "en".
@@ -55,7 +56,7 @@ _PARALLEL_KINDS = ("jsonl", "aligned_text", "demo")
 
 def _reader_defaults(kind: str, image_res: int, max_tokens: int) -> dict:
     return dict(
-        kind=kind, paths=[], image_field="binary", image_root="", caption_fields={"caption": ""},
+        kind=kind, paths=[], image_field="binary", image_root="", caption_fields={},
         tfds_name="", tfds_split="train", tfds_data_dir="", image_feature="image",
         caption_feature="captions/text", tfds_language="en", languages=[],
         image_res=image_res, max_tokens=max_tokens, max_words=max_tokens)
@@ -118,8 +119,9 @@ def _check_reader(cfg, section: str):
         if reader.image_root and not os.path.isdir(os.path.expanduser(reader.image_root)):
             raise FileNotFoundError(
                 f"config.data.{section}.image_root: directory {reader.image_root!r} does not exist")
-        if not reader.caption_fields:
-            _fail(f"{section}.caption_fields", "needs at least one caption field")
+        for field, language in reader.caption_fields.items():
+            if not isinstance(language, str):
+                _fail(f"{section}.caption_fields.{field}", f"must be a language code or '', got {language!r}")
     if reader.kind == "tfds" and not reader.tfds_name:
         _fail(f"{section}.tfds_name", "kind 'tfds' needs a catalog dataset name")
     _positive_int(cfg, section, "image_res")

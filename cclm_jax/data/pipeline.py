@@ -84,7 +84,7 @@ def open_image_caption(cfg, section: str):
         split = "train" if section == "image_caption" else "val"
         paths, fields, image_field, root = [_demo_paths(cfg)[split]], {"caption": ""}, "binary", ""
     else:
-        paths, fields = list(reader.paths), reader.caption_fields.to_dict()
+        paths, fields = list(reader.paths), reader.caption_fields.to_dict() or {"caption": ""}
         image_field, root = reader.image_field, reader.image_root
     source = sources.image_caption_jsonl({"train": paths}, _tfds_dir(cfg), image_field=image_field,
                                          caption_fields=fields, image_root=root)
