@@ -167,6 +167,13 @@ def _torchvision_crop_areas(height, width, n, rng, scale=(0.2, 1.0), ratio=(3 / 
     return np.array(areas)
 
 
+def test_numpy_draws_for_batches():
+    op_ids, apply, signs = ra.draw_ops(np.random.default_rng(0), 4000)
+    assert op_ids.shape == apply.shape == signs.shape == (4000, 2)
+    np.testing.assert_allclose(np.bincount(op_ids.ravel(), minlength=10) / op_ids.size, 0.1, atol=0.015)
+    assert abs(apply.mean() - 0.5) < 0.02 and abs((signs > 0).mean() - 0.5) < 0.02
+
+
 def test_random_resized_crop_window_bounds_and_distribution():
     boxes = _draws(lambda s: image_lib.random_resized_crop_window(tf.constant([120, 200]), s), 2000).numpy()
     top, left, h, w = boxes.T

@@ -231,11 +231,8 @@ def test_process_exits_cleanly_with_prefetching_pipelines(setup, tmp_path):
     config_file = tmp_path / "data.json"
     config_file.write_text(cfg.to_json())
     code = textwrap.dedent(f"""
-        import json, sys, ml_collections
-        import tensorflow as tf
-
-from cclm_jax.data import image as image_lib
-from cclm_jax.data import pipeline
+        import json, ml_collections
+        from cclm_jax.data import pipeline
         cfg = ml_collections.ConfigDict(json.loads(open({str(config_file)!r}).read()))
         pipes = pipeline.build_train_pipelines(cfg, pipeline.load_tokenizer(cfg))
         next(pipes["image_caption"]); next(pipes["parallel_text"])

@@ -92,20 +92,27 @@ def resize_bicubic(image, size):
 
 # ----------------------------------------------------------------------------- random ops
 
-def random_resized_crop_window(shape_hw, seed, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), attempts=10):
+CROP_ATTEMPTS = 10
+CROP_UNIFORMS = 2 * CROP_ATTEMPTS + 2  # area and aspect per attempt, then top and left
+TRAIN_UNIFORMS = CROP_UNIFORMS + 1  # ... then the flip
+
+
+def crop_window(shape_hw, uniforms, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
     """torchvision RandomResizedCrop box [top, left, height, width] (int32) for an image of
-    ``shape_hw``: the first of ``attempts`` draws (area fraction ~ U(scale), log aspect ~
-    U(log ratio), rounded sides) that fits, else the centre crop clamped to ``ratio``."""
+    ``shape_hw`` from ``CROP_UNIFORMS`` U(0, 1) numbers: the first of ``CROP_ATTEMPTS`` draws
+    (area fraction ~ U(scale), log aspect ~ U(log ratio), rounded sides) that fits, with a
+    uniform offset, else the centre crop clamped to ``ratio``."""
     height = tf.cast(shape_hw[0], tf.float32)
     width = tf.cast(shape_hw[1], tf.float32)
-    seeds = tf.random.experimental.stateless_split(seed, 3)
-    area = height * width * tf.random.stateless_uniform([attempts], seeds[0], scale[0], scale[1])
-    aspect = tf.exp(tf.random.stateless_uniform([attempts], seeds[1], math.log(ratio[0]), math.log(ratio[1])))
+    n = CROP_ATTEMPTS
+    area = height * width * (scale[0] + (scale[1] - scale[0]) * uniforms[:n])
+    log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
+    aspect = tf.exp(log_low + (log_high - log_low) * uniforms[n:2 * n])
     w = tf.round(tf.sqrt(area * aspect))
     h = tf.round(tf.sqrt(area / aspect))
     fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
     first = tf.argmax(tf.cast(fits, tf.int32))
-    offsets = tf.random.stateless_uniform([2], seeds[2])
+    offsets = uniforms[2 * n:2 * n + 2]
 
     def sampled():
         ch, cw = h[first], w[first]
@@ -122,6 +129,11 @@ def random_resized_crop_window(shape_hw, seed, scale=(0.2, 1.0), ratio=(3 / 4, 4
         return tf.cast(tf.stack([top, left, ch, cw]), tf.int32)
 
     return tf.cond(tf.reduce_any(fits), sampled, centre)
+
+
+def random_resized_crop_window(shape_hw, seed, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
+    """``crop_window`` with its uniforms drawn from the stateless ``seed``."""
+    return crop_window(shape_hw, tf.random.stateless_uniform([CROP_UNIFORMS], seed), scale, ratio)
 
 
 def random_augment_draws(seed, num_ops=2, num_choices=len(randaugment.PRETRAIN_AUGMENTS)):
@@ -147,15 +159,22 @@ def random_augment(image, seed, num_ops=2, magnitude=7, ops=randaugment.PRETRAIN
 
 # ----------------------------------------------------------------------------- transforms
 
+def crop_resize_flip(data, uniforms, size=224, scale=(0.2, 1.0)):
+    """RandomResizedCrop(size, scale) then horizontal flip of encoded bytes, driven by
+    ``TRAIN_UNIFORMS`` U(0, 1) numbers (crop, then flip when the last one is < 0.5);
+    uint8 (size, size, 3). Only the crop window of a JPEG is decoded."""
+    window = crop_window(_image_shape(data), uniforms[:CROP_UNIFORMS], scale)
+    image = resize_bicubic(_decode_window(data, window), size)
+    image = tf.cond(uniforms[CROP_UNIFORMS] < 0.5, lambda: tf.reverse(image, [1]), lambda: image)
+    return tf.ensure_shape(image, (size, size, 3))
+
+
 def train_image(data, seed, size=224, scale=(0.2, 1.0), augment=True):
     """Reference training transform of encoded bytes -> uint8 (size, size, 3) (see module doc)."""
-    seeds = tf.random.experimental.stateless_split(seed, 3)
-    window = random_resized_crop_window(_image_shape(data), seeds[0], scale)
-    image = resize_bicubic(_decode_window(data, window), size)
-    image = tf.image.stateless_random_flip_left_right(image, seeds[1])
-    image = tf.ensure_shape(image, (size, size, 3))
+    seeds = tf.random.experimental.stateless_split(seed, 2)
+    image = crop_resize_flip(data, tf.random.stateless_uniform([TRAIN_UNIFORMS], seeds[0]), size, scale)
     if augment:
-        image = random_augment(image, seeds[2])
+        image = random_augment(image, seeds[1])
     return image
 
 

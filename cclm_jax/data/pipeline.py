@@ -14,10 +14,10 @@ iterator yields dicts of numpy arrays with a static per-host batch size (remaind
 
 One pipeline per source: host shard (``tfds.even_splits``, equal sizes) -> per-epoch shuffle
 of the serialized records (buffer ``shuffle_buffer``, seed from (seed, kind, host, epoch)) ->
-image–caption: per-example parse, image transform and caption choice with stateless seeds from
-(seed, kind, host, example position) -> batch; parallel text: batch, then parse -> pair swap,
-tokenisation and masking per batch (numpy, seeded by (seed, kind, host, batch number)) ->
-prefetch. Everything random is a
+image–caption: per example, parse, crop/resize/flip and caption choice from one stateless draw
+seeded by (seed, kind, host, example position) -> batch -> RandomAugment; parallel text: batch
+-> parse -> pair swap; then tokenisation and masking; the per-batch steps run in one numpy call
+seeded by (seed, kind, host, batch number) -> prefetch. Everything random is a
 function of positions, so ``get_state()`` is two counters (``{"batches", "next_example",
 "batch_size"}`` as numpy int64) and ``set_state`` rebuilds the pipeline at that position: the
 resumed iterator yields bitwise the batches an uninterrupted one would. Restoring reads and
@@ -111,38 +111,40 @@ def _allowed_captions(example, languages):
     return usable
 
 
-def choose_caption(languages, allowed, seed):
-    """Index (int64) of a caption: a language uniformly among the allowed captions' languages,
-    then a caption uniformly among the allowed ones in that language."""
+def choose_caption(languages, allowed, uniforms):
+    """Index (int64) of a caption from two U(0, 1) numbers: a language uniformly among the
+    allowed captions' languages, then a caption uniformly among the allowed ones in it."""
     index = tf.where(allowed)[:, 0]
     unique, which = tf.unique(tf.gather(languages, index))
-    seeds = tf.random.experimental.stateless_split(seed, 2)
-    lang = tf.random.stateless_uniform([], seeds[0], 0, tf.size(unique), dtype=tf.int32)
+    lang = tf.minimum(tf.cast(uniforms[0] * tf.cast(tf.size(unique), tf.float32), tf.int32), tf.size(unique) - 1)
     candidates = tf.boolean_mask(index, tf.equal(which, lang))
-    pick = tf.random.stateless_uniform([], seeds[1], 0, tf.size(candidates), dtype=tf.int32)
+    pick = tf.minimum(tf.cast(uniforms[1] * tf.cast(tf.size(candidates), tf.float32), tf.int32),
+                      tf.size(candidates) - 1)
     return candidates[pick]
 
 
+_EXAMPLE_UNIFORMS = image_lib.TRAIN_UNIFORMS + 4  # image, then two per caption
+
+
 def _image_caption_map(reader, languages, base_seed, sample_2):
-    """Per example: crop/resize/flip the image, draw its RandomAugment ops (applied per batch,
-    one host call per batch), choose the caption(s)."""
+    """Per example, from one draw of U(0, 1) numbers seeded by its position: crop, resize and
+    flip the image, choose the caption(s). RandomAugment runs per batch (``_batch_stage``)."""
     def fn(position, example):
-        seeds = tf.random.experimental.stateless_split(
-            tf.random.experimental.stateless_fold_in(base_seed, position), 4)
+        u = tf.random.stateless_uniform(
+            [_EXAMPLE_UNIFORMS], tf.random.experimental.stateless_fold_in(base_seed, position))
+        cut = image_lib.TRAIN_UNIFORMS
         allowed = _allowed_captions(example, languages)
-        first = choose_caption(example["languages"], allowed, seeds[1])
+        first = choose_caption(example["languages"], allowed, u[cut:cut + 2])
         out = {
-            "image": image_lib.train_image(example["image"], seeds[0], reader.image_res,
-                                           tuple(reader.crop_scale), augment=False),
+            "image": image_lib.crop_resize_flip(example["image"], u[:cut], reader.image_res,
+                                                tuple(reader.crop_scale)),
             "caption": example["captions"][first],
             "_position": position,
         }
-        if reader.randaugment:
-            out["_augment"] = image_lib.random_augment_draws(seeds[3])
         if sample_2:
             other = allowed & tf.not_equal(example["languages"], example["languages"][first])
             second = tf.cond(tf.reduce_any(other),
-                             lambda: choose_caption(example["languages"], other, seeds[2]),
+                             lambda: choose_caption(example["languages"], other, u[cut + 2:cut + 4]),
                              lambda: first)
             out["caption_2"] = example["captions"][second]
         return out
@@ -174,10 +176,12 @@ class TextSettings:
 
 
 _SWAP_STREAM = 2
+_AUGMENT_STREAM = 3
 
 
-def _augment_batch(images, op_ids, apply, signs):
-    """RandomAugment each image of a uint8 (B, H, W, 3) batch with its drawn ops."""
+def _augment_batch(images, rng: np.random.Generator):
+    """RandomAugment(2, 7) each image of a uint8 (B, H, W, 3) batch."""
+    op_ids, apply, signs = randaugment.draw_ops(rng, images.shape[0])
     out = np.empty_like(images)
     for k in range(images.shape[0]):
         out[k] = randaugment.random_augment_numpy(images[k], op_ids[k], apply[k], signs[k])
@@ -186,30 +190,32 @@ def _augment_batch(images, op_ids, apply, signs):
 
 def _batch_stage(tokenizer, settings: TextSettings, fields, seed_words, swap: bool = False,
                  augment: bool = False):
-    """Batch map, one host call per batch: RandomAugment the images with their ``_augment``
-    draws (when ``augment``), then tokenise and mask the text ``fields`` (numpy, seeded by the
-    batch number). The first field gives the un-suffixed keys, the second the ``_2`` keys.
-    With ``swap`` the two fields trade places in a random half of the rows first.
+    """Batch map, one host call per batch, seeded by the batch number: RandomAugment the
+    images (when ``augment``), then tokenise and mask the text ``fields`` (numpy). The first
+    field gives the un-suffixed keys, the second the ``_2`` keys. With ``swap`` the two fields
+    trade places in a random half of the rows first.
     """
+    def rng(batch_number, stream):
+        return np.random.default_rng([*seed_words, int(batch_number), stream])
+
     def run(batch_number, *arrays):
         outputs = []
         if augment:
-            outputs.append(_augment_batch(*arrays[:4]))
-            arrays = arrays[4:]
+            outputs.append(_augment_batch(arrays[0], rng(batch_number, _AUGMENT_STREAM)))
+            arrays = arrays[1:]
         texts = arrays
         if swap:
-            flip = np.random.default_rng([*seed_words, int(batch_number), _SWAP_STREAM]).random(len(texts[0])) < 0.5
+            flip = rng(batch_number, _SWAP_STREAM).random(len(texts[0])) < 0.5
             texts = (np.where(flip, texts[1], texts[0]), np.where(flip, texts[0], texts[1]))
         for stream, values in enumerate(texts):
-            rng = np.random.default_rng([*seed_words, int(batch_number), stream])
-            outputs.extend(settings.encode_and_mask(tokenizer, values, rng))
+            outputs.extend(settings.encode_and_mask(tokenizer, values, rng(batch_number, stream)))
         return outputs
 
     def fn(batch_number, batch):
         inputs = [batch_number]
         types = []
         if augment:
-            inputs += [batch["image"], *batch["_augment"]]
+            inputs.append(batch["image"])
             types.append(tf.uint8)
         inputs += [batch[f] for f in fields]
         types += [tf.int32] * (5 * len(fields))
@@ -303,16 +309,21 @@ def _base_seed(seed: int, kind: str, process_index: int):
     return tf.random.experimental.stateless_fold_in(base, process_index)
 
 
-def _host_stream(records: tf.data.Dataset, size: int, buffer: int, base_seed, start_example: int):
-    """Infinite stream of (position, example): epoch e is ``records`` shuffled with a seed
-    derived from e; starts at host-stream position ``start_example``."""
+def _shuffled_epochs(records: tf.data.Dataset, size: int, buffer: int, base_seed, start_example: int):
+    """Infinite stream of records from host-stream position ``start_example`` on: epoch e is
+    ``records`` shuffled with a seed derived from e."""
     def epoch(e):
         seed = tf.random.stateless_uniform([], tf.random.experimental.stateless_fold_in(base_seed, e),
                                            0, tf.int64.max, dtype=tf.int64)
         return records.shuffle(buffer, seed=seed, reshuffle_each_iteration=False)
 
     first_epoch, offset = divmod(start_example, size)
-    stream = tf.data.Dataset.range(first_epoch, _EPOCHS).flat_map(epoch).skip(offset)
+    return tf.data.Dataset.range(first_epoch, _EPOCHS).flat_map(epoch).skip(offset)
+
+
+def _host_stream(records: tf.data.Dataset, size: int, buffer: int, base_seed, start_example: int):
+    """``_shuffled_epochs`` as (position, record) pairs."""
+    stream = _shuffled_epochs(records, size, buffer, base_seed, start_example)
     return tf.data.Dataset.zip(tf.data.Dataset.counter(start_example), stream)
 
 
@@ -370,13 +381,16 @@ def _parallel_text_pipeline(cfg, source, split, size, tokenizer, process_index):
                              (cfg.seed, _KIND_SALT["parallel_text"], process_index), swap=True)
     records = source.raw(split)
 
-    def parse(batch_number, positions_and_raw):
-        positions, raw = positions_and_raw
-        return batch_number, {"_position": positions, **source.decode_batch(raw)}
+    batch_size = section.batch_size
 
     def make(start_batch: int, start_example: int) -> tf.data.Dataset:
-        ds = _host_stream(records, size, cfg.shuffle_buffer, base_seed, start_example)
-        ds = ds.batch(section.batch_size, drop_remainder=True)
+        def parse(batch_number, raw):  # no filtering here: positions follow from the batch number
+            first = start_example + (batch_number - start_batch) * batch_size
+            positions = first + tf.range(batch_size, dtype=tf.int64)
+            return batch_number, {"_position": positions, **source.decode_batch(raw)}
+
+        ds = _shuffled_epochs(records, size, cfg.shuffle_buffer, base_seed, start_example)
+        ds = ds.batch(batch_size, drop_remainder=True)
         ds = tf.data.Dataset.zip(tf.data.Dataset.counter(start_batch), ds)
         ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         ds = ds.map(batch_stage, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

@@ -18,8 +18,9 @@ RGB uint8 array; this module re-implements the same semantics:
 
 ``random_augment_numpy(image, op_ids, apply, signs)`` applies the ops ``PRETRAIN_AUGMENTS[i]``
 in order at level 7 of 10 (enhance factor 1.36, shear 0.21, translate 7 px, rotate 21 degrees),
-each only where ``apply`` is true, geometric ones multiplied by ``signs`` (+-1). The random
-draws themselves are made by the caller (``image.random_augment``) from stateless seeds.
+each only where ``apply`` is true, geometric ones multiplied by ``signs`` (+-1).
+``draw_ops(rng, count)`` makes those draws for ``count`` images (2 ops each, uniform with
+replacement, applied with p 0.5, direction +-1 with p 0.5).
 
 Importing this module limits OpenCV to one thread: tf.data already runs images in parallel.
 """
@@ -133,6 +134,14 @@ def apply_op(name, image, magnitude=7.0, sign=1.0):
     if name not in ops:
         raise ValueError(f"unknown RandomAugment op {name!r}; expected one of {tuple(ops)}")
     return ops[name]()
+
+
+def draw_ops(rng: np.random.Generator, count: int, num_ops: int = 2, num_choices: int = len(PRETRAIN_AUGMENTS)):
+    """(op_ids int64 (count, num_ops), apply bool (count, num_ops), signs float (count, num_ops))."""
+    op_ids = rng.integers(0, num_choices, (count, num_ops))
+    apply = rng.random((count, num_ops)) < 0.5
+    signs = np.where(rng.random((count, num_ops)) < 0.5, -1.0, 1.0)
+    return op_ids, apply, signs
 
 
 def random_augment_numpy(image, op_ids, apply, signs, magnitude=7.0, ops=PRETRAIN_AUGMENTS):
