@@ -244,3 +244,9 @@ def test_normalize_uses_clip_statistics():
     std = np.array([0.26862954, 0.26130258, 0.27577711])
     np.testing.assert_allclose(out, (images / 255.0 - mean) / std, rtol=1e-6, atol=1e-6)
     assert out.dtype == np.float32 and out.shape == images.shape
+
+
+def test_fine_tuning_variant_is_384_pixels():
+    data = tf.constant(_jpeg(_smooth_image(200, 260)))
+    out = image_lib.train_image(data, tf.constant([5, 6], tf.int64), 384, (0.5, 1.0)).numpy()
+    assert out.shape == (384, 384, 3) and out.dtype == np.uint8 and out.std() > 10
