@@ -9,9 +9,9 @@ Data: the Flickr8k JPEGs (224x224) and Multi30K from ../shared/data with the XLM
 SentencePiece model when present, else the generated demo (64 px images, demo tokenizer).
 
 Reported per source, best and median of the repeats: examples/s of the pipeline on all cores
-(wall clock), and examples per CPU-second of the process (all threads, main thread included) -- the rate of one busy core,
-which is what "per core" means here; it is much less sensitive than wall clock to other jobs on
-a shared machine. Also the wall-clock rate with a one-thread tf.data pool. Build time (TFDS
+(wall clock), and examples per CPU-second of the process (all threads, main thread included):
+the rate of one busy core, which is what "per core" means here; it is much less sensitive than
+wall clock to other jobs on a shared machine. Also the wall-clock rate with a one-thread tf.data pool. Build time (TFDS
 preparation, cached under --data-dir) is not counted. ``--write`` replaces the
 "## Input pipeline" section of benchmarks/RESULTS.md.
 """

@@ -75,7 +75,8 @@ def test_batch_contract(setup):
             assert np.all(batch["masked_pos" + s][real] < lengths[rows])
             assert (batch["text_ids_masked" + s] == tok.mask_id).any()
     # both sentences of a pair describe the same scene in two different languages
-    langs = [(_language(tok, a), _language(tok, b)) for a, b in zip(text_batch["text_ids"], text_batch["text_ids_2"])]
+    langs = [(_language(tok, a), _language(tok, b))
+             for a, b in zip(text_batch["text_ids"], text_batch["text_ids_2"])]
     assert all(a != b for a, b in langs)
     assert pipes["image_caption"].metrics() == {}
 
@@ -206,6 +207,7 @@ def test_retrieval_eval_set(setup):
 
 @pytest.mark.parametrize("edit,error,message", [
     (lambda c: setattr(c, "tokenizer", "/no/such/spm.model"), FileNotFoundError, "config.data.tokenizer"),
+    (lambda c: setattr(c, "seed", -1), ValueError, "config.data.seed"),
     (lambda c: setattr(c, "mix", {"image_caption": 1, "videos": 1}), ValueError, "unknown batch kind 'videos'"),
     (lambda c: setattr(c, "mix", {"image_caption": -1}), ValueError, "non-negative integer"),
     (lambda c: c.image_caption.update(kind="jsonl", paths=["/no/file.jsonl"]), FileNotFoundError,
@@ -270,7 +272,8 @@ def test_flickr8k_with_the_xlmr_tokenizer(shared_data_dir, tmp_path):
     np.testing.assert_array_equal(np.sort(data.texts["de"]["image_index"]), np.arange(237))
     # group the captions by image index and match each group to its json-lines record
     by_german = {pipeline.pre_caption(r["multi30k_task1"]["de"], 40): r for r in records}
-    german = {int(i): tok.decode(ids) for i, ids in zip(data.texts["de"]["image_index"], data.texts["de"]["text_ids"])}
+    german = {int(i): tok.decode(ids)
+              for i, ids in zip(data.texts["de"]["image_index"], data.texts["de"]["text_ids"])}
     chinese = {}
     for i, ids in zip(data.texts["zh"]["image_index"], data.texts["zh"]["text_ids"]):
         chinese.setdefault(int(i), []).append(tok.decode(ids))

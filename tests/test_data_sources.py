@@ -89,7 +89,8 @@ def test_image_paths_language_fields_and_missing_files(tmp_path):
     assert sorted(zip(record["languages"], record["captions"])) == [
         ("cs", "pes"), ("en", "a dog"), ("zh", "一只狗"), ("zh", "狗")]
     with pytest.raises(FileNotFoundError, match="image_root"):
-        sources.image_caption_jsonl({"train": [str(path)]}, str(tmp_path / "tfds"), image_root=str(tmp_path / "no"))
+        sources.image_caption_jsonl({"train": [str(path)]}, str(tmp_path / "tfds"),
+                                    image_root=str(tmp_path / "no"))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         sources.image_caption_jsonl({"train": [str(tmp_path / "none.jsonl")]}, str(tmp_path / "tfds"))
 
@@ -141,7 +142,8 @@ def test_misaligned_files_are_an_error(tmp_path):
     (tmp_path / "a.en").write_text("one\ntwo\nthree\n")
     (tmp_path / "a.fr").write_text("un\ndeux\n")
     with pytest.raises(ValueError, match="differ in length"):
-        sources.parallel_text({"train": [[str(tmp_path / "a.en"), str(tmp_path / "a.fr")]]}, str(tmp_path / "tfds"))
+        sources.parallel_text({"train": [[str(tmp_path / "a.en"), str(tmp_path / "a.fr")]]},
+                              str(tmp_path / "tfds"))
 
 
 def test_host_splits_are_disjoint_and_equal(tmp_path):

@@ -142,6 +142,8 @@ def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
     for kind in mixture.kinds:
         if kind not in KINDS:
             _fail("mix", f"unknown batch kind {kind!r}; expected {KINDS}")
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or cfg.seed < 0:
+        _fail("seed", f"must be an integer >= 0, got {cfg.seed!r}")
     if cfg.tokenizer != "demo":
         _check_file("tokenizer", cfg.tokenizer)
     _positive_int(cfg, "", "shuffle_buffer")

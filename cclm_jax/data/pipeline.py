@@ -116,11 +116,11 @@ def choose_caption(languages, allowed, uniforms):
     allowed captions' languages, then a caption uniformly among the allowed ones in it."""
     index = tf.where(allowed)[:, 0]
     unique, which = tf.unique(tf.gather(languages, index))
-    lang = tf.minimum(tf.cast(uniforms[0] * tf.cast(tf.size(unique), tf.float32), tf.int32), tf.size(unique) - 1)
-    candidates = tf.boolean_mask(index, tf.equal(which, lang))
-    pick = tf.minimum(tf.cast(uniforms[1] * tf.cast(tf.size(candidates), tf.float32), tf.int32),
-                      tf.size(candidates) - 1)
-    return candidates[pick]
+    def scaled(u, n):  # floor(u * n) in [0, n)
+        return tf.minimum(tf.cast(u * tf.cast(n, tf.float32), tf.int32), n - 1)
+
+    candidates = tf.boolean_mask(index, tf.equal(which, scaled(uniforms[0], tf.size(unique))))
+    return candidates[scaled(uniforms[1], tf.size(candidates))]
 
 
 _EXAMPLE_UNIFORMS = image_lib.TRAIN_UNIFORMS + 4  # image, then two per caption

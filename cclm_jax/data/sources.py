@@ -273,7 +273,8 @@ class _RecipeBuilder(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager):
         del dl_manager
-        return {split: self._generate_examples(inputs) for split, inputs in self.builder_config.recipe["splits"].items()}
+        splits = self.builder_config.recipe["splits"]
+        return {split: self._generate_examples(inputs) for split, inputs in splits.items()}
 
     def _generate_examples(self, inputs):
         produced = 0
