@@ -195,3 +195,20 @@ def test_catalog_dataset_with_mapped_features(tmp_path):
     with pytest.raises(FileNotFoundError, match="not prepared"):
         sources.catalog_image_caption("tiny_captions", image_feature="image", caption_feature="captions/text",
                                       language="en", data_dir=str(tmp_path / "elsewhere"))
+
+
+def test_a_concurrent_build_by_another_process_is_accepted(tmp_path, monkeypatch):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"binary": _b64(_png((9, 9, 9))), "caption": {"en": "grey", "de": ""}}) + "\n")
+    recipe = {"splits": {"train": [str(path)]}, "image_field": "binary", "image_root": "",
+              "caption_fields": {"caption": ""}}
+    config = sources.RecipeConfig(name=sources._fingerprint(recipe), recipe_json=json.dumps(recipe, sort_keys=True))
+    loser = sources.ImageCaptionJsonl(config=config, data_dir=str(tmp_path / "tfds"))
+
+    def lose_the_race(**kwargs):  # the other process renames its build into place first
+        sources.ImageCaptionJsonl(config=config, data_dir=str(tmp_path / "tfds")).download_and_prepare(**kwargs)
+        raise OSError("destination exists")
+
+    monkeypatch.setattr(loser, "download_and_prepare", lose_the_race)
+    source = sources._prepare(loser)
+    assert source.num_examples("train") == 1 and source.skipped == {"empty_caption": 1}

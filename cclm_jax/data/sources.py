@@ -27,11 +27,12 @@ hash of the recipe and of the files' sizes and mtimes, so changed inputs rebuild
 Bad input is skipped and counted, never silently lost and never a crash. Each skipped record
 (line or aligned line pair) counts once under one of ``RECORD_SKIPS``; captions dropped from a
 record count under ``CAPTION_DROPS`` (a record left without captions then counts as
-``no_caption``). Blank lines are not records. The counts are stored in ``build_report.json``
-next to the built data, logged with file:line for the first few cases, and exposed as
+``no_caption``). Blank lines are not records. The counts are stored in the dataset's TFDS
+metadata (written with the data), logged with file:line for the first few cases, and exposed as
 ``Source.skipped``. A source with no usable example, or aligned files of different lengths,
 raise ``ValueError`` naming the files.
 """
+import abc
 import base64
 import binascii
 import collections
@@ -56,7 +57,6 @@ RECORD_SKIPS = ("invalid_utf8", "invalid_json", "missing_field", "missing_image_
 CAPTION_DROPS = ("empty_caption", "invalid_caption")
 _LOG = logging.getLogger(__name__)
 _MAX_LOGGED_SKIPS = 10
-_REPORT_FILE = "build_report.json"
 _WORD_LIMIT = 1 << 30  # only emptiness matters at build time; max_words applies at run time
 
 
@@ -258,7 +258,8 @@ def _fingerprint(recipe: dict) -> str:
 
 
 class _RecipeBuilder(tfds.core.GeneratorBasedBuilder):
-    """Shared machinery: one split per recipe entry, skip counting, build report."""
+    """Shared machinery: one split per recipe entry; skip counts kept in the dataset metadata
+    (``info.metadata["skipped"]``, written with the data)."""
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "First version."}
@@ -268,8 +269,13 @@ class _RecipeBuilder(tfds.core.GeneratorBasedBuilder):
         super().__init__(*args, **kwargs)
         self.counter = SkipCounter()
 
+    @abc.abstractmethod
     def _examples(self, inputs) -> Iterator[Tuple[str, dict]]:
-        raise NotImplementedError
+        """(key, canonical example) for the inputs of one split."""
+
+    def _dataset_info(self, features: dict) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features),
+                                     metadata=tfds.core.MetadataDict())
 
     def _split_generators(self, dl_manager):
         del dl_manager
@@ -283,6 +289,7 @@ class _RecipeBuilder(tfds.core.GeneratorBasedBuilder):
             yield key, example
         if not produced:
             raise ValueError(f"no usable example in {inputs}; skipped: {dict(self.counter.counts)}")
+        self.info.metadata["skipped"] = dict(self.counter.counts)  # cumulative over the splits
 
 
 class ImageCaptionJsonl(_RecipeBuilder):
@@ -292,11 +299,11 @@ class ImageCaptionJsonl(_RecipeBuilder):
                   "captions": tf.io.RaggedFeature(tf.string), "languages": tf.io.RaggedFeature(tf.string)}
 
     def _info(self):
-        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        return self._dataset_info({
             "image": tfds.features.Tensor(shape=(), dtype=np.object_),
             "captions": tfds.features.Sequence(tfds.features.Text()),
             "languages": tfds.features.Sequence(tfds.features.Text()),
-        }))
+        })
 
     def _examples(self, inputs):
         recipe = self.builder_config.recipe
@@ -311,10 +318,10 @@ class ParallelText(_RecipeBuilder):
     PARSE_SPEC = {key: tf.io.FixedLenFeature([], tf.string) for key in ("text_1", "text_2", "lang_1", "lang_2")}
 
     def _info(self):
-        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        return self._dataset_info({
             "text_1": tfds.features.Text(), "text_2": tfds.features.Text(),
             "lang_1": tfds.features.Text(), "lang_2": tfds.features.Text(),
-        }))
+        })
 
     def _examples(self, inputs):
         return parallel_text_examples(inputs, counter=self.counter)
@@ -378,13 +385,18 @@ class Source:
 
 
 def _prepare(builder: _RecipeBuilder) -> Source:
-    report_path = pathlib.Path(builder.data_dir) / _REPORT_FILE
-    if not report_path.exists():
-        builder.download_and_prepare(file_format="tfrecord", download_config=tfds.download.DownloadConfig(
-            compute_stats=tfds.download.ComputeStatsMode.SKIP))
-        report_path = pathlib.Path(builder.data_dir) / _REPORT_FILE
-        report_path.write_text(json.dumps(dict(builder.counter.counts), sort_keys=True))
-    return Source(builder, json.loads(report_path.read_text()), parse_spec=builder.PARSE_SPEC)
+    """Build once (a concurrent build of the same data by another process is accepted)."""
+    if not builder.is_prepared():
+        try:
+            builder.download_and_prepare(file_format="tfrecord", download_config=tfds.download.DownloadConfig(
+                compute_stats=tfds.download.ComputeStatsMode.SKIP))
+        except (OSError, tf.errors.OpError):
+            builder = type(builder)(config=builder.builder_config, data_dir=builder.data_dir_root)
+            if not builder.is_prepared():
+                raise
+            _LOG.info("%s was built by another process", builder.data_dir)
+    skipped = builder.info.metadata.get("skipped", {}) if builder.info.metadata else {}
+    return Source(builder, dict(skipped), parse_spec=builder.PARSE_SPEC)
 
 
 def _absolute(entry):
