@@ -190,7 +190,7 @@ def run_config_shapes(config: ml_collections.ConfigDict) -> dict[str, TextShapes
             "parallel_text": TextShapes(data.parallel_text.max_tokens, data.parallel_text.max_masks)}
 
 
-def summary(config: ml_collections.ConfigDict) -> str:
+def describe(config: ml_collections.ConfigDict) -> str:
     """Lines for `cclm-jax info`: training GFLOPs per example of each batch kind at the config's shapes."""
     shapes = run_config_shapes(config)
     lines = []

@@ -117,12 +117,12 @@ def test_stablehlo_counter_follows_calls_and_convolutions():
     assert flops.stablehlo_matmul_flops(text) == 3 * (2 * 3 * 5 * 7) + 2 * conv_out * conv_window
 
 
-def test_summary_reads_the_data_shapes_and_rejects_unknown_kinds():
+def test_describe_reads_the_data_shapes_and_rejects_unknown_kinds():
     config = ml_collections.ConfigDict({
         "model": base_model_config(),
         "data": {"image_caption": {"max_tokens": 40, "max_masks": 12},
                  "parallel_text": {"max_tokens": 64, "max_masks": 20}}})
-    text = flops.summary(config)
+    text = flops.describe(config)
     assert "image_caption: 248.3 GFLOPs/example" in text and "parallel_text: 275.8 GFLOPs/example" in text
     with pytest.raises(ValueError, match="batch kind must be one of"):
         flops.forward_flops(base_model_config(), "video")

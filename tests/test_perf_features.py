@@ -117,6 +117,29 @@ def test_cached_cross_kv_has_one_pair_per_fusion_layer(params):
                     jnp.ones((B, L), jnp.int32), method=model.fuse)
 
 
+def four_layer_config(**overrides):
+    """Two text + two fusion layers, so that each run of layers is a real scan."""
+    cfg = micro_config(**overrides)
+    cfg.text.update(num_layers=4, fusion_layer=2)
+    return cfg
+
+
+def test_scanned_layers_match_the_layer_loop():
+    params = init_params(four_layer_config())
+    assert {"layer_0", "layer_3"} <= set(params["text_encoder"])  # the per-layer parameter tree
+    # Raw conditions inside the scan (the model's own forward: fusion and MLM over image tokens).
+    assert_trees_close(model_outputs(four_layer_config(scan_layers=True), params),
+                       model_outputs(four_layer_config(), params), 1e-6)
+    # Cached per-layer (keys, values) scanned alongside the stacked parameters, rematerialised: sentence-pair
+    # losses and gradients as the plain loop's.
+    base_losses, base_grads = losses_and_grads_fn(four_layer_config(), "parallel_text")(params)
+    losses, grads = losses_and_grads_fn(four_layer_config(scan_layers=True, cache_cross_kv=True, remat=True),
+                                        "parallel_text")(params)
+    for name in losses:
+        np.testing.assert_allclose(losses[name], base_losses[name], rtol=1e-5)
+    assert_trees_close(grads, base_grads, 1e-4)
+
+
 def model_outputs(cfg, params, deterministic=True):
     model = build_model(cfg, deterministic=deterministic)
     batch = make_batch("image_caption")
@@ -210,6 +233,7 @@ def test_prefetch_to_device_keeps_order_values_and_reads_ahead_only_size_batches
 @pytest.mark.parametrize("field,value,message", [
     ("attention_impl", "flash", "model.attention_impl 'flash' is not one of"),
     ("cache_cross_kv", "yes", "model.cache_cross_kv must be True or False"),
+    ("scan_layers", 1, "model.scan_layers must be True or False"),
 ])
 def test_invalid_switches_are_rejected(field, value, message):
     raw = micro_config().to_dict()

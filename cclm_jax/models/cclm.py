@@ -76,7 +76,7 @@ class CCLM(nn.Module):
             max_positions=t.max_position_embeddings, type_vocab_size=t.type_vocab_size,
             dropout=t.hidden_dropout, attention_dropout=t.attention_dropout, eps=t.layer_norm_eps,
             remat=cfg.remat, deterministic=self.deterministic, dtype=dtype,
-            attention_impl=cfg.get("attention_impl", "xla"))
+            attention_impl=cfg.get("attention_impl", "xla"), scan_layers=cfg.get("scan_layers", False))
         self.mlm_head = MLMHead(t.vocab_size, t.layer_norm_eps, dtype)
         self.text_proj = self._projection(t.hidden_size)
         self.vision_proj = self._projection(vision_width(cfg))

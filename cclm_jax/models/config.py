@@ -16,6 +16,8 @@
   attention dropout is inactive, i.e. in eval or with `text.attention_dropout=0`; Swin windows stay 'xla').
 - `cache_cross_kv`: the objectives compute each fusion layer's cross-attention keys/values of a condition once
   and reuse them in the positive, negative and MLM fusion passes (same numbers, fewer FLOPs).
+- `scan_layers`: run the text and fusion layers as `lax.scan` loops over their stacked parameters (smaller
+  programs, faster compiles; the parameter tree is unchanged).
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ def base_model_config() -> ml_collections.ConfigDict:
         "remat": False,
         "attention_impl": "xla",
         "cache_cross_kv": False,
+        "scan_layers": False,
     })
 
 
@@ -95,7 +98,8 @@ def validate_model_config(cfg: ml_collections.ConfigDict) -> None:
         errors.append(f"model.dtype {cfg.dtype!r} is not one of {sorted(DTYPES)}")
     if cfg.get("attention_impl", "xla") not in ATTENTION_IMPLS:
         errors.append(f"model.attention_impl {cfg.attention_impl!r} is not one of {ATTENTION_IMPLS}")
-    if not isinstance(cfg.get("cache_cross_kv", False), bool):
-        errors.append(f"model.cache_cross_kv must be True or False, got {cfg.cache_cross_kv!r}")
+    for switch in ("cache_cross_kv", "scan_layers"):
+        if not isinstance(cfg.get(switch, False), bool):
+            errors.append(f"model.{switch} must be True or False, got {cfg[switch]!r}")
     if errors:
         raise ValueError("invalid model config:\n  " + "\n  ".join(errors))

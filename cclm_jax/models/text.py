@@ -212,7 +212,13 @@ class Embeddings(nn.Module):
 
 
 class TextStack(nn.Module):
-    """Embeddings + `num_layers` post-LN layers, the last `num_layers - fusion_layer` with cross-attention."""
+    """Embeddings + `num_layers` post-LN layers, the last `num_layers - fusion_layer` with cross-attention.
+
+    With `scan_layers` each run of layers (text, fusion) is one `lax.scan` over the layers' parameters stacked on
+    the fly: the parameter tree keeps its per-layer `layer_{i}` entries (checkpoints, interop, optimizer groups
+    and shardings are unchanged) while the compiled program holds one copy of the layer instead of one per
+    layer and pass. Initialisation always runs the plain loop.
+    """
 
     vocab_size: int
     hidden: int
@@ -229,6 +235,7 @@ class TextStack(nn.Module):
     deterministic: bool = True
     dtype: Any = jnp.float32
     attention_impl: str = "xla"
+    scan_layers: bool = False
 
     def setup(self):
         self.embeddings = Embeddings(self.vocab_size, self.hidden, self.max_positions,
@@ -244,11 +251,7 @@ class TextStack(nn.Module):
 
     def encode(self, ids: jax.Array, atts: jax.Array) -> jax.Array:
         """Text encoder ('text' mode): embeddings + layers [0, fusion_layer); (B, L) -> (B, L, D)."""
-        x = self.embeddings(ids)
-        bias = self_attention_bias(atts)
-        for layer in self.layer[: self.fusion_layer]:
-            x = layer(x, bias)
-        return x
+        return self._layers(range(self.fusion_layer), self.embeddings(ids), self_attention_bias(atts))
 
     def cross_key_values(self, cond: jax.Array) -> tuple[tuple[jax.Array, jax.Array], ...]:
         """Every fusion layer's cross-attention (keys, values) of a condition (B, Lc, Dc), each (B, Lc, nH, hd)."""
@@ -260,26 +263,45 @@ class TextStack(nn.Module):
 
         `cond`: the condition (B, Lc, Dc), or its per-layer (keys, values) from `cross_key_values`.
         """
-        bias = self_attention_bias(atts)
-        cond_bias = cross_attention_bias(cond_atts)
-        fusion_layers = self.layer[self.fusion_layer:]
-        if isinstance(cond, tuple):
-            if len(cond) != len(fusion_layers):
-                raise ValueError(f"cached cross keys/values for {len(cond)} layers, the model has "
-                                 f"{len(fusion_layers)} fusion layers")
-            per_layer = cond
-        else:
-            per_layer = (cond.astype(self.dtype),) * len(fusion_layers)
-        for layer, layer_cond in zip(fusion_layers, per_layer):
-            x = layer(x, bias, layer_cond, cond_bias)
-        return x
+        n_fusion = self.num_layers - self.fusion_layer
+        if isinstance(cond, tuple) and len(cond) != n_fusion:
+            raise ValueError(f"cached cross keys/values for {len(cond)} layers, the model has {n_fusion} "
+                             "fusion layers")
+        if not isinstance(cond, tuple):
+            cond = cond.astype(self.dtype)
+        return self._layers(range(self.fusion_layer, self.num_layers), x, self_attention_bias(atts), cond,
+                            cross_attention_bias(cond_atts))
 
     def encode_all(self, ids: jax.Array, atts: jax.Array) -> jax.Array:
         """All layers without a condition (fusion layers skip cross-attention), as for TLM."""
         x = self.embeddings(ids)
         bias = self_attention_bias(atts)
-        for layer in self.layer:
-            x = layer(x, bias)
+        x = self._layers(range(self.fusion_layer), x, bias)
+        return self._layers(range(self.fusion_layer, self.num_layers), x, bias)
+
+    def _layers(self, indices: range, x: jax.Array, bias: jax.Array, cond: jax.Array | tuple | None = None,
+                cond_bias: jax.Array | None = None) -> jax.Array:
+        """Layers `indices` in order (all text or all fusion layers); `cond` one array or per-layer (k, v) pairs."""
+        per_layer = isinstance(cond, tuple)
+        if not self.scan_layers or self.is_initializing() or len(indices) < 2:
+            for n, i in enumerate(indices):
+                x = self.layer[i](x, bias, cond[n] if per_layer else cond, cond_bias)
+            return x
+        stack = lambda trees: jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)  # noqa: E731
+        params = stack([self.layer[i].variables["params"] for i in indices])
+        layer = TextLayer(self.hidden, self.num_heads, self.intermediate, indices[0] >= self.fusion_layer,
+                          self.dropout, self.attention_dropout, self.eps, self.deterministic, self.dtype,
+                          self.attention_impl, parent=None)
+        keys = None if self.deterministic else jax.random.split(self.make_rng("dropout"), len(indices))
+
+        def body(h, xs):
+            p, layer_cond, key = xs
+            rngs = None if key is None else {"dropout": key}
+            return layer.apply({"params": p}, h, bias, layer_cond if per_layer else cond, cond_bias, rngs=rngs), None
+
+        if self.remat:
+            body = jax.checkpoint(body, prevent_cse=False)
+        x, _ = jax.lax.scan(body, x, (params, stack(cond) if per_layer else None, keys))
         return x
 
     def attend(self, hidden: jax.Array) -> jax.Array:

@@ -1,0 +1,401 @@
+"""Train-step benchmark: compile time, step time, examples/s, model FLOP/s, MFU and compiled memory per batch kind.
+
+    python benchmarks/train_step.py --config configs/tiny.py [--set model.dtype=bfloat16 ...] [--batch 8]
+        [--steps 5] [--kinds image_caption,parallel_text]
+        [--variant kv_cache:model.cache_cross_kv=True --variant ...] [--label NAME] [--results benchmarks/RESULTS.md]
+        [--json out.json]
+
+Every arm (the baseline, then each `--variant NAME:key=value,key=value` applied on top of it) builds the model,
+optimizer and `TrainState` the way the training loop does (`parallel.init_sharded_params`, `make_optimizer`,
+`steps.make_train_steps` in 'alternate' mode: the donated, sharded, jitted update of each batch kind), then for
+each kind: lowers and compiles the step ahead of time (seconds for each), reads `memory_analysis()` and XLA's
+`cost_analysis()` FLOPs, runs 2 warm-up steps and `--steps` timed steps (each ended by `block_until_ready`;
+the median is reported). Batches are synthetic, of the config's padded shapes (`data.*.max_tokens`,
+`max_masks`, `image_res`), with float32 images already normalised (uint8 images would be normalised inside the
+step; that path imports TensorFlow, which accelerator images may lack).
+
+Model FLOPs are `cclm_jax.flops.model_flops` (3 x forward, reference computation). MFU divides model FLOP/s by
+the chip's dense bf16 peak from `PEAK_TFLOPS` (one entry per known accelerator); on a CPU, or any unknown device,
+it divides by a large `jnp.dot` measured in the same run in the step's compute dtype ("% of dot").
+`--label` writes (or replaces) the subsection `### NAME` of the `## Train step` section of `--results`.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from cclm_jax import flops, parallel  # noqa: E402
+from cclm_jax.models import build_model  # noqa: E402
+from cclm_jax.train.optimizer import make_optimizer  # noqa: E402
+from cclm_jax.train.state import create_train_state  # noqa: E402
+from cclm_jax.train.steps import StepConfig, make_train_steps  # noqa: E402
+
+SECTION = "## Train step"
+GiB = 2 ** 30
+
+# Dense bf16 peak per chip, TFLOP/s (vendor data sheets, no sparsity). Matched in order on `device_kind`.
+PEAK_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.4),   # SXM
+    ("H200", 989.4),
+    ("GH200", 989.4),
+    ("A100", 312.0),
+    ("TPU v4", 275.0),
+    ("TPU v5 lite", 197.0),  # v5e
+    ("TPU v5e", 197.0),
+    ("TPU v5", 459.0),  # v5p
+    ("TPU v6 lite", 918.0),  # v6e
+)
+
+
+# ---------------------------------------------------------------------------------------------------- config
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """`path/to/config.py[:arg]` -> `get_config(arg)`."""
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--config: {path!r} does not exist")
+    module_spec = importlib.util.spec_from_file_location("benchmark_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"--config: {path} has no get_config(arg) function")
+    return module.get_config(arg)
+
+
+def parse_value(text: str) -> Any:
+    """A Python literal (numbers, booleans, tuples, ...) or, failing that, the plain string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> ml_collections.ConfigDict:
+    """A copy of `config` with each `dotted.key=value` set; unknown keys are an error naming the key."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} must look like dotted.key=value")
+        *parents, name = key.strip().split(".")
+        node = config
+        for part in parents:
+            if part not in node:
+                raise KeyError(f"override {item!r}: config has no section {part!r}")
+            node = node[part]
+        if name not in node:
+            raise KeyError(f"override {item!r}: config has no key {key!r}")
+        node[name] = parse_value(value.strip())
+    return config
+
+
+def resolve_vocab_without_tokenizer(config: ml_collections.ConfigDict) -> None:
+    """A vocabulary left to the tokenizer (-1) becomes the demo tokenizer's size (`data.demo.vocab_size`)."""
+    text = config.model.text
+    if text.vocab_size == -1:
+        text.vocab_size = config.data.demo.vocab_size
+        text.mask_token_id = text.vocab_size - 1
+
+
+def parse_variant(spec: str) -> tuple[str, list[str]]:
+    """`NAME:key=value,key=value` -> (NAME, ['key=value', ...]); values must not contain commas."""
+    name, sep, rest = spec.partition(":")
+    if not sep or not rest:
+        raise ValueError(f"--variant {spec!r} must look like NAME:key=value[,key=value]")
+    return name, [kv for kv in rest.split(",") if kv]
+
+
+# ----------------------------------------------------------------------------------------------------- batch
+
+def batch_shapes(config: ml_collections.ConfigDict) -> dict[str, flops.TextShapes]:
+    return flops.run_config_shapes(config)
+
+
+def synthetic_batch(config: ml_collections.ConfigDict, kind: str, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """A host batch of `kind` with the config's padded shapes: random ids, tail padding, distinct masked positions."""
+    rng = np.random.default_rng(seed)
+    shapes = batch_shapes(config)[kind]
+    t = config.model.text
+    length, masks = shapes.tokens, shapes.masks
+
+    def sentence():
+        n = rng.integers(max(masks + 2, length // 2), length + 1, size=batch)
+        atts = (np.arange(length)[None, :] < n[:, None]).astype(np.int32)
+        ids = np.where(atts == 1, rng.integers(5, t.vocab_size - 1, size=(batch, length)), t.pad_token_id)
+        return ids.astype(np.int32), atts, n
+
+    ids, atts, n = sentence()
+    pos = np.stack([np.sort(rng.choice(np.arange(1, k), size=masks, replace=False)) for k in n]).astype(np.int32)
+    ids_masked = ids.copy()
+    np.put_along_axis(ids_masked, pos, t.mask_token_id, axis=1)
+    out = {"text_ids": ids, "text_atts": atts, "text_ids_masked": ids_masked, "masked_pos": pos,
+           "masked_ids": np.take_along_axis(ids, pos, axis=1)}
+    if kind == "image_caption":
+        res = config.model.vision.image_res
+        out["image"] = rng.standard_normal((batch, res, res, 3), dtype=np.float32)
+    else:
+        out["text_ids_2"], out["text_atts_2"], _ = sentence()
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ measuring
+
+def matmul_peak(dtype: str, n: int = 2048, reps: int = 5) -> float:
+    """Best FLOP/s of an n x n x n `jnp.dot` in `dtype` on the default device."""
+    key = jax.random.PRNGKey(0)
+    a = jax.random.normal(key, (n, n), jnp.float32).astype(dtype)
+    b = jax.random.normal(jax.random.fold_in(key, 1), (n, n), jnp.float32).astype(dtype)
+    dot = jax.jit(jnp.dot)
+    dot(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        dot(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+def device_peak(device: jax.Device) -> float | None:
+    """Dense bf16 peak FLOP/s of one chip from `PEAK_TFLOPS`, or None when the device is not listed."""
+    if device.platform == "cpu":
+        return None
+    for name, tflops in PEAK_TFLOPS:
+        if name.lower() in device.device_kind.lower():
+            return tflops * 1e12
+    return None
+
+
+def memory_stats(compiled) -> dict[str, float]:
+    """GiB from `compiled.memory_analysis()`: temp, arguments, outputs, aliased, and the total live at peak."""
+    m = compiled.memory_analysis()
+    stats = {"temp_gib": m.temp_size_in_bytes / GiB, "args_gib": m.argument_size_in_bytes / GiB,
+             "out_gib": m.output_size_in_bytes / GiB, "alias_gib": m.alias_size_in_bytes / GiB}
+    peak = getattr(m, "peak_memory_in_bytes", 0) or (
+        m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes)
+    stats["peak_gib"] = peak / GiB
+    return stats
+
+
+@dataclasses.dataclass
+class Result:
+    arm: str
+    kind: str
+    batch: int
+    dtype: str
+    lower_s: float
+    compile_s: float
+    step_ms: float
+    step_ms_all: list[float]
+    examples_per_s: float
+    model_gflop_per_example: float
+    model_tflops: float
+    xla_gflop_per_step: float
+    mfu: float | None
+    dot_fraction: float
+    memory: dict[str, float]
+    loss: float
+
+
+def build_arm(config: ml_collections.ConfigDict):
+    """(mesh, state, jitted steps by kind) built as the training loop builds them."""
+    mesh = parallel.make_mesh(config.mesh)
+    model = build_model(config.model)
+    init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.train.seed))
+    params, _ = parallel.init_sharded_params(model, config.model, mesh, init_rng)
+    optimizer = make_optimizer(config.optimizer, config.schedule, params, config.model)
+    state = jax.jit(lambda p, r: create_train_state(p, optimizer, r))(params, state_rng)
+    del params
+    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    step_config = StepConfig(config.model, config.objectives, config.optimizer, config.schedule, 2, mesh,
+                             config.train.dropout)
+    steps = make_train_steps(step_config, optimizer, "alternate", state_shardings, parallel.batch_sharding(mesh))
+    return mesh, state, steps
+
+
+def run_arm(name: str, config: ml_collections.ConfigDict, kinds: list[str], batch: dict[str, int], steps: int,
+            dot_peak: dict[str, float], log=print) -> list[Result]:
+    """Compile, measure and run each kind's step of one configuration."""
+    mesh, state, jitted = build_arm(config)
+    n_devices = mesh.size
+    peak = device_peak(jax.devices()[0])
+    dtype = config.model.dtype
+    results = []
+    for kind in kinds:
+        host = synthetic_batch(config, kind, batch[kind])
+        batches = {kind: parallel.host_batch_to_global(host, mesh)}
+        t0 = time.perf_counter()
+        lowered = jitted[kind].lower(state, batches)
+        t1 = time.perf_counter()
+        compiled = lowered.compile()
+        t2 = time.perf_counter()
+        memory = memory_stats(compiled)
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        times = []
+        for i in range(2 + steps):
+            s0 = time.perf_counter()
+            state, metrics = compiled(state, batches)
+            jax.block_until_ready((state.step, metrics["loss"]))
+            if i >= 2:
+                times.append(time.perf_counter() - s0)
+        step_s = statistics.median(times)
+        per_example = flops.model_flops(config.model, kind, batch_shapes(config)[kind])
+        model_flops_per_s = per_example * batch[kind] / step_s
+        result = Result(
+            arm=name, kind=kind, batch=batch[kind], dtype=dtype, lower_s=t1 - t0, compile_s=t2 - t1,
+            step_ms=1e3 * step_s, step_ms_all=[round(1e3 * t, 2) for t in times],
+            examples_per_s=batch[kind] / step_s, model_gflop_per_example=per_example / 1e9,
+            model_tflops=model_flops_per_s / 1e12, xla_gflop_per_step=float(cost.get("flops", 0.0)) / 1e9,
+            mfu=None if peak is None else model_flops_per_s / (peak * n_devices),
+            dot_fraction=model_flops_per_s / (dot_peak[dtype] * n_devices), memory=memory,
+            loss=float(metrics["loss"]))
+        log(f"[{name}] {kind}: lower {result.lower_s:.1f}s compile {result.compile_s:.1f}s step "
+            f"{result.step_ms:.1f}ms {result.examples_per_s:.1f} ex/s {result.model_tflops:.3f} TFLOP/s "
+            f"dot-fraction {result.dot_fraction:.1%} temp {memory['temp_gib']:.2f} GiB loss {result.loss:.3f}")
+        results.append(result)
+        del compiled, lowered
+    del state
+    return results
+
+
+# --------------------------------------------------------------------------------------------------- report
+
+def machine_description(dot_peak: dict[str, float]) -> str:
+    device = jax.devices()[0]
+    cpu = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            names = re.findall(r"model name\s*:\s*(.*)", f.read())
+        cpu = names[0].strip() if names else cpu
+    text = f"{jax.device_count()} x {device.device_kind} ({device.platform}); host {cpu}, {os.cpu_count()} cores"
+    if os.path.exists("/proc/loadavg"):
+        with open("/proc/loadavg") as f:
+            text += f" (load average {f.read().split()[0]} at start)"
+    if dot_peak:
+        text += "; measured 2048^3 jnp.dot: " + ", ".join(f"{k} {v / 1e9:,.0f} GFLOP/s" for k, v in dot_peak.items())
+    return text
+
+
+def git_head() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def markdown_table(results: list[Result]) -> str:
+    base = {r.kind: r for r in results if r.arm == results[0].arm}
+    header = ("| arm | kind | batch | dtype | lower + compile s | step ms | examples/s | model GFLOP/ex | "
+              "model TFLOP/s | MFU | % of dot | temp GiB | peak GiB | speed-up | temp ratio |")
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for r in results:
+        b = base[r.kind]
+        mfu = "n/a" if r.mfu is None else f"{r.mfu:.1%}"
+        ratio_mem = r.memory["temp_gib"] / b.memory["temp_gib"] if b.memory["temp_gib"] else float("nan")
+        lines.append(
+            f"| {r.arm} | {r.kind} | {r.batch} | {r.dtype} | {r.lower_s:.1f} + {r.compile_s:.1f} | {r.step_ms:.1f} | "
+            f"{r.examples_per_s:.2f} | {r.model_gflop_per_example:.2f} | {r.model_tflops:.3f} | {mfu} | "
+            f"{r.dot_fraction:.1%} | {r.memory['temp_gib']:.3f} | {r.memory['peak_gib']:.3f} | "
+            f"{b.step_ms / r.step_ms:.2f}x | {ratio_mem:.2f}x |")
+    return "\n".join(lines)
+
+
+def write_subsection(path: str, section: str, label: str, body: str) -> None:
+    """Create or replace `### label` inside `section` (a `## ` heading) of a markdown file; other text stays."""
+    text = open(path).read() if os.path.exists(path) else "# Benchmark results\n"
+    parts = re.split(r"(?m)^(?=## )", text)
+    index = next((i for i, p in enumerate(parts) if p.splitlines()[0].strip() == section), None)
+    if index is None:
+        parts.append(f"{section}\n\n")
+        index = len(parts) - 1
+    subs = re.split(r"(?m)^(?=### )", parts[index])
+    new = f"### {label}\n\n{body.strip()}\n\n"
+    for i, sub in enumerate(subs):
+        if sub.splitlines()[0].strip() == f"### {label}":
+            subs[i] = new
+            break
+    else:
+        if not subs[-1].endswith("\n\n"):
+            subs[-1] = subs[-1].rstrip("\n") + "\n\n"
+        subs.append(new)
+    parts[index] = "".join(subs)
+    if index < len(parts) - 1 and not parts[index].endswith("\n\n"):
+        parts[index] = parts[index].rstrip("\n") + "\n\n"
+    with open(path, "w") as f:
+        f.write("".join(parts).rstrip("\n") + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------- main
+
+def main(argv: list[str] | None = None) -> list[Result]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="path/to/config.py[:arg]")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every arm")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]")
+    parser.add_argument("--batch", type=int, default=0, help="global batch per kind (default: the config's)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per kind (after 2 warm-up steps)")
+    parser.add_argument("--kinds", default=",".join(flops.KINDS))
+    parser.add_argument("--label", default="", help="write `### LABEL` under `## Train step` in --results")
+    parser.add_argument("--results", default=os.path.join(REPO, "benchmarks", "RESULTS.md"))
+    parser.add_argument("--note", default="", help="a sentence written under the table")
+    parser.add_argument("--json", default="", help="also write the raw results here")
+    args = parser.parse_args(argv)
+
+    base = load_config(args.config)
+    resolve_vocab_without_tokenizer(base)
+    base = apply_overrides(base, args.set)
+    arms = [("baseline", base)] + [(name, apply_overrides(base, kv)) for name, kv in map(parse_variant, args.variant)]
+    kinds = [k for k in args.kinds.split(",") if k]
+    for kind in kinds:
+        if kind not in flops.KINDS:
+            raise ValueError(f"--kinds: {kind!r} is not one of {flops.KINDS}")
+    batch = {k: args.batch or base.data[k].batch_size * jax.process_count() for k in kinds}
+    dtypes = sorted({cfg.model.dtype for _, cfg in arms})
+    dot_peak = {d: matmul_peak(d) for d in dtypes}
+    machine = machine_description(dot_peak)
+    print(machine, flush=True)
+
+    results = []
+    for name, cfg in arms:
+        results += run_arm(name, cfg, kinds, batch, args.steps, dot_peak)
+    table = markdown_table(results)
+    print(table)
+    command = "python benchmarks/train_step.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    body = (f"{datetime.date.today().isoformat()}, commit `{git_head()}`, jax {jax.__version__}; {machine}.\n"
+            f"`{command}`\n\n{table}\n")
+    if args.note:
+        body += f"\n{args.note}\n"
+    if args.label:
+        write_subsection(args.results, SECTION, args.label, body)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine, "commit": git_head(), "jax": jax.__version__,
+                       "results": [dataclasses.asdict(r) for r in results]}, f, indent=1)
+    return results
+
+
+if __name__ == "__main__":
+    main()
