@@ -75,7 +75,7 @@ def tiny_params():
 @pytest.fixture(scope="session")
 def micro_params():
     """(model_config, params): a CCLM smaller than the tiny one, with random weights drawn in numpy (nothing
-    compiled), for task tests: 32 px, 2 Swin stages of one block (window 4), 1 text + 2 fusion layers, no
+    compiled), for task tests: 32 px, 2 Swin stages of one block (window 4), 1 text + 1 fusion layer, no
     dropout (random-number ops dominate CPU compile time)."""
     import jax
     import numpy as np
@@ -86,7 +86,7 @@ def micro_params():
     cfg = tiny_model_config()
     cfg.vision.update(image_res=32, window_size=4, depths=(1, 1), num_heads=(2, 4), embed_dim=64,
                       drop_path_rate=0.0)
-    cfg.text.update(num_layers=3, fusion_layer=1, hidden_dropout=0.0, attention_dropout=0.0)
+    cfg.text.update(num_layers=2, fusion_layer=1, hidden_dropout=0.0, attention_dropout=0.0)
     rng = np.random.default_rng(0)
 
     def leaf(path, shape):

@@ -165,3 +165,21 @@ def test_bad_inputs_are_named(example):
         evaluate_text_retrieval(model, params, ids[:5], atts[:5], ids[:4], atts[:4], k_test=1, batch_size=4)
     with pytest.raises(ValueError, match="images must be"):
         evaluator.image_text_scores(params, images[0], ids, atts, k_test=K)
+
+
+def test_official_retrieval_checkpoint_round_trip_gives_the_same_scores(example, single_device_scores, tmp_path):
+    """Export the retrieval tree in the official RetrievalModel layout, import it, evaluate: same scores."""
+    from cclm_jax.interop import official
+    from cclm_jax.models.tasks import init_retrieval_params
+
+    model, params, images, ids, atts, _, _ = example
+    evaluator, scores = single_device_scores
+    retrieval = init_retrieval_params(params)
+    path = tmp_path / "checkpoint_best.pth"
+    official.save(path, model.config, retrieval, layout="retrieval")
+    assert official.detect_layout(official.read_state_dict(path)) == "retrieval"
+    _, loaded = official.load(path, text_num_heads=model.config.text.num_heads)
+    assert sorted(loaded) == sorted(retrieval)
+    again = evaluator.image_text_scores(loaded, images, ids, atts, k_test=K)
+    np.testing.assert_array_equal(again.score_i2t, scores.score_i2t)
+    np.testing.assert_array_equal(again.score_t2i, scores.score_t2i)

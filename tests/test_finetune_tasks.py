@@ -46,6 +46,20 @@ def _get(tree, path):
 # ------------------------------------------------------------------------------------------------ fixtures
 
 @pytest.fixture(scope="module")
+def deep_pretrained(micro_params):
+    """(config, params) with 2 text + 2 fusion layers (numpy, nothing compiled): two fusion layers make the
+    NLVR copy positions and the decoder layer mapping non-trivial."""
+    from cclm_jax.interop.shapes import param_shapes
+
+    cfg = micro_params[0].copy_and_resolve_references()
+    cfg.text.update(num_layers=4, fusion_layer=2)
+    rng = np.random.default_rng(5)
+    params = jax.tree.map(lambda shape: rng.normal(size=shape).astype(np.float32), param_shapes(cfg),
+                          is_leaf=lambda x: isinstance(x, tuple))
+    return cfg, params
+
+
+@pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     return Tokenizer.train(SENTENCES * 4, tmp_path_factory.mktemp("spm") / "spm", vocab_size=300)
 
@@ -149,9 +163,9 @@ def test_retrieval_and_xvnli_params_reuse_the_pretrained_tree(micro_params):
         tasks.init_vqa_params({k: v for k, v in pretrained.items() if k != "mlm_head"})
 
 
-def test_nlvr_params_duplicate_fusion_layers_with_shared_key_value(micro_params):
-    cfg, pretrained = micro_params
-    f, n = cfg.text.fusion_layer, cfg.text.num_layers  # 1, 3 -> NLVR layer 0 + copies 1..4
+def test_nlvr_params_duplicate_fusion_layers_with_shared_key_value(deep_pretrained):
+    cfg, pretrained = deep_pretrained
+    f, n = cfg.text.fusion_layer, cfg.text.num_layers  # 2, 4 -> NLVR layers 0, 1 + copies 2..5
     params = tasks.init_nlvr_params(pretrained, jax.random.PRNGKey(0))
     text = params["text_encoder"]
     assert sorted(k for k in text if k.startswith("layer_")) == [f"layer_{i}" for i in range(f + 2 * (n - f))]
@@ -178,12 +192,12 @@ def test_nlvr_params_duplicate_fusion_layers_with_shared_key_value(micro_params)
         for name in ("key", "value"):
             assert full["text_encoder"][f"layer_{even + 1}"]["crossattention"]["self"][name] is \
                 params["text_encoder"][f"layer_{even}"]["crossattention"]["self"][name]
-    with pytest.raises(ValueError, match="layer_2/crossattention/self holds its own \\['key', 'value'\\]"):
+    with pytest.raises(ValueError, match="layer_3/crossattention/self holds its own \\['key', 'value'\\]"):
         tasks.lend_shared_cross_kv(full, f)
 
 
-def test_shared_key_value_gradient_is_the_sum_over_both_copies(micro_params):
-    cfg, pretrained = micro_params
+def test_shared_key_value_gradient_is_the_sum_over_both_copies(deep_pretrained):
+    cfg, pretrained = deep_pretrained
     f = cfg.text.fusion_layer
     params = tasks.init_nlvr_params(pretrained, jax.random.PRNGKey(0))
     weights = {i: float(i + 1) for i in range(f, f + 4)}
@@ -199,8 +213,8 @@ def test_shared_key_value_gradient_is_the_sum_over_both_copies(micro_params):
         np.testing.assert_allclose(g, weights[even] + weights[even + 1])
 
 
-def test_vqa_decoder_is_initialised_from_the_fusion_layers(micro_params):
-    cfg, pretrained = micro_params
+def test_vqa_decoder_is_initialised_from_the_fusion_layers(deep_pretrained):
+    cfg, pretrained = deep_pretrained
     f, n = cfg.text.fusion_layer, cfg.text.num_layers
     params = tasks.init_vqa_params(pretrained)
     assert sorted(params) == ["lm_head", "text_decoder", "text_encoder", "vision_encoder"]
@@ -221,16 +235,16 @@ def test_vqa_decoder_is_initialised_from_the_fusion_layers(micro_params):
         assert not np.shares_memory(value, source)
 
 
-def test_task_optimizer_groups(micro_params):
-    cfg, pretrained = micro_params
+def test_task_optimizer_groups(deep_pretrained):
+    cfg, pretrained = deep_pretrained
     config = _config("marvl", cfg)
     params = tasks.init_nlvr_params(pretrained, jax.random.PRNGKey(0))
     decay, mult = optimizer_lib.param_groups(
         params, cfg, no_decay_patterns=config.optimizer.no_decay_patterns,
         new_param_patterns=config.optimizer.new_param_patterns, lr_mult=config.optimizer.lr_mult)
-    copy = ("text_encoder", "layer_4", "output", "LayerNorm")  # outside the pre-training layout
+    copy = ("text_encoder", "layer_5", "output", "LayerNorm")  # outside the pre-training layout
     assert _get(decay, copy + ("scale",)) is False and _get(decay, copy + ("bias",)) is False
-    assert _get(decay, ("text_encoder", "layer_4", "output", "dense", "kernel")) is True
+    assert _get(decay, ("text_encoder", "layer_5", "output", "dense", "kernel")) is True
     assert _get(decay, ("cls_head", "norm", "scale")) is True  # the reference decays cls_head.1.weight
     assert _get(mult, ("cls_head", "fc1", "kernel")) == 2.0
     assert _get(mult, ("text_encoder", "layer_3", "crossattention", "self", "query", "kernel")) == 1.0
@@ -245,7 +259,7 @@ def test_xvnli_step_and_evaluation(micro_params, tokenizer, iglue):
     batch = finetune.nli_batch(examples, tokenizer, image_res=cfg.vision.image_res, max_tokens=MAX_TOKENS,
                                max_words=MAX_TOKENS)
     params = finetune.init_task_params("xvnli", pretrained, jax.random.PRNGKey(0))
-    state, history = _train(_config("xvnli", cfg), params, batch, steps=6)
+    state, history = _train(_config("xvnli", cfg), params, batch, steps=10)
     assert history[0]["ce"] == pytest.approx(np.log(3), abs=0.3) and history[0]["lr"] == pytest.approx(LR)
     assert history[-1]["ce"] < 0.5 * history[0]["ce"]
     logits = np.asarray(finetune.make_predict_fn("xvnli", cfg)(state.params, batch))
@@ -267,7 +281,7 @@ def test_marvl_step_evaluation_and_image_routing(micro_params, tokenizer, iglue)
     predictions = np.asarray(logits(state.params, batch)).argmax(axis=1)
     assert metrics.accuracy(predictions, batch["label"]) == 100.0 * np.mean(predictions == batch["label"])
 
-    # Even copies (layers 1, 3) attend image 0, odd copies (2, 4) image 1: silencing one parity's
+    # The even copy (layer 1) attends image 0, the odd copy (layer 2) image 1: silencing one parity's
     # cross-attention output makes the logits blind to that image only.
     other = dict(batch, image=batch["image"][::-1], image_2=batch["image_2"][::-1])
     for parity, blind, seen in ((0, "image", "image_2"), (1, "image_2", "image")):
@@ -339,10 +353,14 @@ def test_retrieval_losses_are_image_text_itc_and_itm_with_ids(micro_params):
              "text_ids_masked": ids, "masked_pos": np.ones((b, 2), np.int32), "masked_ids": ids[:, 1:3]}
     negatives = np.array([2, 3, 0, 1, 3, 2, 1, 0])  # never a same-id example
     params = tasks.init_retrieval_params(pretrained)
-    total, losses = jax.jit(lambda p: finetune.retrieval_losses(model, p, batch, jax.random.PRNGKey(0),
-                                                                negatives=negatives))(params)
-    reference = jax.jit(lambda p: objectives.image_text_losses(model, p, batch, jax.random.PRNGKey(0),
-                                                               negatives))(pretrained)
+
+    @jax.jit
+    def both(p, full):  # one compilation for both (the shared encoders are computed once)
+        key = jax.random.PRNGKey(0)
+        return (finetune.retrieval_losses(model, p, batch, key, negatives=negatives),
+                objectives.image_text_losses(model, full, batch, key, negatives))
+
+    (total, losses), reference = both(params, pretrained)
     for name in ("itc", "itm"):
         assert float(losses[name]) == pytest.approx(float(reference[name]), rel=1e-5)
     assert float(total) == pytest.approx(float(reference["itc"] + reference["itm"]), rel=1e-5)
@@ -374,3 +392,30 @@ def test_question_cleaning_and_answer_errors(tokenizer):
     with pytest.raises(ValueError, match="question 'q9' has no answer to train on"):
         finetune.vqa_batch([example], tokenizer, image_res=64, max_tokens=8, max_words=8, max_answers=1,
                            answer_tokens=4)
+
+
+REFERENCE_SETTINGS = {  # config file: (task, epochs, k_test, max_tokens), spec §4.2
+    "xflickrco": ("retrieval", 10, 128, 80), "wit": ("retrieval", 5, 128, 80),
+    "multi30k": ("retrieval", 10, 128, 40), "mscoco": ("retrieval", 10, 256, 40),
+    "xvnli": ("xvnli", 10, None, 80), "marvl": ("marvl", 10, None, 40), "xgqa": ("xgqa", 5, 128, 40),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE_SETTINGS))
+def test_finetune_configs_carry_the_reference_hyper_parameters(name):
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "finetune" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"finetune_config_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("")
+    finetune.validate_finetune_config(config)
+    task, epochs, k_test, max_tokens = REFERENCE_SETTINGS[name]
+    assert (config.task, config.train.epochs, config.data.max_tokens) == (task, epochs, max_tokens)
+    assert config.optimizer.lr == 3e-5 and config.optimizer.weight_decay == 0.01
+    assert (config.model.vision.image_res, config.model.vision.window_size) == (384, 12)
+    assert tuple(config.optimizer.new_param_patterns) == finetune.TASK_HEADS[task]
+    if k_test is not None:
+        assert config.eval.k_test == k_test

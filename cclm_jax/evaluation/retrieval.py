@@ -17,7 +17,8 @@ both sides; re-ranking fuses sentence b (the query stream) with sentence a's tex
 condition, as the TTM head is trained. Keys `a2b_*` (a -> b) and `b2a_*`.
 
 `RetrievalEvaluator` keeps the jitted blocks of one model and mesh; reuse it (e.g. in a training loop) to
-compile each block once. With a mesh, each process passes the full input arrays; inputs are laid out over the
+compile each block once (`evaluate_retrieval` and `evaluate_text_retrieval` keep one per model and
+settings). With a mesh, each process passes the full input arrays; inputs are laid out over the
 mesh's batch axes (data x fsdp); parameters keep their shardings (unplaced ones are replicated).
 """
 from __future__ import annotations
@@ -31,7 +32,6 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from cclm_jax import parallel
-from cclm_jax.data.image import normalize
 from cclm_jax.evaluation import metrics
 from cclm_jax.models.cclm import CCLM
 
@@ -103,6 +103,8 @@ class RetrievalEvaluator:
 
     def _encode_images(self, params, images):
         if images.dtype == jnp.uint8:
+            from cclm_jax.data.image import normalize  # imports tensorflow: only when uint8 images arrive
+
             images = normalize(images)
         embeds, atts = self._apply(params, "encode_image", images)
         return embeds, atts, self._apply(params, "image_features", embeds)
@@ -213,6 +215,23 @@ class RetrievalEvaluator:
         return self._score(params, side_a, side_b, k_test, rerank)
 
 
+_EVALUATORS: dict[tuple, RetrievalEvaluator] = {}
+_MAX_CACHED_EVALUATORS = 8
+
+
+def cached_evaluator(model: CCLM, batch_size: int, mesh: Mesh | None,
+                     pairs_per_block: int | None) -> RetrievalEvaluator:
+    """The evaluator of these settings, reused across calls (its blocks are compiled once)."""
+    key = (id(model), int(batch_size), mesh, pairs_per_block)
+    evaluator = _EVALUATORS.get(key)
+    if evaluator is None or evaluator.model is not model:
+        if len(_EVALUATORS) >= _MAX_CACHED_EVALUATORS:
+            _EVALUATORS.pop(next(iter(_EVALUATORS)))
+        evaluator = _EVALUATORS[key] = RetrievalEvaluator(model, batch_size=batch_size, mesh=mesh,
+                                                          pairs_per_block=pairs_per_block)
+    return evaluator
+
+
 def _check_texts(name: str, ids, atts) -> None:
     ids, atts = np.shape(ids), np.shape(atts)
     if len(ids) != 2 or ids != atts:
@@ -229,7 +248,7 @@ def evaluate_retrieval(model: CCLM, params: Any, images, text_ids, text_atts, tx
     image of each text; img2txt: the texts of each image. k_test: candidates re-ranked per query (128 in the
     reference). See `RetrievalEvaluator` for batch_size, mesh and pairs_per_block.
     """
-    evaluator = RetrievalEvaluator(model, batch_size=batch_size, mesh=mesh, pairs_per_block=pairs_per_block)
+    evaluator = cached_evaluator(model, batch_size, mesh, pairs_per_block)
     scores = evaluator.image_text_scores(params, images, text_ids, text_atts, k_test=k_test, rerank=rerank)
     return metrics.retrieval_metrics(scores.score_i2t, scores.score_t2i, txt2img, img2txt)
 
@@ -251,6 +270,6 @@ def evaluate_text_retrieval(model: CCLM, params: Any, ids_a, atts_a, ids_b, atts
     `a2b_r1/r5/r10` (a -> b), `b2a_*`, their means and `r_mean`."""
     if np.shape(ids_a)[0] != np.shape(ids_b)[0]:
         raise ValueError(f"a has {np.shape(ids_a)[0]} sentences, b has {np.shape(ids_b)[0]}: they must be aligned")
-    evaluator = RetrievalEvaluator(model, batch_size=batch_size, mesh=mesh, pairs_per_block=pairs_per_block)
+    evaluator = cached_evaluator(model, batch_size, mesh, pairs_per_block)
     scores = evaluator.text_text_scores(params, ids_a, atts_a, ids_b, atts_b, k_test=k_test, rerank=rerank)
     return parallel_text_metrics(scores)

@@ -32,11 +32,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import tensorflow as tf
 from jax.sharding import Mesh
 
 from cclm_jax import objectives
-from cclm_jax.data.image import eval_image, normalize
 from cclm_jax.data.text import pad_batch, pre_caption
 from cclm_jax.data.tokenizer import Tokenizer
 from cclm_jax.evaluation.readers import ImagePairExample, NLIExample, VQAExample
@@ -48,7 +46,6 @@ from cclm_jax.train import steps
 from cclm_jax.train.state import TrainState, global_norm
 
 TASKS = ("retrieval", "xvnli", "marvl", "xgqa")
-IMAGE_KEYS = ("image", "image_2")
 
 
 def _check_task(task: str) -> None:
@@ -77,7 +74,8 @@ def default_finetune_config(task: str) -> ml_collections.ConfigDict:
     optimizer: `train.optimizer` section: lr 3e-5, wd 0.01, lr_mult 2 for `TASK_HEADS[task]`; the no-decay list
       adds `LayerNorm.scale` so that layers outside the pre-training layout (the NLVR copies, the VQA decoder)
       keep their LayerNorm weights undecayed, as the reference's `LayerNorm.weight` rule does.
-    eval: batch_size (global), k_test (candidates re-ranked per query: retrieval texts/images, xGQA answers).
+    eval: batch_size (global), k_test (candidates re-ranked per query: retrieval texts/images, xGQA answers),
+      start_epoch (first epoch evaluated on the test sets).
     data: tokenizer (SentencePiece model), max_tokens, max_words, languages (evaluated), train_language;
       the task configs add their annotation and image locations.
     mesh: `parallel.make_mesh` sizes.
@@ -95,7 +93,7 @@ def default_finetune_config(task: str) -> ml_collections.ConfigDict:
         "init": {"checkpoint": "", "text_num_heads": 16},
         "train": {"epochs": 10, "batch_size": 128, "warmup_fraction": 0.1, "seed": 42},
         "optimizer": opt,
-        "eval": {"batch_size": 96, "k_test": 128},
+        "eval": {"batch_size": 96, "k_test": 128, "start_epoch": 0},
         "data": {"tokenizer": "", "max_tokens": 40, "max_words": 40, "languages": ["en"], "train_language": "en"},
         "mesh": {"data": -1},
     })
@@ -266,11 +264,12 @@ def make_task_optimizer(config: ml_collections.ConfigDict, schedule: ml_collecti
 
 
 def prepare_batch(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-    """uint8 images (`image`, `image_2`) -> normalised float32 on device; everything else unchanged."""
-    out = dict(batch)
-    for key in IMAGE_KEYS:
-        if key in out and out[key].dtype == jnp.uint8:
-            out[key] = normalize(out[key])
+    """`steps.prepare_batch` (uint8 `image` -> normalised float32 on device), also for NLVR's `image_2`."""
+    out = steps.prepare_batch(batch)
+    if "image_2" in out and out["image_2"].dtype == jnp.uint8:
+        from cclm_jax.data.image import normalize  # imports tensorflow: only when uint8 images arrive
+
+        out["image_2"] = normalize(out["image_2"])
     return out
 
 
@@ -377,6 +376,10 @@ def encode_texts(tokenizer: Tokenizer, texts: Sequence[str], *, max_tokens: int,
 
 def load_images(paths: Sequence[str], image_res: int) -> np.ndarray:
     """Image files -> uint8 (N, image_res, image_res, 3), bicubic resize (the reference's test transform)."""
+    import tensorflow as tf
+
+    from cclm_jax.data.image import eval_image
+
     out = np.empty((len(paths), image_res, image_res, 3), np.uint8)
     for i, path in enumerate(paths):
         try:
