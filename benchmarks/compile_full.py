@@ -102,11 +102,11 @@ def compile_parts(config, batch: int, parts: list[str], log=print) -> list[dict]
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| part | lower s | compile s | temp GiB | args GiB | peak GiB | XLA GFLOP | analytic GFLOP | "
+    lines = ["| part | lower s | compile s | temp GiB | args GiB | total GiB | XLA GFLOP | analytic GFLOP | "
              "largest vocab-sized array | (B, L, vocab) logits |", "|" + "---|" * 10]
     for r in rows:
         lines.append(f"| {r['part']} | {r['lower_s']:.1f} | {r['compile_s']:.1f} | {r['temp_gib']:.2f} | "
-                     f"{r['args_gib']:.2f} | {r['peak_gib']:.2f} | {r['xla_gflop']:,.0f} | {r['analytic_gflop']:,.0f} | "
+                     f"{r['args_gib']:.2f} | {r['total_gib']:.2f} | {r['xla_gflop']:,.0f} | {r['analytic_gflop']:,.0f} | "
                      f"`{r['vocab_array']}` | {'PRESENT' if r['all_token_logits'] else 'absent'} |")
     return "\n".join(lines)
 

@@ -62,9 +62,10 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
 import json, sys
 report = json.load(open(sys.argv[1]))
 print(f"\n{report['machine']}\ncommit {report['commit']}, jax {report['jax']}")
-print(f"{'arm':<10} {'kind':<14} {'batch':>5} {'ex/s':>9} {'MFU':>7} {'compile s':>10} {'step ms':>9} {'peak GiB':>9}")
+print(f"{'arm':<10} {'kind':<14} {'batch':>5} {'ex/s':>9} {'MFU':>7} {'compile s':>10} {'step ms':>9} {'temp GiB':>9} {'total GiB':>9}")
 for r in report["results"]:
     mfu = "n/a" if r["mfu"] is None else f"{r['mfu']:.1%}"
     print(f"{r['arm']:<10} {r['kind']:<14} {r['batch']:>5} {r['examples_per_s']:>9.1f} {mfu:>7} "
-          f"{r['lower_s'] + r['compile_s']:>10.1f} {r['step_ms']:>9.1f} {r['memory']['peak_gib']:>9.2f}")
+          f"{r['lower_s'] + r['compile_s']:>10.1f} {r['step_ms']:>9.1f} {r['memory']['temp_gib']:>9.2f} "
+          f"{r['memory']['total_gib']:>9.2f}")
 EOF

@@ -7,16 +7,18 @@
 
 Every arm (the baseline, then each `--variant NAME:key=value,key=value` applied on top of it) builds the model,
 optimizer and `TrainState` the way the training loop does (`parallel.init_sharded_params`, `make_optimizer`,
-`steps.make_train_steps` in 'alternate' mode: the donated, sharded, jitted update of each batch kind), then for
-each kind: lowers and compiles the step ahead of time (seconds for each), reads `memory_analysis()` and XLA's
-`cost_analysis()` FLOPs, runs 2 warm-up steps and `--steps` timed steps (each ended by `block_until_ready`;
-the median is reported). Batches are synthetic, of the config's padded shapes (`data.*.max_tokens`,
-`max_masks`, `image_res`), with float32 images already normalised (uint8 images would be normalised inside the
-step; that path imports TensorFlow, which accelerator images may lack).
+`steps.make_train_steps` in 'alternate' mode: the donated, sharded, jitted update of each batch kind) and, for
+each kind, lowers and compiles the step ahead of time (wall seconds for each, and the process CPU seconds of
+both, which a busy shared machine disturbs less), reading `memory_analysis()` and XLA's `cost_analysis()`.
+Then all arms are timed together: 2 warm-up rounds and `--steps` rounds, each round one step of every arm and
+kind in turn (ended by `block_until_ready`) and one 2048^3 `jnp.dot` per compute dtype, so that every arm and
+the dot see the same machine load; medians are reported. Batches are synthetic, of the config's padded shapes
+(`data.*.max_tokens`, `max_masks`, `image_res`), with float32 images already normalised (uint8 images would be
+normalised inside the step; that path imports TensorFlow, which accelerator images may lack).
 
 Model FLOPs are `cclm_jax.flops.model_flops` (3 x forward, reference computation). MFU divides model FLOP/s by
 the chip's dense bf16 peak from `PEAK_TFLOPS` (one entry per known accelerator); on a CPU, or any unknown device,
-it divides by a large `jnp.dot` measured in the same run in the step's compute dtype ("% of dot").
+it divides by the median of the `jnp.dot` rounds in the step's compute dtype ("% of dot").
 `--label` writes (or replaces) the subsection `### NAME` of the `## Train step` section of `--results`.
 """
 from __future__ import annotations
@@ -188,14 +190,14 @@ def device_peak(device: jax.Device) -> float | None:
 
 
 def memory_stats(compiled) -> dict[str, float]:
-    """GiB from `compiled.memory_analysis()`: temp, arguments, outputs, aliased, and the total live at peak."""
+    """GiB from `compiled.memory_analysis()`: temp (XLA's packed scratch buffers), arguments, outputs, aliased
+    (donated inputs reused as outputs), total = arguments + outputs - aliased + temp (what the step needs on the
+    device), and XLA's own `peak_memory_in_bytes` where the backend reports one."""
     m = compiled.memory_analysis()
-    stats = {"temp_gib": m.temp_size_in_bytes / GiB, "args_gib": m.argument_size_in_bytes / GiB,
-             "out_gib": m.output_size_in_bytes / GiB, "alias_gib": m.alias_size_in_bytes / GiB}
-    peak = getattr(m, "peak_memory_in_bytes", 0) or (
-        m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes)
-    stats["peak_gib"] = peak / GiB
-    return stats
+    total = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+    return {"temp_gib": m.temp_size_in_bytes / GiB, "args_gib": m.argument_size_in_bytes / GiB,
+            "out_gib": m.output_size_in_bytes / GiB, "alias_gib": m.alias_size_in_bytes / GiB,
+            "total_gib": total / GiB, "xla_peak_gib": getattr(m, "peak_memory_in_bytes", 0) / GiB}
 
 
 @dataclasses.dataclass
@@ -206,6 +208,7 @@ class Result:
     dtype: str
     lower_s: float
     compile_s: float
+    compile_cpu_s: float
     step_ms: float
     step_ms_all: list[float]
     examples_per_s: float
@@ -216,6 +219,20 @@ class Result:
     dot_fraction: float
     memory: dict[str, float]
     loss: float
+
+
+@dataclasses.dataclass
+class Prepared:
+    """One arm's compiled steps and their inputs, ready to be timed."""
+
+    name: str
+    config: ml_collections.ConfigDict
+    state: Any
+    compiled: dict[str, Any]
+    batches: dict[str, Any]
+    compile_info: dict[str, dict[str, Any]]
+    times: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    loss: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def build_arm(config: ml_collections.ConfigDict):
@@ -234,50 +251,64 @@ def build_arm(config: ml_collections.ConfigDict):
     return mesh, state, steps
 
 
-def run_arm(name: str, config: ml_collections.ConfigDict, kinds: list[str], batch: dict[str, int], steps: int,
-            dot_peak: dict[str, float], log=print) -> list[Result]:
-    """Compile, measure and run each kind's step of one configuration."""
+def prepare_arm(name: str, config: ml_collections.ConfigDict, kinds: list[str], batch: dict[str, int],
+                log=print) -> Prepared:
+    """Build one configuration and compile each kind's step ahead of time (wall and CPU seconds, memory, cost)."""
     mesh, state, jitted = build_arm(config)
-    n_devices = mesh.size
-    peak = device_peak(jax.devices()[0])
-    dtype = config.model.dtype
-    results = []
+    compiled, batches, info = {}, {}, {}
     for kind in kinds:
-        host = synthetic_batch(config, kind, batch[kind])
-        batches = {kind: parallel.host_batch_to_global(host, mesh)}
-        t0 = time.perf_counter()
-        lowered = jitted[kind].lower(state, batches)
+        batches[kind] = {kind: parallel.host_batch_to_global(synthetic_batch(config, kind, batch[kind]), mesh)}
+        t0, c0 = time.perf_counter(), time.process_time()
+        lowered = jitted[kind].lower(state, batches[kind])
         t1 = time.perf_counter()
-        compiled = lowered.compile()
-        t2 = time.perf_counter()
-        memory = memory_stats(compiled)
-        cost = compiled.cost_analysis()
+        compiled[kind] = lowered.compile()
+        t2, c2 = time.perf_counter(), time.process_time()
+        cost = compiled[kind].cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        times = []
-        for i in range(2 + steps):
-            s0 = time.perf_counter()
-            state, metrics = compiled(state, batches)
-            jax.block_until_ready((state.step, metrics["loss"]))
-            if i >= 2:
-                times.append(time.perf_counter() - s0)
-        step_s = statistics.median(times)
-        per_example = flops.model_flops(config.model, kind, batch_shapes(config)[kind])
-        model_flops_per_s = per_example * batch[kind] / step_s
-        result = Result(
-            arm=name, kind=kind, batch=batch[kind], dtype=dtype, lower_s=t1 - t0, compile_s=t2 - t1,
-            step_ms=1e3 * step_s, step_ms_all=[round(1e3 * t, 2) for t in times],
-            examples_per_s=batch[kind] / step_s, model_gflop_per_example=per_example / 1e9,
-            model_tflops=model_flops_per_s / 1e12, xla_gflop_per_step=float(cost.get("flops", 0.0)) / 1e9,
-            mfu=None if peak is None else model_flops_per_s / (peak * n_devices),
-            dot_fraction=model_flops_per_s / (dot_peak[dtype] * n_devices), memory=memory,
-            loss=float(metrics["loss"]))
-        log(f"[{name}] {kind}: lower {result.lower_s:.1f}s compile {result.compile_s:.1f}s step "
-            f"{result.step_ms:.1f}ms {result.examples_per_s:.1f} ex/s {result.model_tflops:.3f} TFLOP/s "
-            f"dot-fraction {result.dot_fraction:.1%} temp {memory['temp_gib']:.2f} GiB loss {result.loss:.3f}")
-        results.append(result)
-        del compiled, lowered
-    del state
-    return results
+        info[kind] = {"lower_s": t1 - t0, "compile_s": t2 - t1, "compile_cpu_s": c2 - c0,
+                      "memory": memory_stats(compiled[kind]), "xla_flops": float(cost.get("flops", 0.0)),
+                      "devices": mesh.size}
+        log(f"[{name}] {kind}: lower {t1 - t0:.1f}s compile {t2 - t1:.1f}s (lower + compile CPU {c2 - c0:.1f}s) "
+            f"temp {info[kind]['memory']['temp_gib']:.3f} GiB", flush=True)
+    return Prepared(name, config, state, compiled, batches, info)
+
+
+def time_rounds(arms: list[Prepared], kinds: list[str], steps: int, dot_dtypes: list[str]) -> dict[str, list[float]]:
+    """2 warm-up steps per arm and kind, then `steps` rounds; each round times one step of every arm and kind in
+    turn (so that all of them see the same machine load) and one 2048^3 `jnp.dot` per dtype. Returns the dot
+    FLOP/s of every round per dtype; step seconds go into each arm's `times`."""
+    dots = {d: [] for d in dot_dtypes}
+    for round_index in range(2 + steps):
+        for arm in arms:
+            for kind in kinds:
+                s0 = time.perf_counter()
+                arm.state, metrics = arm.compiled[kind](arm.state, arm.batches[kind])
+                jax.block_until_ready((arm.state.step, metrics["loss"]))
+                if round_index >= 2:
+                    arm.times.setdefault(kind, []).append(time.perf_counter() - s0)
+                arm.loss[kind] = float(metrics["loss"])
+        if round_index >= 2:
+            for d in dot_dtypes:
+                dots[d].append(matmul_peak(d, reps=1))
+    return dots
+
+
+def summarise(arm: Prepared, kind: str, batch: int, dot_peak: dict[str, float]) -> Result:
+    info, times = arm.compile_info[kind], arm.times[kind]
+    step_s = statistics.median(times)
+    config = arm.config
+    per_example = flops.model_flops(config.model, kind, batch_shapes(config)[kind])
+    model_flops_per_s = per_example * batch / step_s
+    peak = device_peak(jax.devices()[0])
+    n = info["devices"]
+    return Result(
+        arm=arm.name, kind=kind, batch=batch, dtype=config.model.dtype, lower_s=info["lower_s"],
+        compile_s=info["compile_s"], compile_cpu_s=info["compile_cpu_s"], step_ms=1e3 * step_s,
+        step_ms_all=[round(1e3 * t, 2) for t in times], examples_per_s=batch / step_s,
+        model_gflop_per_example=per_example / 1e9, model_tflops=model_flops_per_s / 1e12,
+        xla_gflop_per_step=info["xla_flops"] / 1e9, mfu=None if peak is None else model_flops_per_s / (peak * n),
+        dot_fraction=model_flops_per_s / (dot_peak[config.model.dtype] * n), memory=info["memory"],
+        loss=arm.loss[kind])
 
 
 # --------------------------------------------------------------------------------------------------- report
@@ -308,17 +339,18 @@ def git_head() -> str:
 
 def markdown_table(results: list[Result]) -> str:
     base = {r.kind: r for r in results if r.arm == results[0].arm}
-    header = ("| arm | kind | batch | dtype | lower + compile s | step ms | examples/s | model GFLOP/ex | "
-              "model TFLOP/s | MFU | % of dot | temp GiB | peak GiB | speed-up | temp ratio |")
+    header = ("| arm | kind | batch | dtype | lower + compile s (CPU s) | step ms | examples/s | model GFLOP/ex | "
+              "model TFLOP/s | MFU | % of dot | temp GiB | total GiB | speed-up | temp ratio |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in results:
         b = base[r.kind]
         mfu = "n/a" if r.mfu is None else f"{r.mfu:.1%}"
         ratio_mem = r.memory["temp_gib"] / b.memory["temp_gib"] if b.memory["temp_gib"] else float("nan")
         lines.append(
-            f"| {r.arm} | {r.kind} | {r.batch} | {r.dtype} | {r.lower_s:.1f} + {r.compile_s:.1f} | {r.step_ms:.1f} | "
+            f"| {r.arm} | {r.kind} | {r.batch} | {r.dtype} | {r.lower_s:.0f} + {r.compile_s:.0f} ({r.compile_cpu_s:.0f}) | "
+            f"{r.step_ms:.1f} | "
             f"{r.examples_per_s:.2f} | {r.model_gflop_per_example:.2f} | {r.model_tflops:.3f} | {mfu} | "
-            f"{r.dot_fraction:.1%} | {r.memory['temp_gib']:.3f} | {r.memory['peak_gib']:.3f} | "
+            f"{r.dot_fraction:.1%} | {r.memory['temp_gib']:.3f} | {r.memory['total_gib']:.3f} | "
             f"{b.step_ms / r.step_ms:.2f}x | {ratio_mem:.2f}x |")
     return "\n".join(lines)
 
@@ -374,13 +406,13 @@ def main(argv: list[str] | None = None) -> list[Result]:
             raise ValueError(f"--kinds: {kind!r} is not one of {flops.KINDS}")
     batch = {k: args.batch or base.data[k].batch_size * jax.process_count() for k in kinds}
     dtypes = sorted({cfg.model.dtype for _, cfg in arms})
-    dot_peak = {d: matmul_peak(d) for d in dtypes}
-    machine = machine_description(dot_peak)
+    machine = machine_description({})
     print(machine, flush=True)
-
-    results = []
-    for name, cfg in arms:
-        results += run_arm(name, cfg, kinds, batch, args.steps, dot_peak)
+    prepared = [prepare_arm(name, cfg, kinds, batch) for name, cfg in arms]
+    dots = time_rounds(prepared, kinds, args.steps, dtypes)
+    dot_peak = {d: statistics.median(v) for d, v in dots.items()}
+    machine = machine_description(dot_peak)
+    results = [summarise(arm, kind, batch[kind], dot_peak) for arm in prepared for kind in kinds]
     table = markdown_table(results)
     print(table)
     command = "python benchmarks/train_step.py " + " ".join(argv if argv is not None else sys.argv[1:])
