@@ -118,18 +118,24 @@ def test_cached_cross_kv_has_one_pair_per_fusion_layer(params):
 
 
 def four_layer_config(**overrides):
-    """Two text + two fusion layers, so that each run of layers is a real scan."""
+    """Two text + two fusion layers and a 4-block Swin stage, so that each run of layers is a real scan."""
     cfg = micro_config(**overrides)
     cfg.text.update(num_layers=4, fusion_layer=2)
+    cfg.vision.update(depths=(4,))
     return cfg
 
 
 def test_scanned_layers_match_the_layer_loop():
     params = init_params(four_layer_config())
-    assert {"layer_0", "layer_3"} <= set(params["text_encoder"])  # the per-layer parameter tree
-    # Raw conditions inside the scan (the model's own forward: fusion and MLM over image tokens).
+    assert {"layer_0", "layer_3"} <= set(params["text_encoder"])  # the per-layer parameter trees
+    assert "blocks_3" in params["vision_encoder"]["layers_0"]
+    # Scanned Swin block pairs and raw conditions inside the text scans (the model's own forward: image tokens,
+    # fusion and MLM over them).
     assert_trees_close(model_outputs(four_layer_config(scan_layers=True), params),
                        model_outputs(four_layer_config(), params), 1e-6)
+    # Training mode: per-block drop-path rates and dropout keys travel through the scans.
+    dropped = model_outputs(four_layer_config(scan_layers=True, remat=True), params, deterministic=False)
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(dropped))
     # Cached per-layer (keys, values) scanned alongside the stacked parameters, rematerialised: sentence-pair
     # losses and gradients as the plain loop's.
     base_losses, base_grads = losses_and_grads_fn(four_layer_config(), "parallel_text")(params)

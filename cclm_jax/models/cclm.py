@@ -69,7 +69,7 @@ class CCLM(nn.Module):
             image_res=v.image_res, patch_size=v.patch_size, embed_dim=v.embed_dim,
             depths=tuple(v.depths), num_heads=tuple(v.num_heads), window_size=v.window_size,
             mlp_ratio=v.mlp_ratio, drop_path_rate=v.drop_path_rate, remat=cfg.remat,
-            deterministic=self.deterministic, dtype=dtype)
+            deterministic=self.deterministic, dtype=dtype, scan_layers=cfg.get("scan_layers", False))
         self.text_encoder = TextStack(
             vocab_size=t.vocab_size, hidden=t.hidden_size, num_heads=t.num_heads,
             intermediate=t.intermediate_size, num_layers=t.num_layers, fusion_layer=t.fusion_layer,

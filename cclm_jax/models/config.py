@@ -16,8 +16,9 @@
   attention dropout is inactive, i.e. in eval or with `text.attention_dropout=0`; Swin windows stay 'xla').
 - `cache_cross_kv`: the objectives compute each fusion layer's cross-attention keys/values of a condition once
   and reuse them in the positive, negative and MLM fusion passes (same numbers, fewer FLOPs).
-- `scan_layers`: run the text and fusion layers as `lax.scan` loops over their stacked parameters (smaller
-  programs, faster compiles; the parameter tree is unchanged).
+- `scan_layers`: run the text layers, the fusion layers and every Swin stage of >= 4 blocks (as block pairs) as
+  `lax.scan` loops over their parameters stacked on the fly (smaller programs, faster compiles; the parameter
+  tree is unchanged).
 """
 from __future__ import annotations
 

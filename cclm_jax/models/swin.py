@@ -127,16 +127,26 @@ class Mlp(nn.Module):
                             kernel_init=trunc_normal_init(0.02), name="fc2")(x)
 
 
-def drop_path(x: jax.Array, rate: float, deterministic: bool, rng: jax.Array | None) -> jax.Array:
-    """Per-example stochastic depth on (B, ...): zero the branch with prob `rate`, rescale by 1/(1-rate)."""
-    if deterministic or rate == 0.0:
+def drop_path(x: jax.Array, rate: float | jax.Array, deterministic: bool, rng: jax.Array | None) -> jax.Array:
+    """Per-example stochastic depth on (B, ...): zero the branch with prob `rate`, rescale by 1/(1-rate).
+
+    `rate` is a Python float, or a traced scalar (scanned blocks, whose rates differ block by block)."""
+    if deterministic or is_zero_rate(rate):
         return x
     keep = jax.random.bernoulli(rng, 1.0 - rate, (x.shape[0],) + (1,) * (x.ndim - 1))
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
+def is_zero_rate(rate: float | jax.Array) -> bool:
+    """True for a Python 0.0 rate (no drop-path randomness needed); a traced rate is never known to be zero."""
+    return isinstance(rate, float) and rate == 0.0
+
+
 class SwinBlock(nn.Module):
-    """Pre-LN Swin block on (B, H*W, C): (shifted) window attention and an MLP, each residual."""
+    """Pre-LN Swin block on (B, H*W, C): (shifted) window attention and an MLP, each residual.
+
+    `drop_rate` (call argument) overrides the `drop_path_rate` attribute with a traced scalar (scanned blocks).
+    """
 
     dim: int
     resolution: int
@@ -149,7 +159,8 @@ class SwinBlock(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, drop_rate: jax.Array | None = None) -> jax.Array:
+        rate = self.drop_path_rate if drop_rate is None else drop_rate
         b, _, c = x.shape
         res = self.resolution
         y = LayerNorm(name="norm1")(x).astype(self.dtype).reshape(b, res, res, c)
@@ -162,12 +173,12 @@ class SwinBlock(nn.Module):
         if self.shift:
             y = jnp.roll(y, (self.shift, self.shift), axis=(1, 2))
         y = y.reshape(b, res * res, c)
-        rng = None if self.deterministic or self.drop_path_rate == 0.0 else self.make_rng("dropout")
-        x = x + drop_path(y, self.drop_path_rate, self.deterministic, rng)
+        rng = None if self.deterministic or is_zero_rate(rate) else self.make_rng("dropout")
+        x = x + drop_path(y, rate, self.deterministic, rng)
         y = Mlp(self.dim, int(self.dim * self.mlp_ratio), self.dtype, name="mlp")(
             LayerNorm(name="norm2")(x).astype(self.dtype))
-        rng = None if self.deterministic or self.drop_path_rate == 0.0 else self.make_rng("dropout")
-        return x + drop_path(y, self.drop_path_rate, self.deterministic, rng)
+        rng = None if self.deterministic or is_zero_rate(rate) else self.make_rng("dropout")
+        return x + drop_path(y, rate, self.deterministic, rng)
 
 
 class PatchMerging(nn.Module):
@@ -190,7 +201,11 @@ class PatchMerging(nn.Module):
 
 
 class SwinStage(nn.Module):
-    """Blocks of one stage (even blocks unshifted, odd blocks shifted by window//2), then PatchMerging."""
+    """Blocks of one stage (even blocks unshifted, odd blocks shifted by window//2), then PatchMerging.
+
+    With `scan_layers`, a stage of >= 4 blocks (an even number) runs as one `lax.scan` over (unshifted, shifted)
+    block pairs whose parameters are stacked on the fly; the parameter tree keeps its `blocks_{i}` entries.
+    """
 
     dim: int
     resolution: int
@@ -203,6 +218,7 @@ class SwinStage(nn.Module):
     remat: bool = False
     deterministic: bool = True
     dtype: Any = jnp.float32
+    scan_layers: bool = False
 
     def setup(self):
         window, shifts = stage_geometry(self.resolution, self.window)
@@ -217,10 +233,43 @@ class SwinStage(nn.Module):
             self.downsample = PatchMerging(self.dim, self.resolution, self.dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        for block in self.blocks:
-            x = block(x)
+        if self.scan_layers and not self.is_initializing() and self.depth >= 4 and self.depth % 2 == 0:
+            x = self._scanned_pairs(x)
+        else:
+            for block in self.blocks:
+                x = block(x)
         if self.has_downsample:
             x = self.downsample(x)
+        return x
+
+    def _scanned_pairs(self, x: jax.Array) -> jax.Array:
+        """The blocks as `depth // 2` scan steps of (unshifted, shifted) pairs; (B, H*W, C) -> (B, H*W, C)."""
+        window, shifts = stage_geometry(self.resolution, self.window)
+        pairs = self.depth // 2
+        stack = lambda trees: jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)  # noqa: E731
+        even = stack([self.blocks[i].variables["params"] for i in range(0, self.depth, 2)])
+        odd = stack([self.blocks[i].variables["params"] for i in range(1, self.depth, 2)])
+        rates = jnp.asarray(self.drop_path_rates, jnp.float32).reshape(pairs, 2)
+
+        def block(shift):
+            return SwinBlock(self.dim, self.resolution, self.num_heads, window, shift, self.mlp_ratio, 0.0,
+                             self.deterministic, self.dtype, parent=None)
+
+        unshifted, shifted = block(0), block(window // 2 if shifts else 0)
+        keys = None
+        if not self.deterministic:
+            keys = jax.random.split(self.make_rng("dropout"), 2 * pairs)
+            keys = keys.reshape((pairs, 2) + keys.shape[1:])
+
+        def body(h, xs):
+            p_even, p_odd, rate, key = xs
+            rngs = (None, None) if key is None else ({"dropout": key[0]}, {"dropout": key[1]})
+            h = unshifted.apply({"params": p_even}, h, rate[0], rngs=rngs[0])
+            return shifted.apply({"params": p_odd}, h, rate[1], rngs=rngs[1]), None
+
+        if self.remat:
+            body = jax.checkpoint(body, prevent_cse=False)
+        x, _ = jax.lax.scan(body, x, (even, odd, rates, keys))
         return x
 
 
@@ -238,6 +287,7 @@ class SwinTransformer(nn.Module):
     remat: bool = False
     deterministic: bool = True
     dtype: Any = jnp.float32
+    scan_layers: bool = False
 
     def setup(self):
         n_stages = len(self.depths)
@@ -251,7 +301,7 @@ class SwinTransformer(nn.Module):
                 depth=self.depths[s], num_heads=self.num_heads[s], window=self.window_size,
                 mlp_ratio=self.mlp_ratio, drop_path_rates=tuple(rates[start:start + self.depths[s]]),
                 has_downsample=s < n_stages - 1, remat=self.remat, deterministic=self.deterministic,
-                dtype=self.dtype))
+                dtype=self.dtype, scan_layers=self.scan_layers))
             start += self.depths[s]
         self.layers = layers
         self.norm = LayerNorm()
