@@ -15,11 +15,12 @@ LOSSES = {"image_caption": objectives.image_text_losses, "parallel_text": object
 
 
 def micro_config(**overrides):
-    """Every structural feature (shifted windows, fusion layers, tied MLM decoder) at the smallest sizes."""
+    """Every structural feature (shifted windows, fusion layers, tied MLM decoder) at the smallest sizes; two
+    text + two fusion layers and a 4-block Swin stage, so that `scan_layers` runs real scans everywhere."""
     cfg = tiny_model_config()
-    cfg.vision.update(image_res=32, window_size=4, embed_dim=64, depths=(2,), num_heads=(2,))
-    cfg.text.update(vocab_size=VOCAB, hidden_size=64, num_heads=4, intermediate_size=128, num_layers=2,
-                    fusion_layer=1, mask_token_id=VOCAB - 1)
+    cfg.vision.update(image_res=32, window_size=4, embed_dim=64, depths=(4,), num_heads=(2,))
+    cfg.text.update(vocab_size=VOCAB, hidden_size=64, num_heads=4, intermediate_size=128, num_layers=4,
+                    fusion_layer=2, mask_token_id=VOCAB - 1)
     cfg.embed_dim = 16
     cfg.update(overrides)
     return cfg
@@ -76,74 +77,8 @@ def losses_and_grads_fn(cfg, kind):
 
 @pytest.fixture(scope="module")
 def reference(params):
-    """float32, no cache: sentence-pair (losses, grads), computed once for the module."""
+    """Plain layer loop, float32, no cache: sentence-pair (losses, grads), computed once for the module."""
     return losses_and_grads_fn(micro_config(), "parallel_text")(params)
-
-
-def assert_trees_close(a, b, rtol):
-    flat_a, flat_b = jax.tree.leaves(a), jax.tree.leaves(b)
-    assert len(flat_a) == len(flat_b)
-    scale = max(float(jnp.max(jnp.abs(x))) for x in flat_a)
-    for x, y in zip(flat_a, flat_b):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=rtol * scale)
-
-
-def test_cached_cross_kv_gives_the_same_losses_and_gradients(params, reference):
-    base_losses, base_grads = reference
-    losses, grads = losses_and_grads_fn(micro_config(cache_cross_kv=True), "parallel_text")(params)
-    assert set(losses) == set(base_losses) == {"ttc", "ttm", "mlm"}
-    for name in losses:
-        np.testing.assert_allclose(losses[name], base_losses[name], rtol=1e-5)
-    assert_trees_close(grads, base_grads, 1e-4)
-
-
-def test_cached_image_kv_gives_the_same_image_caption_losses(params):
-    # Same reuse code path as the sentence pairs (gathered negatives included), forward only: cheaper to compile.
-    base = jax.jit(summed_losses(micro_config(), "image_caption"))(params)[1]
-    cached = jax.jit(summed_losses(micro_config(cache_cross_kv=True), "image_caption"))(params)[1]
-    assert set(cached) == {"itc", "itm", "mlm"}
-    for name in cached:
-        np.testing.assert_allclose(cached[name], base[name], rtol=1e-5)
-
-
-def test_cached_cross_kv_has_one_pair_per_fusion_layer(params):
-    cfg = micro_config()
-    model = build_model(cfg)
-    cond = jnp.ones((B, 5, 64))
-    kv = model.apply({"params": params}, cond, method=model.cross_kv)
-    assert len(kv) == 1 and all(k.shape == v.shape == (B, 5, 4, 16) for k, v in kv)
-    with pytest.raises(ValueError, match="cached cross keys/values for 2 layers, the model has 1"):
-        model.apply({"params": params}, kv + kv, jnp.ones((B, 5), jnp.int32), jnp.ones((B, L, 64)),
-                    jnp.ones((B, L), jnp.int32), method=model.fuse)
-
-
-def four_layer_config(**overrides):
-    """Two text + two fusion layers and a 4-block Swin stage, so that each run of layers is a real scan."""
-    cfg = micro_config(**overrides)
-    cfg.text.update(num_layers=4, fusion_layer=2)
-    cfg.vision.update(depths=(4,))
-    return cfg
-
-
-def test_scanned_layers_match_the_layer_loop():
-    params = init_params(four_layer_config())
-    assert {"layer_0", "layer_3"} <= set(params["text_encoder"])  # the per-layer parameter trees
-    assert "blocks_3" in params["vision_encoder"]["layers_0"]
-    # Scanned Swin block pairs and raw conditions inside the text scans (the model's own forward: image tokens,
-    # fusion and MLM over them).
-    assert_trees_close(model_outputs(four_layer_config(scan_layers=True), params),
-                       model_outputs(four_layer_config(), params), 1e-6)
-    # Training mode: per-block drop-path rates and dropout keys travel through the scans.
-    dropped = model_outputs(four_layer_config(scan_layers=True, remat=True), params, deterministic=False)
-    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(dropped))
-    # Cached per-layer (keys, values) scanned alongside the stacked parameters, rematerialised: sentence-pair
-    # losses and gradients as the plain loop's.
-    base_losses, base_grads = losses_and_grads_fn(four_layer_config(), "parallel_text")(params)
-    losses, grads = losses_and_grads_fn(four_layer_config(scan_layers=True, cache_cross_kv=True, remat=True),
-                                        "parallel_text")(params)
-    for name in losses:
-        np.testing.assert_allclose(losses[name], base_losses[name], rtol=1e-5)
-    assert_trees_close(grads, base_grads, 1e-4)
 
 
 def model_outputs(cfg, params, deterministic=True):
@@ -154,10 +89,62 @@ def model_outputs(cfg, params, deterministic=True):
                                          rngs=rngs))(params)
 
 
-def test_dot_product_attention_matches_the_explicit_path(params):
-    expected = model_outputs(micro_config(), params)
+@pytest.fixture(scope="module")
+def reference_outputs(params):
+    """The model's own forward (Swin, text encoder, fusion and MLM over image tokens), plain loop, einsums."""
+    return model_outputs(micro_config(), params)
+
+
+def assert_trees_close(a, b, rtol):
+    flat_a, flat_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(flat_a) == len(flat_b)
+    scale = max(float(jnp.max(jnp.abs(x))) for x in flat_a)
+    for x, y in zip(flat_a, flat_b):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=rtol * scale)
+
+
+def test_cached_kv_scan_and_remat_keep_sentence_pair_losses_and_gradients(params, reference):
+    """K/V of sentence 1 reused by the 3 TTM passes (gathered for the negatives), scanned alongside the stacked
+    layer parameters, rematerialised."""
+    base_losses, base_grads = reference
+    cfg = micro_config(cache_cross_kv=True, scan_layers=True, remat=True)
+    losses, grads = losses_and_grads_fn(cfg, "parallel_text")(params)
+    assert set(losses) == set(base_losses) == {"ttc", "ttm", "mlm"}
+    for name in losses:
+        np.testing.assert_allclose(losses[name], base_losses[name], rtol=1e-5)
+    assert_trees_close(grads, base_grads, 1e-4)
+
+
+def test_cached_image_kv_and_scans_keep_image_caption_losses(params):
+    base = jax.jit(summed_losses(micro_config(), "image_caption"))(params)[1]
+    cached = jax.jit(summed_losses(micro_config(cache_cross_kv=True, scan_layers=True), "image_caption"))(params)[1]
+    assert set(cached) == {"itc", "itm", "mlm"}
+    for name in cached:
+        np.testing.assert_allclose(cached[name], base[name], rtol=1e-5)
+
+
+def test_cached_cross_kv_has_one_pair_per_fusion_layer(params):
+    model = build_model(micro_config())
+    kv = model.apply({"params": params}, jnp.ones((B, 5, 64)), method=model.cross_kv)
+    assert len(kv) == 2 and all(k.shape == v.shape == (B, 5, 4, 16) for k, v in kv)
+    with pytest.raises(ValueError, match="cached cross keys/values for 4 layers, the model has 2"):
+        model.apply({"params": params}, kv + kv, jnp.ones((B, 5), jnp.int32), jnp.ones((B, L, 64)),
+                    jnp.ones((B, L), jnp.int32), method=model.fuse)
+
+
+def test_scanned_layers_match_the_layer_loop(params, reference_outputs):
+    assert {"layer_0", "layer_3"} <= set(params["text_encoder"])  # the per-layer parameter trees
+    assert "blocks_3" in params["vision_encoder"]["layers_0"]
+    # Scanned Swin block pairs and raw (uncached) conditions inside the text scans.
+    assert_trees_close(model_outputs(micro_config(scan_layers=True), params), reference_outputs, 1e-6)
+    # Training mode: per-block drop-path rates and dropout keys travel through the scans.
+    dropped = model_outputs(micro_config(scan_layers=True, remat=True), params, deterministic=False)
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(dropped))
+
+
+def test_dot_product_attention_matches_the_explicit_path(params, reference_outputs):
     got = model_outputs(micro_config(attention_impl="dot_product"), params)
-    assert_trees_close(got, expected, 1e-5)
+    assert_trees_close(got, reference_outputs, 1e-5)
 
 
 def test_dot_product_attention_falls_back_while_attention_dropout_is_active(params):

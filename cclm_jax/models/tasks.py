@@ -54,13 +54,15 @@ def vision_tower(cfg: ml_collections.ConfigDict, deterministic: bool) -> SwinTra
 
 
 def text_tower_args(cfg: ml_collections.ConfigDict, deterministic: bool) -> dict[str, Any]:
-    """Keyword arguments of `TextStack` (and of the decoder's embeddings/layers) from a `model` config."""
+    """Keyword arguments of `TextStack` (and of the answer decoder) from a `model` config. The NLVR fusion
+    copies and the decoder run their layers in a Python loop whatever `scan_layers` says."""
     t = cfg.text
     return dict(vocab_size=t.vocab_size, hidden=t.hidden_size, num_heads=t.num_heads,
                 intermediate=t.intermediate_size, num_layers=t.num_layers, fusion_layer=t.fusion_layer,
                 max_positions=t.max_position_embeddings, type_vocab_size=t.type_vocab_size,
                 dropout=t.hidden_dropout, attention_dropout=t.attention_dropout, eps=t.layer_norm_eps,
-                remat=cfg.remat, deterministic=deterministic, dtype=DTYPES[cfg.dtype])
+                remat=cfg.remat, deterministic=deterministic, dtype=DTYPES[cfg.dtype],
+                attention_impl=cfg.get("attention_impl", "xla"), scan_layers=cfg.get("scan_layers", False))
 
 
 class _ImageTextEncoder(nn.Module):
@@ -218,13 +220,15 @@ class AnswerDecoder(nn.Module):
     remat: bool = False
     deterministic: bool = True
     dtype: Any = jnp.float32
+    attention_impl: str = "xla"
 
     def setup(self):
         self.embeddings = Embeddings(self.vocab_size, self.hidden, self.max_positions, self.type_vocab_size,
                                      self.dropout, self.eps, self.deterministic, self.dtype)
         layer_cls = nn.remat(TextLayer) if self.remat else TextLayer
         self.layer = [layer_cls(self.hidden, self.num_heads, self.intermediate, True, self.dropout,
-                                self.attention_dropout, self.eps, self.deterministic, self.dtype)
+                                self.attention_dropout, self.eps, self.deterministic, self.dtype,
+                                self.attention_impl)
                       for _ in range(self.num_layers)]
 
     def __call__(self, ids: jax.Array, atts: jax.Array, cond: jax.Array, cond_atts: jax.Array) -> jax.Array:
@@ -258,7 +262,7 @@ class VQAModel(_ImageTextEncoder):
         args = text_tower_args(self.config, self.deterministic)
         self.vision_encoder = vision_tower(self.config, self.deterministic)
         self.text_encoder = TextStack(**args)
-        del args["num_layers"], args["fusion_layer"]
+        del args["num_layers"], args["fusion_layer"], args["scan_layers"]  # the decoder runs its layers in a loop
         self.text_decoder = AnswerDecoder(num_layers=t.num_layers - t.fusion_layer, **args)
         self.lm_head = MLMHead(t.vocab_size, t.layer_norm_eps, DTYPES[self.config.dtype])
 
