@@ -97,8 +97,11 @@ def write_safetensors(path: str | os.PathLike, tensors: list[PlannedTensor], met
 
 
 
-def _check_params(params: Mapping, shapes: Mapping, paths: list[tuple[str, ...]]) -> None:
-    """Every parameter the layout needs exists with the model's shape; raise ValueError naming the first."""
+def check_params(params: Mapping, model_config: ml_collections.ConfigDict, layout: str) -> dict:
+    """Every parameter `layout` needs exists with the model's shape; raise ValueError naming the first
+    offenders. Returns the model's parameter shapes (`shapes.param_shapes`)."""
+    shapes = param_shapes(model_config, layout)
+    paths = [e.path for e in official_layout(model_config, layout) if e.kind != "buffer"]
     problems = []
     for path in paths:
         try:
@@ -109,22 +112,23 @@ def _check_params(params: Mapping, shapes: Mapping, paths: list[tuple[str, ...]]
         if shape != tuple(get_path(shapes, path)):
             problems.append(f"{'/'.join(path)} has shape {shape}, the model config needs {get_path(shapes, path)}")
     if problems:
-        raise ValueError(f"params do not match the model config: {len(problems)} problem(s), first: {problems[:5]}")
+        raise ValueError(f"params do not match the model config and the {layout!r} layout: {len(problems)} "
+                         f"problem(s), first: {problems[:5]}")
+    return shapes
 
 
 def export_safetensors(out_dir: str | os.PathLike, model_config: ml_collections.ConfigDict, params: Mapping,
                        dtype: str = "float32", layout: str = "pretrain") -> pathlib.Path:
     """Write `out_dir/model.safetensors` and `out_dir/config.json`; returns the safetensors path.
 
-    `params`: nested dict (jax or numpy arrays) of `model_config`'s model; `layout`: 'pretrain' (what the
-    PyTorch module loads) or 'retrieval'.
+    `params`: nested dict (jax or numpy arrays) of the model of `layout` for `model_config` (see
+    `shapes.abstract_params`); `layout`: one of `layout.LAYOUTS` ('pretrain' is what the PyTorch module loads).
     """
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"export dtype {dtype!r} is not one of {sorted(EXPORT_DTYPES)}")
     target = EXPORT_DTYPES[dtype]
+    shapes = check_params(params, model_config, layout)
     entries = official_layout(model_config, layout)
-    shapes = param_shapes(model_config)
-    _check_params(params, shapes, [e.path for e in entries if e.kind != "buffer"])
     planned = []
     for entry in entries:
         if entry.kind == "buffer":

@@ -4,8 +4,24 @@
 parameters (with the Flax path they come from and how the tensor is rearranged) and buffers (generated).
 Both the importer and the exporter walk this one table, so the two directions cannot drift apart.
 
-Layouts: `pretrain` (`CrossViewLM`: `text_encoder.bert.*`, MLM head under `text_encoder.cls.*`, `bbox_head`)
-and `retrieval` (`RetrievalModel`: `text_encoder.*` = a plain BertModel, no MLM head, no bbox head).
+Layouts (`LAYOUTS`; the official class, and the Flax model whose parameters it holds, `LAYOUT_TASKS`):
+- `pretrain` (`CrossViewLM`, our `CCLM`): `temp`, `vision_encoder`, `text_encoder.bert.*` (N layers, cross-attention
+  from layer F), the MLM head under `text_encoder.cls.*` (decoder tied to the word embeddings), `text_proj`,
+  `vision_proj`, `itm_head`, `bbox_head`.
+- `retrieval` (`RetrievalModel`, our `CCLM` without MLM and box heads): as `pretrain` with `text_encoder.*` a
+  plain BertModel (no `bert.` infix, no `cls.*`) and no `bbox_head`.
+- `xvnli` (`XVLM4XVNLI`, our `tasks.XVNLIModel`): `vision_encoder`, `text_encoder.*`, `cls_head` = build_mlp(D, 3).
+  No `temp`, projections or ITM head (the official class builds them only with the contrastive/matching losses).
+- `nlvr` (`NLVRModel` for NLVR2 / MaRVL, our `tasks.NLVRModel`): `vision_encoder`, `text_encoder.*` with
+  F + 2(N-F) layers (pre-trained fusion layer l copied to F+2(l-F), attending image 0, and F+2(l-F)+1, image 1),
+  `cls_head` = build_mlp(D, 2). The copies of a pair share one cross-attention key/value Parameter
+  (`share_cross_attention`), so the state_dict lists it under both layers' names: the odd copy's
+  `crossattention.self.{key,value}.*` are tied to the even copy's, which our stored tree holds alone.
+- `vqa` (`VQAModel` for xGQA, our `tasks.VQAModel`): `vision_encoder`, `text_encoder.*` (N layers),
+  `text_decoder.bert.*` (a BertLMHeadModel: embeddings + N-F layers, every one with cross-attention to the
+  question states) and its LM head `text_decoder.cls.predictions.*` (our `lm_head`; decoder weight tied to
+  `text_decoder.bert.embeddings.word_embeddings.weight`, decoder bias to `text_decoder.cls.predictions.bias`).
+`model_config` is always the pre-trained CCLM config (N text layers, fusion layer F), as the task models take it.
 """
 from __future__ import annotations
 
@@ -16,8 +32,23 @@ import ml_collections
 import numpy as np
 
 from cclm_jax.models.swin import relative_position_index, shifted_window_mask, stage_geometry
+from cclm_jax.models.tasks import nlvr_num_layers
 
-LAYOUTS = ("pretrain", "retrieval")
+# Official checkpoint layout -> the fine-tuning task (`train.finetune.TASKS`) whose model holds its parameters
+# (None: the pre-training model).
+LAYOUT_TASKS = {"pretrain": None, "retrieval": "retrieval", "xvnli": "xvnli", "nlvr": "marvl", "vqa": "xgqa"}
+LAYOUTS = tuple(LAYOUT_TASKS)
+TASK_LAYOUTS = {task: layout for layout, task in LAYOUT_TASKS.items() if task is not None}
+_SHARED_KV = (".crossattention.self.key.", ".crossattention.self.value.")
+
+
+def layout_of_task(task: str | None) -> str:
+    """The official layout of a run's `task` (None or '': pre-training)."""
+    if not task:
+        return "pretrain"
+    if task not in TASK_LAYOUTS:
+        raise ValueError(f"no official checkpoint layout for task {task!r}; known tasks: {sorted(TASK_LAYOUTS)}")
+    return TASK_LAYOUTS[task]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,9 +126,11 @@ def _attention_entries(key: str, path: tuple[str, ...]) -> list[Entry]:
     return entries
 
 
-def _text_entries(cfg: ml_collections.ConfigDict, bert: str) -> list[Entry]:
+def _bert_entries(cfg: ml_collections.ConfigDict, bert: str, root: tuple[str, ...], num_layers: int,
+                  fusion_layer: int, shared_cross_kv: bool = False) -> list[Entry]:
+    """A BertModel under `bert` (torch) / `root` (Flax): embeddings and `num_layers` layers, cross-attention from
+    `fusion_layer` on. `shared_cross_kv`: the NLVR stack, layer F+2j+1's cross key/value tied to layer F+2j's."""
     t = cfg.text
-    root = ("text_encoder",)
     emb = f"{bert}.embeddings"
     entries = [
         Entry(f"{emb}.position_ids", None, "buffer",
@@ -107,25 +140,36 @@ def _text_entries(cfg: ml_collections.ConfigDict, bert: str) -> list[Entry]:
         Entry(f"{emb}.token_type_embeddings.weight", root + ("embeddings", "token_type_embeddings"), "plain"),
         *_norm(f"{emb}.LayerNorm", root + ("embeddings", "LayerNorm")),
     ]
-    for i in range(t.num_layers):
+    for i in range(num_layers):
         key, path = f"{bert}.encoder.layer.{i}", root + (f"layer_{i}",)
         entries += _attention_entries(f"{key}.attention", path + ("attention",))
-        if i >= t.fusion_layer:
-            entries += _attention_entries(f"{key}.crossattention", path + ("crossattention",))
+        if i >= fusion_layer:
+            cross = _attention_entries(f"{key}.crossattention", path + ("crossattention",))
+            if shared_cross_kv and (i - fusion_layer) % 2 == 1:
+                cross = [_tie_to_even_copy(e, bert, root, i) for e in cross]
+            entries += cross
         entries += _linear(f"{key}.intermediate.dense", path + ("intermediate", "dense"))
         entries += _linear(f"{key}.output.dense", path + ("output", "dense"))
         entries += _norm(f"{key}.output.LayerNorm", path + ("output", "LayerNorm"))
     return entries
 
 
-def _mlm_entries() -> list[Entry]:
-    pre, root = "text_encoder.cls.predictions", ("mlm_head",)
+def _tie_to_even_copy(entry: Entry, bert: str, root: tuple[str, ...], i: int) -> Entry:
+    """Odd NLVR copy `i`: its cross-attention key/value entries name layer i-1's tensor and parameter."""
+    if not any(part in entry.key for part in _SHARED_KV):
+        return entry
+    layer, even = f"{bert}.encoder.layer.{i}.", f"{bert}.encoder.layer.{i - 1}."
+    path = root + (f"layer_{i - 1}",) + entry.path[len(root) + 1:]
+    return dataclasses.replace(entry, path=path, tied_to=entry.key.replace(layer, even, 1))
+
+
+def _mlm_entries(pre: str, root: tuple[str, ...], words_key: str, words_path: tuple[str, ...]) -> list[Entry]:
+    """A BertLMPredictionHead under `pre`: decoder weight tied to `words_key`, decoder bias to `{pre}.bias`."""
     return [
         Entry(f"{pre}.bias", root + ("bias",), "plain"),
         *_linear(f"{pre}.transform.dense", root + ("transform", "dense")),
         *_norm(f"{pre}.transform.LayerNorm", root + ("transform", "LayerNorm")),
-        Entry(f"{pre}.decoder.weight", ("text_encoder", "embeddings", "word_embeddings"), "plain",
-              tied_to="text_encoder.bert.embeddings.word_embeddings.weight"),
+        Entry(f"{pre}.decoder.weight", words_path, "plain", tied_to=words_key),
         Entry(f"{pre}.decoder.bias", root + ("bias",), "plain", tied_to=f"{pre}.bias"),
     ]
 
@@ -136,20 +180,38 @@ def _mlp_head_entries(name: str) -> list[Entry]:
 
 
 def official_layout(model_config: ml_collections.ConfigDict, layout: str = "pretrain") -> list[Entry]:
-    """Every key of the official state_dict for this architecture, in the official order."""
+    """Every key of the official state_dict of `layout` for this (pre-trained) architecture, in the official
+    order (a module's own parameters and buffers, then its children in registration order)."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown checkpoint layout {layout!r}; expected one of {LAYOUTS}")
-    pretrain = layout == "pretrain"
-    entries = [Entry("temp", ("temp",), "plain")]
-    entries += _vision_entries(model_config)
-    entries += _text_entries(model_config, "text_encoder.bert" if pretrain else "text_encoder")
-    if pretrain:
-        entries += _mlm_entries()
-    entries += _linear("text_proj", ("text_proj",)) + _linear("vision_proj", ("vision_proj",))
-    entries += _mlp_head_entries("itm_head")
-    if pretrain:
-        entries += _mlp_head_entries("bbox_head")
-    return entries
+    t = model_config.text
+    n, fusion = t.num_layers, t.fusion_layer
+    text = ("text_encoder",)
+    if layout == "pretrain":
+        words = ("text_encoder.bert.embeddings.word_embeddings.weight", text + ("embeddings", "word_embeddings"))
+        return [Entry("temp", ("temp",), "plain"), *_vision_entries(model_config),
+                *_bert_entries(model_config, "text_encoder.bert", text, n, fusion),
+                *_mlm_entries("text_encoder.cls.predictions", ("mlm_head",), *words),
+                *_linear("text_proj", ("text_proj",)), *_linear("vision_proj", ("vision_proj",)),
+                *_mlp_head_entries("itm_head"), *_mlp_head_entries("bbox_head")]
+    if layout == "retrieval":
+        return [Entry("temp", ("temp",), "plain"), *_vision_entries(model_config),
+                *_bert_entries(model_config, "text_encoder", text, n, fusion),
+                *_linear("text_proj", ("text_proj",)), *_linear("vision_proj", ("vision_proj",)),
+                *_mlp_head_entries("itm_head")]
+    if layout == "xvnli":
+        return [*_vision_entries(model_config), *_bert_entries(model_config, "text_encoder", text, n, fusion),
+                *_mlp_head_entries("cls_head")]
+    if layout == "nlvr":
+        return [*_vision_entries(model_config),
+                *_bert_entries(model_config, "text_encoder", text, nlvr_num_layers(n, fusion), fusion,
+                               shared_cross_kv=True),
+                *_mlp_head_entries("cls_head")]
+    decoder = ("text_decoder",)
+    words = ("text_decoder.bert.embeddings.word_embeddings.weight", decoder + ("embeddings", "word_embeddings"))
+    return [*_vision_entries(model_config), *_bert_entries(model_config, "text_encoder", text, n, fusion),
+            *_bert_entries(model_config, "text_decoder.bert", decoder, n - fusion, 0),
+            *_mlm_entries("text_decoder.cls.predictions", ("lm_head",), *words)]
 
 
 def to_torch_array(entry: Entry, value: np.ndarray) -> np.ndarray:

@@ -4,8 +4,13 @@
 tensor shapes and key counts (depths, widths, vocabulary, window, image size, fusion layer), takes what
 shapes cannot tell (the text attention heads) from `text_num_heads`, else from the file's
 `config['architecture']` (written by `save`) or a `config.json` beside a `.safetensors` file, else from the
-known XLM-R widths, and maps every tensor onto our Flax parameter tree. Both layouts are recognised:
-`pretrain` (CrossViewLM) and `retrieval` (RetrievalModel, no MLM/bbox heads: those parameters are absent).
+known XLM-R widths, and maps every tensor onto our Flax parameter tree. Every layout of `layout.LAYOUTS` is
+recognised (`detect_layout`): `pretrain` (CrossViewLM), `retrieval` (RetrievalModel, no MLM/bbox heads: those
+parameters are absent), and the fine-tuning models `xvnli`, `nlvr` (NLVR2/MaRVL) and `vqa` (xGQA), whose
+parameters are the trees of `models.tasks` (see `layout` for the key tables). The returned `model_config` is
+always the pre-trained CCLM config the task models take (for `nlvr`: N = F + (layers - F) / 2); layouts
+without projections take `embed_dim` and `temp` from the file's config when it has them (`save` writes both,
+the official yaml has `temp` and `embed_dim`), else the defaults.
 
 Geometry conversion: `load(path, vision__image_res=384, vision__window_size=12)` reads a 224-px / window-7
 checkpoint into a 384-px / window-12 model the way the reference's `load_pretrained` does: relative
@@ -41,18 +46,21 @@ import ml_collections
 import numpy as np
 import torch
 
-from cclm_jax.interop.export import architecture_dict
+from cclm_jax.interop.export import architecture_dict, check_params
 from cclm_jax.interop.files import CheckpointError, open_checkpoint
 from cclm_jax.interop.layout import Entry, from_torch_array, get_path, official_layout, set_path, to_torch_array
 from cclm_jax.interop.relpos import resize_relative_position_table
 from cclm_jax.interop.shapes import param_shapes
 from cclm_jax.models.config import base_model_config, validate_model_config
+from cclm_jax.models.tasks import NLVR_CLASSES, XVNLI_CLASSES
 
 __all__ = ["CheckpointError", "detect_layout", "infer_model_config", "load", "params_from_state_dict",
            "read_state_dict", "save", "state_dict_from_params"]
 
 # Attention heads by text width for the checkpoints CCLM is built from (XLM-R large / base).
 KNOWN_TEXT_HEADS = {1024: 16, 768: 12}
+# Layout of a checkpoint with a `cls_head`, by its number of classes (XVNLI: 3 labels, NLVR: true/false).
+CLASSIFIER_LAYOUTS = {XVNLI_CLASSES: "xvnli", NLVR_CLASSES: "nlvr"}
 LISTED_KEYS = 5  # offending keys named per kind of problem
 _COMPARE_CHUNK_ROWS = 16384
 
@@ -66,14 +74,25 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def detect_layout(state_dict: Mapping[str, Any]) -> str:
-    """'pretrain' (CrossViewLM) or 'retrieval' (RetrievalModel) from the text encoder's key prefix."""
+    """The official layout (`layout.LAYOUTS`) of a state_dict, from its keys and the classifier's width.
+
+    `text_encoder.bert.*`: pretrain; `text_decoder.*`: vqa; a `cls_head` with 3 outputs: xvnli, with 2: nlvr;
+    otherwise a plain `text_encoder.*`: retrieval (a missing ITM head is then reported as missing keys).
+    """
     if "text_encoder.bert.embeddings.word_embeddings.weight" in state_dict:
         return "pretrain"
-    if "text_encoder.embeddings.word_embeddings.weight" in state_dict:
-        return "retrieval"
-    raise CheckpointError("no text_encoder word embeddings found (looked for "
-                          "'text_encoder.bert.embeddings.word_embeddings.weight' and "
-                          "'text_encoder.embeddings.word_embeddings.weight'): not a CCLM checkpoint")
+    if "text_encoder.embeddings.word_embeddings.weight" not in state_dict:
+        raise CheckpointError("no text_encoder word embeddings found (looked for "
+                              "'text_encoder.bert.embeddings.word_embeddings.weight' and "
+                              "'text_encoder.embeddings.word_embeddings.weight'): not a CCLM checkpoint")
+    if any(key.startswith("text_decoder.") for key in state_dict):
+        return "vqa"
+    if "cls_head.3.weight" in state_dict:
+        classes = int(_shape(state_dict, "cls_head.3.weight")[0])
+        if classes not in CLASSIFIER_LAYOUTS:
+            raise CheckpointError(f"cls_head.3.weight has {classes} outputs: expected 3 (XVNLI) or 2 (NLVR/MaRVL)")
+        return CLASSIFIER_LAYOUTS[classes]
+    return "retrieval"
 
 
 def _count(pattern: str, keys) -> int:
@@ -87,10 +106,12 @@ def _shape(state_dict: Mapping, key: str) -> tuple[int, ...]:
 
 
 def infer_model_config(state_dict: Mapping[str, np.ndarray], text_num_heads: int | None = None,
-                       **overrides) -> ml_collections.ConfigDict:
-    """The `model` config of a state_dict: everything from shapes, text heads from the argument."""
+                       file_config: Mapping | None = None, **overrides) -> ml_collections.ConfigDict:
+    """The pre-trained CCLM `model` config of a state_dict of any layout: everything from shapes, text heads
+    from the argument, `embed_dim` / `temp` from `file_config` (the file's `config`) where no tensor holds them."""
     sd, keys = state_dict, list(state_dict)
-    bert = "text_encoder.bert" if detect_layout(sd) == "pretrain" else "text_encoder"
+    layout = detect_layout(sd)
+    bert = "text_encoder.bert" if layout == "pretrain" else "text_encoder"
     cfg = base_model_config()
     v, t = cfg.vision, cfg.text
     try:
@@ -108,12 +129,19 @@ def infer_model_config(state_dict: Mapping[str, np.ndarray], text_num_heads: int
         t.max_position_embeddings = int(_shape(sd, f"{bert}.embeddings.position_embeddings.weight")[0])
         t.type_vocab_size = int(_shape(sd, f"{bert}.embeddings.token_type_embeddings.weight")[0])
         t.intermediate_size = int(_shape(sd, f"{bert}.encoder.layer.0.intermediate.dense.weight")[0])
-        t.num_layers = _count(rf"{re.escape(bert)}\.encoder\.layer\.(\d+)\.", keys)
-        cross = [i for i in range(t.num_layers) if f"{bert}.encoder.layer.{i}.crossattention.self.query.weight" in sd]
-        t.fusion_layer = cross[0] if cross else t.num_layers
+        layers = _count(rf"{re.escape(bert)}\.encoder\.layer\.(\d+)\.", keys)
+        cross = [i for i in range(layers) if f"{bert}.encoder.layer.{i}.crossattention.self.query.weight" in sd]
+        t.fusion_layer = cross[0] if cross else layers
+        t.num_layers = _pretrained_layers(layout, layers, t.fusion_layer)
         t.mask_token_id = t.vocab_size - 1
-        cfg.embed_dim = int(_shape(sd, "text_proj.weight")[0])
-        cfg.temp = float(sd["temp"]) if "temp" in sd else cfg.temp
+        if "text_proj.weight" in sd:
+            cfg.embed_dim = int(_shape(sd, "text_proj.weight")[0])
+        elif (embed_dim := _file_number(file_config, "embed_dim")) is not None:
+            cfg.embed_dim = int(embed_dim)
+        if "temp" in sd:
+            cfg.temp = float(sd["temp"])
+        elif (temp := _file_number(file_config, "temp")) is not None:
+            cfg.temp = float(temp)
     except KeyError as e:
         raise CheckpointError(f"cannot infer the architecture: missing key {e.args[0]!r}") from e
     if text_num_heads is None:
@@ -124,6 +152,16 @@ def infer_model_config(state_dict: Mapping[str, np.ndarray], text_num_heads: int
     _apply_overrides(cfg, overrides)
     validate_model_config(cfg)
     return cfg
+
+
+def _pretrained_layers(layout: str, layers: int, fusion_layer: int) -> int:
+    """N of the pre-trained stack: the NLVR stack holds F text layers and every fusion layer twice."""
+    if layout != "nlvr":
+        return layers
+    if (layers - fusion_layer) % 2:
+        raise CheckpointError(f"an NLVR text_encoder holds every fusion layer twice; found {layers} layers with "
+                              f"cross-attention from layer {fusion_layer} ({layers - fusion_layer} fusion layers)")
+    return fusion_layer + (layers - fusion_layer) // 2
 
 
 def _image_res(sd: Mapping[str, np.ndarray], window: int, patch: int) -> int:
@@ -169,7 +207,7 @@ def _convert(state_dict: Mapping[str, np.ndarray], model_config: ml_collections.
     source_config = source_config or model_config
     _check_entries(state_dict, official_layout(source_config, layout))
     resize = _geometry(source_config) != _geometry(model_config)
-    shapes = param_shapes(model_config)
+    shapes = param_shapes(model_config, layout)
     params: dict = {}
     errors = []
     for entry in official_layout(model_config, layout):
@@ -236,22 +274,39 @@ def _key_report(unknown: list[str], missing: list[str]) -> str:
 
 
 
-def _file_text_heads(path: str, config: Any) -> int | None:
-    """Text heads recorded with the file: `config['architecture']` of a .th, config.json beside a .safetensors."""
+def _file_config(path: str, config: Any) -> Mapping | None:
+    """The config stored with the file: the `config` of a .th, `{'architecture': config.json}` beside a
+    .safetensors file (None when absent)."""
     if path.endswith(".safetensors"):
         config_path = os.path.join(os.path.dirname(path), "config.json")
-        config = None
-        if os.path.isfile(config_path):
-            with open(config_path) as f:
-                config = {"architecture": json.load(f)}
-    if isinstance(config, Mapping) and isinstance(config.get("architecture"), Mapping):
-        heads = config["architecture"].get("text", {}).get("num_heads")
-        return int(heads) if heads is not None else None
+        if not os.path.isfile(config_path):
+            return None
+        with open(config_path) as f:
+            return {"architecture": json.load(f)}
+    return config if isinstance(config, Mapping) else None
+
+
+def _file_number(file_config: Mapping | None, name: str) -> float | None:
+    """A number the file's config records under `name` (top level, else in its `architecture`), or None."""
+    for source in (file_config, _recorded_architecture(file_config)):
+        value = source.get(name) if isinstance(source, Mapping) else None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return value
     return None
+
+
+def _recorded_architecture(file_config: Mapping | None) -> Mapping:
+    """`file_config['architecture']` (the `export.architecture_dict` layout `save` writes), else {}."""
+    if isinstance(file_config, Mapping) and isinstance(file_config.get("architecture"), Mapping):
+        return file_config["architecture"]
+    return {}
 
 
 def load(path: str | os.PathLike, text_num_heads: int | None = None, **overrides):
     """Read an official CCLM checkpoint -> (model_config, params as a nested dict of jax arrays).
+
+    The params are the tree of the file's layout's model (`detect_layout`; `layout.LAYOUT_TASKS`), the
+    model_config the pre-trained CCLM config that model takes.
 
     `text_num_heads`: attention heads of the text stack (shapes cannot tell; 16 for XLM-R-large); default:
     what the file records (see the module docstring), else 16 for width 1024, 12 for 768.
@@ -260,11 +315,13 @@ def load(path: str | os.PathLike, text_num_heads: int | None = None, **overrides
     """
     path = os.fspath(path)
     checkpoint = open_checkpoint(path)
+    file_config = _file_config(path, checkpoint.config)
     if text_num_heads is None:
-        text_num_heads = _file_text_heads(path, checkpoint.config)
+        heads = _recorded_architecture(file_config).get("text", {}).get("num_heads")
+        text_num_heads = int(heads) if heads is not None else None
     try:
-        source_config = infer_model_config(checkpoint, text_num_heads)
-        model_config = infer_model_config(checkpoint, text_num_heads, **overrides)
+        source_config = infer_model_config(checkpoint, text_num_heads, file_config)
+        model_config = infer_model_config(checkpoint, text_num_heads, file_config, **overrides)
         # jnp.asarray copies; jax.device_put could alias a 64-byte-aligned view of the memory-mapped file,
         # which would crash (SIGBUS) once the file is overwritten, e.g. by saving to the same path.
         params = _convert(checkpoint, model_config, None, source_config, place=jnp.asarray)
@@ -275,14 +332,17 @@ def load(path: str | os.PathLike, text_num_heads: int | None = None, **overrides
 
 def state_dict_from_params(model_config: ml_collections.ConfigDict, params: Mapping,
                            layout: str = "pretrain") -> dict[str, torch.Tensor]:
-    """Our parameters -> the official state_dict (ordered; float32 weights, int64/float32 buffers)."""
+    """Our parameters (the tree of `layout`'s model) -> the official state_dict (ordered; float32 weights,
+    int64/float32 buffers)."""
     return _state_dict(model_config, params, layout, share_memory=False)
 
 
 def _state_dict(model_config: ml_collections.ConfigDict, params: Mapping, layout: str,
                 share_memory: bool) -> dict[str, torch.Tensor]:
     """`share_memory`: tensors whose official layout is our own (embeddings, norms, biases) view the float32
-    parameters instead of copying them: read-only use only (torch.save), never handed to callers."""
+    parameters instead of copying them: read-only use only (torch.save), never handed to callers.
+    Raises ValueError naming the first parameters `layout` needs that `params` lacks or shapes differently."""
+    check_params(params, model_config, layout)
     out: dict[str, torch.Tensor] = {}
     for entry in official_layout(model_config, layout):
         if entry.tied_to is not None:

@@ -1,11 +1,15 @@
 """Moving checkpoints between PyTorch files and run directories (`cclm-jax import` / `cclm-jax export`).
 
-- `import_to_workdir(checkpoint, workdir)`: an official CCLM `.th` (or an exported safetensors file) becomes
-  step 0 of a run directory: `workdir/config.json` (the default run config with the imported architecture)
-  and an Orbax checkpoint holding the parameters with a fresh optimizer state. `cclm-jax train` on that
-  workdir continues from it, `evaluate` and `export` read it.
+- `import_to_workdir(checkpoint, workdir)`: an official CCLM `.th` (or an exported safetensors file) of any
+  layout (`layout.LAYOUTS`) becomes step 0 of a run directory: `workdir/config.json` and an Orbax checkpoint
+  holding the parameters with a fresh optimizer state. A pre-training checkpoint gets the default run config
+  with the imported architecture (`cclm-jax train` continues from it); a fine-tuning checkpoint (retrieval,
+  XVNLI, NLVR/MaRVL, VQA/xGQA) gets `finetune.default_finetune_config(task)` with the imported architecture, its
+  `task` naming the model the parameters belong to (`layout.LAYOUT_TASKS`), so evaluation and fine-tuning
+  build the right model. `evaluate` and `export` read either kind.
 - `export_workdir(workdir, out, step=None, fmt='th')`: the parameters of a run's checkpoint (latest by
-  default) as the official `{'model': state_dict, 'config': ...}` `.th`, or `model.safetensors` + `config.json`.
+  default) in the official layout of the run's task, as the official `{'model': state_dict, 'config': ...}`
+  `.th`, or `model.safetensors` + `config.json`.
 """
 from __future__ import annotations
 
@@ -14,11 +18,15 @@ import os
 
 import jax
 import ml_collections
+from flax import linen as nn
 
 from cclm_jax.checkpoint import Checkpointer, abstract_like
 from cclm_jax.interop import export, official
+from cclm_jax.interop.files import open_checkpoint
+from cclm_jax.interop.layout import LAYOUT_TASKS, layout_of_task
+from cclm_jax.interop.shapes import abstract_params
 from cclm_jax.run_config import default_run_config
-from cclm_jax.train.optimizer import make_optimizer
+from cclm_jax.train.optimizer import default_schedule_config, make_optimizer
 from cclm_jax.train.state import create_train_state
 
 
@@ -31,19 +39,29 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
         return ml_collections.ConfigDict(json.load(f))
 
 
-def _abstract_state(config: ml_collections.ConfigDict):
-    from cclm_jax.interop.shapes import abstract_params
-    from flax import linen as nn
+def run_layout(config: ml_collections.ConfigDict) -> str:
+    """The official layout of a run's parameters: its `task`'s (fine-tuning), else 'pretrain'."""
+    return layout_of_task(config.get("task"))
 
-    params = nn.meta.unbox(abstract_params(config.model))
-    optimizer = make_optimizer(config.optimizer, config.schedule, params, config.model)
-    return jax.eval_shape(lambda p: create_train_state(p, optimizer, jax.random.PRNGKey(0)), params), optimizer
+
+def _optimizer(config: ml_collections.ConfigDict, params):
+    """The run's optimizer. A fine-tuning run derives its schedule from its data (`finetune.finetune_schedule`);
+    the optimizer state's structure does not depend on it, so the default schedule stands in."""
+    schedule = default_schedule_config() if config.get("task") else config.schedule
+    return make_optimizer(config.optimizer, schedule, params, config.model)
+
+
+def _abstract_state(config: ml_collections.ConfigDict):
+    """ShapeDtypeStructs of the run's TrainState: the parameters of its task model (`shapes.abstract_params`)."""
+    params = nn.meta.unbox(abstract_params(config.model, run_layout(config)))
+    optimizer = _optimizer(config, params)
+    return jax.eval_shape(lambda p: create_train_state(p, optimizer, jax.random.PRNGKey(0)), params)
 
 
 def restore_params(workdir: str, step: int | None = None):
     """(run config, parameters of `step` or the latest checkpoint) on the default device."""
     config = read_run_config(workdir)
-    abstract, _ = _abstract_state(config)
+    abstract = _abstract_state(config)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = abstract_like(abstract, jax.tree.map(lambda _: device, abstract))
     checkpointer = Checkpointer(workdir, every=1, keep=1_000_000)
@@ -56,20 +74,36 @@ def restore_params(workdir: str, step: int | None = None):
 
 def export_workdir(workdir: str, out: str, *, step: int | None = None, fmt: str = "th") -> str:
     """Write a run's parameters as an official `.th` file or a safetensors directory; returns the path."""
+    if fmt not in ("th", "safetensors"):
+        raise ValueError(f"unknown export format {fmt!r}; expected 'th' or 'safetensors'")
     config, params = restore_params(workdir, step)
+    layout = run_layout(config)
     if fmt == "th":
-        official.save(out, config.model, params)
+        official.save(out, config.model, params, layout=layout)
         return out
-    if fmt == "safetensors":
-        return str(export.export_safetensors(out, config.model, params))
-    raise ValueError(f"unknown export format {fmt!r}; expected 'th' or 'safetensors'")
+    return str(export.export_safetensors(out, config.model, params, layout=layout))
+
+
+def import_run_config(layout: str, model_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The run config of an imported checkpoint: pre-training defaults, or the fine-tuning defaults of the
+    layout's task; `model` is the imported architecture either way."""
+    task = LAYOUT_TASKS[layout]
+    if task is None:
+        config = default_run_config()
+    else:
+        from cclm_jax.train.finetune import default_finetune_config  # the fine-tuning stack, only when needed
+
+        config = default_finetune_config(task)
+        config.init.text_num_heads = int(model_config.text.num_heads)
+    config.model = model_config
+    return config
 
 
 def import_to_workdir(checkpoint: str, workdir: str, *, text_num_heads: int | None = None) -> int:
     """Import an official checkpoint as step 0 of `workdir`; returns the step written."""
     model_config, params = official.load(checkpoint, text_num_heads=text_num_heads)
-    config = default_run_config()
-    config.model = model_config
+    layout = official.detect_layout(open_checkpoint(checkpoint))
+    config = import_run_config(layout, model_config)
     config.init.checkpoint = os.path.abspath(checkpoint)
     workdir = os.path.abspath(os.path.expanduser(workdir))
     os.makedirs(workdir, exist_ok=True)
@@ -77,7 +111,7 @@ def import_to_workdir(checkpoint: str, workdir: str, *, text_num_heads: int | No
     if checkpointer.latest_step() is not None:
         checkpointer.close()
         raise FileExistsError(f"{workdir} already holds checkpoints; import into an empty run directory")
-    _, optimizer = _abstract_state(config)
+    optimizer = _optimizer(config, params)
     state = jax.jit(lambda p: create_train_state(p, optimizer, jax.random.PRNGKey(config.train.seed)))(params)
     checkpointer.save(0, state, {}, force=True)
     checkpointer.close()
