@@ -1,7 +1,9 @@
 """The `cclm-jax` command line (also `python -m cclm_jax`).
 
   cclm-jax train    --config configs/demo.py --workdir DIR [--config.train.num_steps=100 ...]
-  cclm-jax evaluate --config C --workdir DIR          dev retrieval of the latest checkpoint
+  cclm-jax finetune --config configs/finetune/T.py[:protocol] --workdir DIR   fine-tune, test, report
+  cclm-jax evaluate --config C --workdir DIR          a fine-tuning config: test sets of a fine-tuned run;
+                                                      a pre-training config: dev retrieval
   cclm-jax info     --config C                        parameter counts (tied weights once), per module
   cclm-jax export   --workdir DIR --out F.th [--step N] [--format th|safetensors]
   cclm-jax import   --checkpoint F.th --workdir DIR [--text_num_heads 16]
@@ -21,7 +23,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-COMMANDS = ("train", "evaluate", "info", "export", "import")
+COMMANDS = ("train", "finetune", "evaluate", "info", "export", "import")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config(arg)); path[:arg].",
                                           lock_config=True)
@@ -74,10 +76,23 @@ def cmd_train() -> None:
     print(json.dumps({k: v for k, v in results.items() if np.isscalar(v)}, indent=1, sort_keys=True))
 
 
-def cmd_evaluate() -> None:
-    from cclm_jax.evaluation.dev import evaluate_workdir
+def cmd_finetune() -> None:
+    from cclm_jax.train.finetune_loop import finetune
 
-    results = evaluate_workdir(_require(_CONFIG, "evaluate"), _require(_WORKDIR, "evaluate"), _STEP.value)
+    out = finetune(_require(_CONFIG, "finetune"), _require(_WORKDIR, "finetune"))
+    print(json.dumps(out.get("results", out), indent=1, sort_keys=True, default=float))
+
+
+def cmd_evaluate() -> None:
+    config, workdir = _require(_CONFIG, "evaluate"), _require(_WORKDIR, "evaluate")
+    if "task" in config:  # a fine-tuning config (configs/finetune/*.py)
+        from cclm_jax.train.finetune_loop import evaluate
+
+        results = evaluate(config, workdir, _STEP.value)
+    else:
+        from cclm_jax.evaluation.dev import evaluate_workdir
+
+        results = evaluate_workdir(config, workdir, _STEP.value)
     print(json.dumps(results, indent=1, sort_keys=True, default=float))
 
 
@@ -101,7 +116,7 @@ def main(argv) -> None:
     if len(argv) != 2 or argv[1] not in COMMANDS:
         raise app.UsageError(f"usage: cclm-jax {{{','.join(COMMANDS)}}} [flags]; got {argv[1:]}")
     logging.getLogger().setLevel(logging.INFO)
-    {"train": cmd_train, "evaluate": cmd_evaluate, "info": cmd_info, "export": cmd_export,
+    {"train": cmd_train, "finetune": cmd_finetune, "evaluate": cmd_evaluate, "info": cmd_info, "export": cmd_export,
      "import": cmd_import}[argv[1]]()
 
 

@@ -65,20 +65,25 @@ PROTOCOLS = ("zero_shot", "translate_test", "few_shot", "all_languages")
 def default_finetune_config(task: str) -> ml_collections.ConfigDict:
     """Reference fine-tuning settings shared by every task (spec §4.2); `configs/finetune/*.py` specialise them.
 
-    task: one of TASKS. protocol: one of PROTOCOLS (see `apply_protocol`).
-    model: the CCLM base model at 384 px, Swin window 12 (a 224-px checkpoint is converted on import:
-      `official.load(path, vision__image_res=384, vision__window_size=12)`).
-    init.checkpoint: the pre-trained (or, for few-shot, the English-fine-tuned) checkpoint; init.text_num_heads.
+    task: one of TASKS. name: the data set's name in result tables (the config files set it).
+    protocol: one of PROTOCOLS (see `apply_protocol`).
+    model: the CCLM base model at 384 px, Swin window 12. Starting from a checkpoint, its architecture is used
+      with this section's geometry and runtime fields (`finetune_init`); a 224-px checkpoint is converted.
+    init: where the parameters come from, exactly one of: workdir (a pre-training or fine-tuning run directory;
+      step -1 = its latest checkpoint), checkpoint (an official CCLM file; text_num_heads), from_scratch
+      (random parameters of `model`). Few-shot starts from the English-fine-tuned run or checkpoint.
     train: epochs; batch_size (global; the README's `--bs 128` over 8 GPUs); warmup_fraction of the steps
-      (`finetune_schedule`); seed.
+      (`finetune_schedule`); seed; checkpoint_every / keep_checkpoints (steps, checkpoints kept; the run
+      resumes from the latest one in its workdir); log_every (steps).
     optimizer: `train.optimizer` section: lr 3e-5, wd 0.01, lr_mult 2 for `TASK_HEADS[task]`; the no-decay list
       adds `LayerNorm.scale` so that layers outside the pre-training layout (the NLVR copies, the VQA decoder)
       keep their LayerNorm weights undecayed, as the reference's `LayerNorm.weight` rule does.
     eval: batch_size (global), k_test (candidates re-ranked per query: retrieval texts/images, xGQA answers),
       start_epoch (first epoch evaluated on the test sets).
-    data: tokenizer (SentencePiece model), max_tokens, max_words, languages (evaluated), train_language;
-      the task configs add their annotation and image locations.
-    mesh: `parallel.make_mesh` sizes.
+    data: tokenizer (SentencePiece model; default: the init workdir's), max_tokens, max_words, languages
+      (evaluated), train_language, augment (the reference's training image transform; False: resize only);
+      the task configs add their annotation and image locations (`finetune_data`).
+    mesh: `parallel.make_mesh` sizes. distributed: call `jax.distributed.initialize()` first (multi-host).
     """
     _check_task(task)
     model = base_model_config()
@@ -88,14 +93,18 @@ def default_finetune_config(task: str) -> ml_collections.ConfigDict:
                no_decay_patterns=tuple(opt.no_decay_patterns) + ("LayerNorm.scale",))
     config = ml_collections.ConfigDict({
         "task": task,
+        "name": task,
         "protocol": "zero_shot",
         "model": model,
-        "init": {"checkpoint": "", "text_num_heads": 16},
-        "train": {"epochs": 10, "batch_size": 128, "warmup_fraction": 0.1, "seed": 42},
+        "init": {"workdir": "", "step": -1, "checkpoint": "", "text_num_heads": 16, "from_scratch": False},
+        "train": {"epochs": 10, "batch_size": 128, "warmup_fraction": 0.1, "seed": 42, "checkpoint_every": 1000,
+                  "keep_checkpoints": 2, "log_every": 50},
         "optimizer": opt,
         "eval": {"batch_size": 96, "k_test": 128, "start_epoch": 0},
-        "data": {"tokenizer": "", "max_tokens": 40, "max_words": 40, "languages": ["en"], "train_language": "en"},
+        "data": {"tokenizer": "", "max_tokens": 40, "max_words": 40, "languages": ["en"], "train_language": "en",
+                 "augment": True},
         "mesh": {"data": -1},
+        "distributed": False,
     })
     if task == "retrieval":
         config.objectives = objectives.default_objectives_config()
@@ -127,14 +136,17 @@ def validate_finetune_config(config: ml_collections.ConfigDict) -> None:
     if config.protocol not in PROTOCOLS:
         raise ValueError(f"config.protocol must be one of {PROTOCOLS}, got {config.protocol!r}")
     validate_model_config(config.model)
-    for key in ("epochs", "batch_size"):
+    for key in ("epochs", "batch_size", "checkpoint_every", "keep_checkpoints", "log_every"):
         value = config.train[key]
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"config.train.{key} must be a positive integer, got {value!r}")
     if not 0.0 <= config.train.warmup_fraction < 1.0:
         raise ValueError(f"config.train.warmup_fraction must be in [0, 1), got {config.train.warmup_fraction!r}")
-    if isinstance(config.eval.k_test, bool) or not isinstance(config.eval.k_test, int) or config.eval.k_test < 1:
-        raise ValueError(f"config.eval.k_test must be a positive integer, got {config.eval.k_test!r}")
+    for key, low, what in (("k_test", 1, "a positive"), ("batch_size", 1, "a positive"),
+                           ("start_epoch", 0, "a non-negative")):
+        value = config.eval[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"config.eval.{key} must be {what} integer, got {value!r}")
     optimizer_lib.validate_optimizer_config(config.optimizer, optimizer_lib.default_schedule_config())
     if config.task == "retrieval":
         objectives.validate_objectives_config(config.objectives)
@@ -421,10 +433,10 @@ def answer_candidates(answers: Sequence[str], tokenizer: Tokenizer,
     return pad_batch(pieces, answer_tokens)
 
 
-def vqa_batch(examples: Sequence[VQAExample], tokenizer: Tokenizer, *, image_res: int, max_tokens: int,
-              max_words: int, max_answers: int, answer_tokens: int) -> dict[str, np.ndarray]:
-    """xGQA training batch: image, question ids/atts, up to `max_answers` answers per question, each weighted
-    1 / (number of answers of the question) as the reference; padding answers get weight 0."""
+def vqa_targets(examples: Sequence[VQAExample], tokenizer: Tokenizer, *, max_tokens: int, max_words: int,
+                max_answers: int, answer_tokens: int) -> dict[str, np.ndarray]:
+    """xGQA training fields without the image: question ids/atts, up to `max_answers` answers per question,
+    each weighted 1 / (number of answers of the question) as the reference; padding answers get weight 0."""
     ids, atts = encode_texts(tokenizer, [e.question for e in examples], max_tokens=max_tokens,
                              max_words=max_words, clean=pre_question)
     b = len(examples)
@@ -440,5 +452,13 @@ def vqa_batch(examples: Sequence[VQAExample], tokenizer: Tokenizer, *, image_res
         n = len(example.answers)
         answer_ids[i, :n], answer_atts[i, :n] = answer_candidates(example.answers, tokenizer, answer_tokens)
         weights[i, :n] = 1.0 / n
-    return {"image": load_images([e.image_path for e in examples], image_res), "text_ids": ids,
-            "text_atts": atts, "answer_ids": answer_ids, "answer_atts": answer_atts, "answer_weights": weights}
+    return {"text_ids": ids, "text_atts": atts, "answer_ids": answer_ids, "answer_atts": answer_atts,
+            "answer_weights": weights}
+
+
+def vqa_batch(examples: Sequence[VQAExample], tokenizer: Tokenizer, *, image_res: int, max_tokens: int,
+              max_words: int, max_answers: int, answer_tokens: int) -> dict[str, np.ndarray]:
+    """xGQA training batch: `vqa_targets` and the images."""
+    targets = vqa_targets(examples, tokenizer, max_tokens=max_tokens, max_words=max_words,
+                          max_answers=max_answers, answer_tokens=answer_tokens)
+    return {"image": load_images([e.image_path for e in examples], image_res), **targets}

@@ -17,6 +17,7 @@ def get_config(arg: str = ""):
     if lang not in LANGUAGES + ("all",):
         raise ValueError(f"configs/finetune/multi30k.py: argument must be one of {LANGUAGES + ('all',)}, got {lang!r}")
     config = finetune.default_finetune_config("retrieval")
+    config.name = "multi30k"
     config.train.epochs = 10
     config.eval.update(batch_size=96, k_test=128)
     config.data.update(max_tokens=40, max_words=40, image_root="", train_files=[],

@@ -13,6 +13,7 @@ def get_config(arg: str = ""):
     if protocol == "few_shot":
         raise ValueError("configs/finetune/wit.py: IGLUE has no few-shot WIT files")
     config = finetune.default_finetune_config("retrieval")
+    config.name = "wit"
     config.train.epochs = 5
     config.eval.update(batch_size=96, k_test=128, start_epoch=3)
     config.data.update(

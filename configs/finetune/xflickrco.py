@@ -15,6 +15,7 @@ from cclm_jax.train import finetune
 
 def get_config(arg: str = ""):
     config = finetune.default_finetune_config("retrieval")
+    config.name = "xflickrco"
     config.train.epochs = 10
     config.eval.update(batch_size=96, k_test=128, start_epoch=7)
     config.data.update(

@@ -1,0 +1,217 @@
+"""Where a fine-tuning run starts: the model config, the tokenizer and the task's first parameters.
+
+`config.init` names exactly one start:
+- `workdir`: a run directory (its checkpoint `init.step`, -1 = the latest). A pre-training run (`cclm-jax train`,
+  or `cclm-jax import`) gives the CCLM parameters, from which the task's are built
+  (`finetune.init_task_params`: new heads drawn from `train.seed`); a fine-tuning run of the same task gives
+  the task's parameters as they are (few-shot training continues from the English-fine-tuned run).
+- `checkpoint`: an official CCLM `.th` / `.pth` / `.safetensors` file (`interop.official.load`, `text_num_heads`),
+  pre-training or fine-tuned (the task's own heads are then kept).
+- `from_scratch=True`: random parameters of `config.model` (tests and demos).
+
+The architecture comes from the start's checkpoint; the fine-tuning config's `model` section decides only what
+changes no parameter (`RUNTIME_FIELDS`: dtype, dropout, remat, ...) and the image geometry (`vision.image_res`,
+`vision.window_size`): a 224-px / window-7 checkpoint fine-tuned at 384 px / window 12 gets its relative position
+tables resized as the reference's `load_pretrained` does (`interop.relpos`).
+
+The tokenizer is `data.tokenizer`, else the start workdir's. Its vocabulary must be the model's.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import linen as nn
+
+from cclm_jax.checkpoint import Checkpointer, abstract_like
+from cclm_jax.data.tokenizer import Tokenizer
+from cclm_jax.models import build_model
+from cclm_jax.models.config import validate_model_config
+from cclm_jax.train import finetune
+
+log = logging.getLogger(__name__)
+
+RUNTIME_FIELDS = ("dtype", "remat", "attention_impl", "cache_cross_kv", "scan_layers", "vision.drop_path_rate",
+                  "text.hidden_dropout", "text.attention_dropout")
+GEOMETRY_FIELDS = ("vision.image_res", "vision.window_size")
+RELATIVE_POSITION_TABLE = "relative_position_bias_table"
+RETRIEVAL_KEEPS = ("temp", "vision_encoder", "text_encoder", "text_proj", "vision_proj", "itm_head")
+
+
+# ------------------------------------------------------------------------------------------------ configs
+
+def validate_init(init: ml_collections.ConfigDict) -> None:
+    """Exactly one start, and it exists (before anything is read or compiled)."""
+    given = [name for name, on in (("workdir", bool(init.workdir)), ("checkpoint", bool(init.checkpoint)),
+                                   ("from_scratch", bool(init.from_scratch))) if on]
+    if len(given) != 1:
+        raise ValueError("config.init: set exactly one of init.workdir (a pre-trained or fine-tuned run "
+                         "directory), init.checkpoint (an official CCLM .th/.safetensors file) or "
+                         f"init.from_scratch=True; got {given or 'none'}")
+    if init.workdir and not os.path.isfile(os.path.join(os.path.expanduser(init.workdir), "config.json")):
+        raise FileNotFoundError(f"config.init.workdir: {init.workdir!r} is not a run directory (no config.json)")
+    if init.checkpoint and not os.path.isfile(os.path.expanduser(init.checkpoint)):
+        raise FileNotFoundError(f"config.init.checkpoint: {init.checkpoint!r} does not exist")
+
+
+def read_workdir_config(workdir: str) -> ml_collections.ConfigDict:
+    """The resolved config a run wrote to `workdir/config.json`."""
+    path = os.path.join(os.path.expanduser(workdir), "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: not a run directory (no config.json)")
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def _get(cfg: ml_collections.ConfigDict, dotted: str):
+    for part in dotted.split("."):
+        cfg = cfg[part]
+    return cfg
+
+
+def _set(cfg: ml_collections.ConfigDict, dotted: str, value) -> None:
+    *parents, name = dotted.split(".")
+    for part in parents:
+        cfg = cfg[part]
+    cfg[name] = value
+
+
+def task_model_config(source: ml_collections.ConfigDict, requested: ml_collections.ConfigDict,
+                      ) -> ml_collections.ConfigDict:
+    """The checkpoint's architecture `source` with `requested`'s geometry and runtime fields."""
+    out = ml_collections.ConfigDict(source.to_dict())
+    for field in GEOMETRY_FIELDS + RUNTIME_FIELDS:
+        _set(out, field, _get(requested, field))
+    validate_model_config(out)
+    return out
+
+
+def load_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer:
+    """`data.tokenizer`, else the tokenizer of the start workdir's config."""
+    if config.data.tokenizer:
+        return Tokenizer(os.path.expanduser(config.data.tokenizer))
+    if config.init.workdir:
+        from cclm_jax.data.pipeline import load_tokenizer as run_tokenizer
+
+        start = read_workdir_config(config.init.workdir)
+        return run_tokenizer(start.data)
+    raise ValueError("config.data.tokenizer is not set (a SentencePiece model; with init.workdir the run's own "
+                     "tokenizer is used)")
+
+
+def check_vocab(model_config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> None:
+    if model_config.text.vocab_size != tokenizer.vocab_size:
+        raise ValueError(f"the tokenizer {str(tokenizer.model_path)!r} has {tokenizer.vocab_size} ids, the model's "
+                         f"vocabulary {model_config.text.vocab_size}: fine-tune with the pre-training tokenizer "
+                         "(config.data.tokenizer)")
+
+
+# ------------------------------------------------------------------------------------------------ parameters
+
+def abstract_task_params(task: str | None, model_config: ml_collections.ConfigDict):
+    """Boxed (logically partitioned) ShapeDtypeStructs of a task's parameter tree (task None: the pre-training
+    CCLM tree); nothing is allocated."""
+    res = model_config.vision.image_res
+    image = jax.ShapeDtypeStruct((1, res, res, 3), jnp.float32)
+    ids = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+    key = jax.random.PRNGKey(0)
+    if task is None:
+        return jax.eval_shape(build_model(model_config).init, key, image, ids, ids)["params"]
+    model = finetune.build_task_model(task, model_config)
+    inputs = {"retrieval": (image, ids, ids), "xvnli": (image, ids, ids), "marvl": (image, image, ids, ids),
+              "xgqa": (image, ids, ids, ids, ids)}[task]
+    params = jax.eval_shape(model.init, key, *inputs)["params"]
+    if task == "retrieval":  # what `tasks.init_retrieval_params` keeps
+        params = {k: v for k, v in params.items() if k in RETRIEVAL_KEEPS}
+    return params
+
+
+def _flat(tree) -> dict[str, Any]:
+    return {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def check_tree(params, abstract, what: str) -> None:
+    """Raise ValueError naming the first paths where `params` and the (unboxed) `abstract` tree differ."""
+    got = {k: tuple(np.shape(v)) for k, v in _flat(params).items()}
+    want = {k: tuple(v.shape) for k, v in _flat(abstract).items()}
+    missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    wrong = [f"{k} {got[k]} (expected {want[k]})" for k in sorted(set(got) & set(want)) if got[k] != want[k]]
+    if missing or unexpected or wrong:
+        parts = [f"{name}: {items[:5]}" for name, items in (("missing", missing), ("unexpected", unexpected),
+                                                              ("wrong shape", wrong)) if items]
+        raise ValueError(f"{what} do not fit the task model: " + "; ".join(parts))
+
+
+def resize_geometry(params: dict, model_config: ml_collections.ConfigDict) -> dict:
+    """`params` (host numpy, any task tree) with every Swin relative position table resized to the windows of
+    `model_config` (`relpos.resize_relative_position_table`); other leaves unchanged."""
+    from cclm_jax.interop.relpos import resize_relative_position_table
+
+    target = _flat(nn.meta.unbox(abstract_task_params(None, model_config)["vision_encoder"]))
+
+    def resize(path, leaf):
+        key = jax.tree_util.keystr(path[1:])
+        if path[0].key != "vision_encoder" or not key.endswith(f"['{RELATIVE_POSITION_TABLE}']"):
+            return leaf
+        rows = target[key].shape[0]
+        return leaf if leaf.shape[0] == rows else resize_relative_position_table(np.asarray(leaf), rows)
+
+    return jax.tree_util.tree_map_with_path(resize, params)
+
+
+def _restore_workdir_params(workdir: str, step: int, task: str | None, model_config) -> dict:
+    """Host numpy parameters of a run's checkpoint (`step` -1: the latest): the CCLM tree of a pre-training
+    run (`task` None) or the task tree of a fine-tuning run."""
+    abstract = nn.meta.unbox(abstract_task_params(task, model_config))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    checkpointer = Checkpointer(workdir, every=1, keep=1_000_000)
+    try:
+        params = checkpointer.restore_params(abstract_like(abstract, jax.tree.map(lambda _: device, abstract)),
+                                             None if step < 0 else step)
+    finally:
+        checkpointer.close()
+    return jax.tree.map(np.asarray, params)
+
+
+def initial_task_params(config: ml_collections.ConfigDict, rng: jax.Array) -> tuple[ml_collections.ConfigDict, dict]:
+    """(model config, host numpy task parameters) of a fresh fine-tuning run (see the module docstring)."""
+    task, init = config.task, config.init
+    if init.from_scratch:
+        model_config = ml_collections.ConfigDict(config.model.to_dict())
+        cclm = build_model(model_config)
+        res = model_config.vision.image_res
+        params = jax.jit(lambda key: nn.meta.unbox(cclm.init(key, jnp.zeros((1, res, res, 3)),
+                                                             jnp.zeros((1, 8), jnp.int32),
+                                                             jnp.zeros((1, 8), jnp.int32))["params"]))(rng)
+        source, source_task = jax.tree.map(np.asarray, params), None
+    elif init.workdir:
+        start = read_workdir_config(init.workdir)
+        source_task = start.get("task") or None
+        if source_task not in (None, task):
+            raise ValueError(f"config.init.workdir {init.workdir!r} was fine-tuned for {source_task!r}; this run "
+                             f"fine-tunes {task!r} (start from a pre-training run instead)")
+        model_config = task_model_config(start.model, config.model)
+        source = _restore_workdir_params(init.workdir, int(init.step), source_task, start.model)
+        source = resize_geometry(source, model_config)
+        log.info("starting from %s (%s run)", init.workdir, source_task or "pre-training")
+    else:
+        from cclm_jax.interop import official
+
+        loaded_config, source = official.load(os.path.expanduser(init.checkpoint),
+                                              text_num_heads=init.text_num_heads or None,
+                                              vision__image_res=config.model.vision.image_res,
+                                              vision__window_size=config.model.vision.window_size)
+        model_config = task_model_config(loaded_config, config.model)
+        source = jax.tree.map(np.asarray, source)
+        heads = finetune.TASK_HEADS[task]
+        source_task = task if heads and all(h in source for h in heads) else None
+    params = source if source_task == task else finetune.init_task_params(task, source, rng)
+    check_tree(params, nn.meta.unbox(abstract_task_params(task, model_config)),
+               f"the parameters from config.init ({init.workdir or init.checkpoint or 'from_scratch'})")
+    return model_config, params

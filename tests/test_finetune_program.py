@@ -1,0 +1,303 @@
+"""`cclm-jax finetune` / `cclm-jax evaluate` end to end on generated IGLUE-format fixtures (micro model, CPU):
+XVNLI from a pre-training run directory (`cclm-jax import` of an official file) and xFlickr&CO-style retrieval
+from an official checkpoint, the reports, exact resume, evaluation of a fine-tuned run, and the errors a bad
+config, a missing annotation file or a missing image give before anything compiles."""
+import json
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import tensorflow as tf
+from flax import linen as nn
+
+from cclm_jax.checkpoint import Checkpointer
+from cclm_jax.data.tokenizer import Tokenizer
+from cclm_jax.evaluation import metrics, report
+from cclm_jax.interop import official
+from cclm_jax.interop.shapes import param_shapes
+from cclm_jax.interop.workdir import import_to_workdir
+from cclm_jax.train import finetune, finetune_init, finetune_loop
+from cclm_jax.train.finetune_data import load_task_data
+from cclm_jax.train.finetune_input import TrainBatches
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SENTENCES = ["a dog runs on the grass", "two dogs play with a red ball", "the man sits at the table",
+             "a woman rides a bike", "children play in the park", "a cat sleeps on the sofa",
+             "ein hund läuft über das gras", "un chien court dans l'herbe", "there is no cat",
+             "the picture shows two dogs", "a red car on the street", "people walk on the beach"]
+LABELS = ["entailment", "contradiction", "neutral"]
+
+
+def _load_config(name: str, arg: str = ""):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"finetune_{name}", REPO / "configs" / "finetune" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def _write_jpeg(path, rng, size=(40, 56)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(tf.io.encode_jpeg(tf.constant(rng.integers(0, 256, size + (3,), dtype=np.uint8))).numpy())
+
+
+def _jsonl(path, records):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+@pytest.fixture(scope="module")
+def fixture(tmp_path_factory, micro_params):
+    """An IGLUE `datasets` folder (XVNLI train/test, Flickr30K train + xFlickr&CO test), 8 generated images,
+    a tokenizer, and a micro CCLM as an official `.th` file and as an imported pre-training run directory."""
+    root = tmp_path_factory.mktemp("finetune")
+    iglue, images = root / "iglue", root / "images"
+    rng = np.random.default_rng(0)
+    ids = [str(1000 + i) for i in range(8)]
+    for i in ids:
+        _write_jpeg(images / f"{i}.jpg", rng)
+    xvnli = lambda n, offset: [{"Flikr30kID": ids[(k + offset) % 8], "sentence1": "premise",  # noqa: E731
+                                "sentence2": SENTENCES[(k + offset) % len(SENTENCES)],
+                                "gold_label": LABELS[k % 3], "pairID": f"p{offset}-{k}"} for k in range(n)]
+    _jsonl(iglue / "XVNLI" / "annotations" / "en" / "train.jsonl", xvnli(20, 0))
+    for lang, offset in (("en", 1), ("fr", 2)):
+        _jsonl(iglue / "XVNLI" / "annotations" / lang / "test.jsonl", xvnli(5, offset))
+    flickr = lambda offset: [{"sentences": [SENTENCES[(k + offset) % 12], SENTENCES[(k + offset + 5) % 12]],  # noqa: E731
+                              "id": i, "img_path": f"{i}.jpg"} for k, i in enumerate(ids)]
+    _jsonl(iglue / "flickr30k" / "annotations" / "train_ann.jsonl", flickr(0))
+    for lang, offset in (("en", 0), ("de", 3)):
+        _jsonl(iglue / "xFlickrCO" / "annotations" / lang / "test.jsonl", flickr(offset)[:6])
+
+    tokenizer = Tokenizer.train(SENTENCES * 4, root / "spm", vocab_size=200)
+    cfg = micro_params[0].copy_and_resolve_references()
+    cfg.text.update(vocab_size=tokenizer.vocab_size, mask_token_id=tokenizer.mask_id)
+    draw = np.random.default_rng(1)
+
+    def leaf(path, shape):
+        name = path[-1].key
+        if name == "scale":
+            return np.ones(shape, np.float32)
+        return np.full(shape, cfg.temp, np.float32) if name == "temp" else (0.05 * draw.normal(size=shape)).astype(
+            np.float32)
+
+    params = jax.tree_util.tree_map_with_path(leaf, param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))
+    checkpoint = root / "micro.th"
+    official.save(checkpoint, cfg, params)
+    pretrained = root / "pretrained_run"
+    import_to_workdir(str(checkpoint), str(pretrained), text_num_heads=cfg.text.num_heads)
+    return dict(root=root, iglue=iglue, images=images, tokenizer=tokenizer, model=cfg, params=params,
+                checkpoint=checkpoint, pretrained=pretrained)
+
+
+def _micro(config, fx, **init):
+    """The fixture's micro geometry, no dropout, small batches (8 fake devices: batches of 8)."""
+    config.model.vision.update(image_res=32, window_size=4, drop_path_rate=0.0)
+    config.model.text.update(hidden_dropout=0.0, attention_dropout=0.0)
+    config.init.update(**init)
+    config.data.update(iglue_root=str(fx["iglue"]), tokenizer=str(fx["tokenizer"].model_path), max_tokens=16,
+                       max_words=16, augment=False)
+    config.train.update(batch_size=8, checkpoint_every=4, log_every=1)
+    config.eval.update(batch_size=8, start_epoch=config.train.epochs)
+    config.optimizer.lr = 1e-3
+    return config
+
+
+def _xvnli_config(fx, epochs=2):
+    config = _load_config("xvnli")
+    config.train.epochs = epochs
+    config.data.update(image_root=str(fx["images"]), languages=["en", "fr"])
+    return _micro(config, fx, workdir=str(fx["pretrained"]), text_num_heads=0)
+
+
+def _retrieval_config(fx):
+    config = _load_config("xflickrco")
+    config.train.epochs = 1
+    config.data.image_root.update(flickr30k=str(fx["images"]), coco=str(fx["images"]))
+    config.data.languages = ["en", "de"]
+    config.objectives.negatives = "global"
+    config.eval.k_test = 3
+    config.eval.pairs_per_block = 16
+    return _micro(config, fx, checkpoint=str(fx["checkpoint"]), text_num_heads=fx["model"].text.num_heads)
+
+
+@pytest.fixture(scope="module")
+def xvnli_run(fixture, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("xvnli_run")
+    out = finetune_loop.finetune(_xvnli_config(fixture), str(workdir))
+    return workdir, out
+
+
+def _params(workdir):
+    config = finetune_init.read_workdir_config(workdir)
+    return finetune_init._restore_workdir_params(str(workdir), -1, config.task, config.model)
+
+
+def test_xvnli_finetunes_from_a_pretraining_run_and_reports(fixture, xvnli_run):
+    workdir, out = xvnli_run
+    results = report.read_results(workdir)
+    assert set(results) == {"xvnli"} and set(results["xvnli"]) == {"en", "fr"}
+    assert results["xvnli"] == out["results"]
+    for lang, test in load_task_data(_xvnli_config(fixture), train=False).tests.items():
+        accuracy = results["xvnli"][lang]["accuracy"]
+        assert accuracy * len(test) / 100 == pytest.approx(round(accuracy * len(test) / 100))  # k of 5 right
+    markdown = (workdir / "results.md").read_text()
+    assert "| fr |" in markdown and "avg (excl. en)" in markdown
+    assert (workdir / "xvnli.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads((workdir / "config.json").read_text())
+    assert saved["task"] == "xvnli" and saved["model"]["vision"]["image_res"] == 32
+    assert saved["data"]["tokenizer"] == str(fixture["tokenizer"].model_path)
+    # 20 examples, batch 8: 3 steps per epoch (the last one half padding), 2 epochs, checkpoints every 4 steps.
+    assert Checkpointer(str(workdir), every=1, keep=9).all_steps() == [4, 6]
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "train/ce" in r]
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6] and all(np.isfinite(r["train/ce"]) for r in train)
+    assert train[0]["train/ce"] == pytest.approx(np.log(3), abs=0.3)
+    # The pre-trained towers were the starting point, the new head was trained at 2x the learning rate.
+    params = _params(workdir)
+    assert sorted(params) == ["cls_head", "text_encoder", "vision_encoder"]
+    start = fixture["params"]["text_encoder"]["layer_0"]["attention"]["self"]["query"]["kernel"]
+    moved = np.abs(params["text_encoder"]["layer_0"]["attention"]["self"]["query"]["kernel"] - start).max()
+    assert 0 < moved < 4 * 1e-3 * 1.01
+
+
+def test_resume_is_exact(fixture, xvnli_run, tmp_path):
+    """A run killed after step 5 (its last checkpoint is step 4, in the second epoch) and restarted ends with the
+    same parameters and results as the uninterrupted run."""
+    workdir, out = xvnli_run
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy)
+    shutil.rmtree(copy / "checkpoints" / "6")
+    for name in ("results.json", "results.md", "xvnli.png"):
+        (copy / name).unlink()
+    resumed = finetune_loop.finetune(_xvnli_config(fixture), str(copy))
+    assert resumed["results"] == out["results"]
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(_params(workdir))[0],
+                            jax.tree.leaves(_params(copy))):
+        np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+
+
+def test_retrieval_finetunes_from_an_official_checkpoint(fixture, tmp_path):
+    workdir = tmp_path / "retrieval"
+    config = _retrieval_config(fixture)
+    out = finetune_loop.finetune(config, str(workdir))
+    results = report.read_results(workdir)["xflickrco"]
+    assert set(results) == {"en", "de"} and results == out["results"]
+    for values in results.values():
+        assert values["r_mean"] == pytest.approx(
+            np.mean([values[f"{d}_r{k}"] for d in ("txt", "img") for k in metrics.RECALL_AT]))
+    saved = finetune_init.read_workdir_config(workdir)
+    params = _params(workdir)
+    assert sorted(params) == ["itm_head", "temp", "text_encoder", "text_proj", "vision_encoder", "vision_proj"]
+    assert saved.name == "xflickrco" and Checkpointer(str(workdir), every=1, keep=9).all_steps() == [2]
+
+    # `evaluate` on the fine-tuned run with the dual encoder only adds the same-step results under the same key.
+    config = _retrieval_config(fixture)
+    config.eval.rerank = False
+    evaluated = finetune_loop.evaluate(config, str(workdir))
+    assert evaluated["step"] == 2 and set(report.read_results(workdir)) == {"xflickrco"}
+
+
+def test_training_batches_are_a_function_of_the_step(fixture):
+    config = _xvnli_config(fixture)
+    rows = load_task_data(config).train
+    make = lambda: TrainBatches("xvnli", rows, fixture["tokenizer"], global_batch=8, image_res=32, seed=3,  # noqa: E731
+                                max_tokens=16, max_words=16)
+    full = make().batches(0)
+    batches = [next(full) for _ in range(5)]
+    assert [b["valid"].sum() for b in batches] == [8, 8, 4, 8, 8]
+    labels = lambda b: sorted(b["label"][b["valid"]].tolist())  # noqa: E731
+    assert sorted(sum((labels(b) for b in batches[:3]), [])) == sorted(r.label for r in rows)
+    late = make().batches(3)
+    for expected in batches[3:]:
+        got = next(late)
+        for key in expected:
+            np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
+    hosts = [TrainBatches("xvnli", rows, fixture["tokenizer"], global_batch=8, image_res=32, seed=3,
+                          process_index=p, process_count=2, max_tokens=16, max_words=16).batches(0) for p in (0, 1)]
+    halves = [next(h) for h in hosts]
+    for key in batches[0]:
+        np.testing.assert_array_equal(np.concatenate([h[key] for h in halves]), batches[0][key], err_msg=key)
+
+
+def test_geometry_conversion_of_a_run_matches_the_official_import(fixture):
+    """A 32-px / window-4 run fine-tuned at 64 px / window 8 gets the tables `official.load` would give."""
+    config = _xvnli_config(fixture)
+    config.model.vision.update(image_res=64, window_size=8)
+    model_config = finetune_init.task_model_config(fixture["model"], config.model)
+    converted = finetune_init.resize_geometry(fixture["params"], model_config)
+    _, imported = official.load(fixture["checkpoint"], text_num_heads=fixture["model"].text.num_heads,
+                                vision__image_res=64, vision__window_size=8)
+    table = ("vision_encoder", "layers_0", "blocks_0", "attn", "relative_position_bias_table")
+    got, want = converted, imported
+    for part in table:
+        got, want = got[part], want[part]
+    assert got.shape == (15 * 15, 2)
+    np.testing.assert_allclose(got, np.asarray(want), rtol=1e-6)
+    abstract = finetune_init.abstract_task_params("xvnli", model_config)
+    finetune_init.check_tree(finetune.init_task_params("xvnli", converted, jax.random.PRNGKey(0)),
+                             nn.meta.unbox(abstract), "converted")
+
+
+def test_abstract_task_params_match_the_initialised_trees(fixture):
+    cfg = fixture["model"]
+    for task in finetune.TASKS:
+        params = finetune.init_task_params(task, fixture["params"], jax.random.PRNGKey(0))
+        finetune_init.check_tree(params, nn.meta.unbox(finetune_init.abstract_task_params(task, cfg)), task)
+    with pytest.raises(ValueError, match="do not fit the task model: missing: .*cls_head"):
+        finetune_init.check_tree(finetune.init_task_params("retrieval", fixture["params"], None),
+                                 nn.meta.unbox(finetune_init.abstract_task_params("xvnli", cfg)), "x")
+
+
+# ------------------------------------------------------------------------------------------------ errors
+
+def _error(config, tmp_path):
+    with pytest.raises((ValueError, FileNotFoundError)) as info:
+        finetune_loop.finetune(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "checkpoints").exists() or not list((tmp_path / "run" / "checkpoints").iterdir())
+    return str(info.value)
+
+
+def test_errors_before_compilation(fixture, tmp_path):
+    config = _xvnli_config(fixture)
+    config.init.checkpoint = str(fixture["checkpoint"])
+    assert "set exactly one of init.workdir" in _error(config, tmp_path)
+
+    config = _xvnli_config(fixture)
+    config.data.languages = ["en", "ar"]
+    message = _error(config, tmp_path)
+    assert "XVNLI/annotations/ar/test.jsonl does not exist" in message and "config.data.iglue_root" in message
+
+    config = _xvnli_config(fixture)
+    (fixture["images"] / "1003.jpg").rename(fixture["root"] / "moved.jpg")
+    try:
+        message = _error(config, tmp_path)
+    finally:
+        (fixture["root"] / "moved.jpg").rename(fixture["images"] / "1003.jpg")
+    assert "images referenced by" in message and "1003.jpg" in message
+
+    config = _xvnli_config(fixture)
+    config.train.batch_size = 12
+    assert "config.train.batch_size 12 is not divisible by the 8 batch shards" in _error(config, tmp_path)
+
+    config = _xvnli_config(fixture)
+    config.data.tokenizer = str(REPO / "no_such.model")
+    assert "no_such.model' does not exist" in _error(config, tmp_path)
+
+    config = _retrieval_config(fixture)
+    config.data.tokenizer = str(Tokenizer.train(SENTENCES * 4, tmp_path / "other", vocab_size=150).model_path)
+    assert "fine-tune with the pre-training tokenizer" in _error(config, tmp_path)
+
+
+def test_cli_reports_a_bad_config_without_compiling(fixture, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "cclm_jax", "finetune", f"--config={REPO}/configs/finetune/xvnli.py",
+         f"--workdir={tmp_path / 'run'}", f"--config.data.iglue_root={fixture['iglue']}",
+         f"--config.init.workdir={fixture['pretrained']}", "--config.data.image_root=/nonexistent/images"],
+        capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode != 0
+    assert "config.data.image_root: directory /nonexistent/images does not exist" in proc.stderr
