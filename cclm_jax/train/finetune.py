@@ -101,7 +101,7 @@ def default_finetune_config(task: str) -> ml_collections.ConfigDict:
                   "keep_checkpoints": 2, "log_every": 50},
         "optimizer": opt,
         "eval": {"batch_size": 96, "k_test": 128, "start_epoch": 0},
-        "data": {"tokenizer": "", "max_tokens": 40, "max_words": 40, "languages": ["en"], "train_language": "en",
+        "data": {"tokenizer": "", "max_tokens": 40, "max_words": 40, "languages": ("en",), "train_language": "en",
                  "augment": True},
         "mesh": {"data": -1},
         "distributed": False,

@@ -29,7 +29,7 @@ def get_config(arg: str = ""):
     config.name = "flickr8k"
     config.train.epochs = 10
     config.eval.update(batch_size=96, k_test=128)
-    config.data.update(flickr8k_root="", max_tokens=40, max_words=40, languages=list(LANGUAGES),
+    config.data.update(flickr8k_root="", max_tokens=40, max_words=40, languages=LANGUAGES,
                        train_language=languages[0] if languages else "en")
     if "tiny" in options:
         model = tiny_model_config()

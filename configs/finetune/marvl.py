@@ -15,5 +15,5 @@ def get_config(arg: str = ""):
     config.train.epochs = 10
     config.eval.update(batch_size=80)
     config.data.update(max_tokens=40, max_words=40, iglue_task="marvl", iglue_root="", image_root="",
-                       nlvr_image_root="", train_files=[], languages=list(IGLUE_LANGUAGES["marvl"]), shots="10x2")
+                       nlvr_image_root="", train_files=(), languages=IGLUE_LANGUAGES["marvl"], shots="10x2")
     return finetune.apply_protocol(config, arg or "zero_shot")

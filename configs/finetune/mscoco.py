@@ -16,7 +16,7 @@ def get_config(arg: str = ""):
     config.name = "mscoco"
     config.train.epochs = 10
     config.eval.update(batch_size=96, k_test=256)
-    config.data.update(max_tokens=40, max_words=40, image_root="", train_files=[],
-                       test_files={code: "" for code in LANGUAGES}, languages=list(LANGUAGES),
+    config.data.update(max_tokens=40, max_words=40, image_root="", train_files=(),
+                       test_files={code: "" for code in LANGUAGES}, languages=LANGUAGES,
                        train_language=lang)
     return finetune.apply_protocol(config, "all_languages" if lang == "all" else "zero_shot")

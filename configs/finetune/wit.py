@@ -19,5 +19,5 @@ def get_config(arg: str = ""):
     config.data.update(
         max_tokens=80, max_words=80, iglue_task="wit", iglue_root="", image_root="",
         train_file="wit/annotations/train_en.jsonl",  # relative to iglue_root
-        languages=["en", *IGLUE_LANGUAGES["wit"]])
+        languages=("en", *IGLUE_LANGUAGES["wit"]))
     return finetune.apply_protocol(config, protocol)

@@ -22,5 +22,5 @@ def get_config(arg: str = ""):
         max_tokens=80, max_words=80, iglue_task="xflickrco", iglue_root="",
         image_root={"flickr30k": "", "coco": ""},
         train_file="flickr30k/annotations/train_ann.jsonl",  # relative to iglue_root (English Flickr30K)
-        languages=["en", *IGLUE_LANGUAGES["xflickrco"]], shots=100)
+        languages=("en", *IGLUE_LANGUAGES["xflickrco"]), shots=100)
     return finetune.apply_protocol(config, arg or "zero_shot")

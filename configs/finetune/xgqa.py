@@ -20,5 +20,5 @@ def get_config(arg: str = ""):
     config.data.update(max_tokens=40, max_words=30, test_max_words=50, max_answers=10, answer_tokens=12,
                        iglue_task="xgqa", iglue_root="", image_root="", train_file="gqa/annotations/train.json",
                        answer_list="gqa/annotations/trainval_ans2label.json",
-                       languages=["en", *IGLUE_LANGUAGES["xgqa"]], shots=10)
+                       languages=("en", *IGLUE_LANGUAGES["xgqa"]), shots=10)
     return finetune.apply_protocol(config, protocol)

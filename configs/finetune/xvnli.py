@@ -13,5 +13,5 @@ def get_config(arg: str = ""):
     config.train.epochs = 10
     config.eval.update(batch_size=96)
     config.data.update(max_tokens=80, max_words=80, iglue_task="xvnli", iglue_root="", image_root="",
-                       languages=["en", *IGLUE_LANGUAGES["xvnli"]], shots=48)
+                       languages=("en", *IGLUE_LANGUAGES["xvnli"]), shots=48)
     return finetune.apply_protocol(config, arg or "zero_shot")
