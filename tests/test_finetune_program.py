@@ -54,8 +54,8 @@ def _jsonl(path, records):
 
 @pytest.fixture(scope="module")
 def fixture(tmp_path_factory, micro_params):
-    """An IGLUE `datasets` folder (XVNLI train/test, Flickr30K train + xFlickr&CO test), 8 generated images,
-    a tokenizer, and a micro CCLM as an official `.th` file and as an imported pre-training run directory."""
+    """An IGLUE `datasets` folder (XVNLI train/test/translate-test/few-shot, Flickr30K train + xFlickr&CO test,
+    MaRVL test + an NLVR2 training list, GQA train + answers + xGQA test), generated images, a tokenizer, and a micro CCLM as an official `.th` file and as an imported pre-training run directory."""
     root = tmp_path_factory.mktemp("finetune")
     iglue, images = root / "iglue", root / "images"
     rng = np.random.default_rng(0)
@@ -73,6 +73,32 @@ def fixture(tmp_path_factory, micro_params):
     _jsonl(iglue / "flickr30k" / "annotations" / "train_ann.jsonl", flickr(0))
     for lang, offset in (("en", 0), ("de", 3)):
         _jsonl(iglue / "xFlickrCO" / "annotations" / lang / "test.jsonl", flickr(offset)[:6])
+    _jsonl(iglue / "XVNLI" / "annotations_machine-translate" / "fr" / "test.jsonl", xvnli(3, 4))
+    _jsonl(iglue / "XVNLI" / "annotations" / "fr" / "train_5.jsonl", xvnli(5, 5))
+    # MaRVL: NLVR2 json training list (images under nlvr/), zero-shot test in the IGLUE image layout.
+    for side in ("a", "b"):
+        for k in range(3):
+            _write_jpeg(root / "nlvr" / f"dev-{k}-{side}.png", rng)
+            _write_jpeg(images / "id" / "images" / "anjing" / f"{k}-{side}.jpg", rng)
+    (root / "nlvr.json").write_text(json.dumps([{"images": [f"dev-{k}-a.png", f"dev-{k}-b.png"],
+                                                 "sentence": SENTENCES[k], "label": ["True", "False"][k % 2]}
+                                                for k in range(3)]))
+    _jsonl(iglue / "marvl" / "zero_shot" / "annotations" / "marvl-id.jsonl",
+           [{"id": f"id-{k}", "left_img": f"{k}-a.jpg", "right_img": f"{k}-b.jpg", "caption": SENTENCES[k + 3],
+             "label": bool(k % 2), "concept": "anjing", "language": "id"} for k in range(3)])
+    # GQA training list, the answer list, an xGQA test file.
+    answers = ["yes", "no", "left", "two"]
+    (iglue / "gqa" / "annotations").mkdir(parents=True)
+    (iglue / "gqa" / "annotations" / "train.json").write_text(json.dumps(
+        [{"question_id": f"q{k}", "img_id": ids[k], "sent": q, "label": label} for k, (q, label) in enumerate(
+            [("Is the dog on the left?", {"yes": 1.0}), ("How many dogs?", {"two": 1.0, "no": 0.3}),
+             ("Is there a cat?", {"no": 1.0})])]))
+    (iglue / "gqa" / "annotations" / "trainval_ans2label.json").write_text(
+        json.dumps({a: i for i, a in enumerate(answers)}))
+    xgqa = iglue / "xGQA" / "annotations" / "few_shot" / "de" / "test.json"
+    xgqa.parent.mkdir(parents=True)
+    xgqa.write_text(json.dumps({f"x{k}": {"imageId": ids[k], "question": q, "answer": a}
+                                for k, (q, a) in enumerate([("Gibt es einen Hund?", "yes"), ("Wie viele?", "two")])}))
 
     tokenizer = Tokenizer.train(SENTENCES * 4, root / "spm", vocab_size=200)
     cfg = micro_params[0].copy_and_resolve_references()
@@ -270,6 +296,44 @@ def test_abstract_task_params_match_the_initialised_trees(fixture):
     with pytest.raises(ValueError, match="do not fit the task model: missing: .*cls_head"):
         finetune_init.check_tree(finetune.init_task_params("retrieval", fixture["params"], None),
                                  nn.meta.unbox(finetune_init.abstract_task_params("xvnli", cfg)), "x")
+
+
+def test_protocols_and_two_image_and_vqa_data(fixture):
+    translate = load_task_data(_config("xvnli", {**_xvnli(fixture), "protocol": "translate_test"}), train=False)
+    assert [len(translate.tests[lang]) for lang in ("en", "fr")] == [5, 3]  # fr: the machine-translated file
+    few = load_task_data(_config("xvnli", {**_xvnli(fixture), "protocol": "few_shot", "data.shots": 5,
+                                           "data.train_language": "fr"}))
+    assert len(few.train) == 5 and list(few.tests) == ["fr"]
+
+    marvl = _config("marvl", {**_micro(fixture), "data.image_root": fixture["images"], "data.languages": ("id",),
+                              "data.train_files": (str(fixture["root"] / "nlvr.json"),),
+                              "data.nlvr_image_root": fixture["root"] / "nlvr"})
+    data = load_task_data(marvl)
+    assert len(data.train) == 3 and len(data.tests["id"]) == 3
+    batch = next(TrainBatches("marvl", data.train, fixture["tokenizer"], global_batch=4, image_res=32, seed=0,
+                              augment=False, max_tokens=16, max_words=16).batches(0))
+    order = TrainBatches("marvl", data.train, fixture["tokenizer"], global_batch=4, image_res=32,
+                         seed=0).epoch_order(0)[0]
+    for key, side in (("image", 0), ("image_2", 1)):
+        np.testing.assert_array_equal(batch[key], finetune.load_images(
+            [data.train[i].image_paths[side] for i in order], 32))
+    assert batch["valid"].tolist() == [True, True, True, False]
+    np.testing.assert_array_equal(batch["label"], [data.train[i].label for i in order])
+
+    xgqa = _config("xgqa", {**_micro(fixture), "data.image_root": fixture["images"], "data.languages": ("de",),
+                            "data.max_answers": 2, "data.answer_tokens": 6})
+    data = load_task_data(xgqa)
+    assert data.answers == ("yes", "no", "left", "two") and len(data.tests["de"]) == 2
+    batch = next(TrainBatches("xgqa", data.train, fixture["tokenizer"], global_batch=4, image_res=32, seed=0,
+                              max_tokens=16, max_words=16, max_answers=2, answer_tokens=6).batches(0))
+    assert batch["image"].shape == (4, 32, 32, 3) and batch["answer_ids"].shape == (4, 2, 6)
+    weights = {data.train[i].question_id: w.tolist() for i, w in zip(
+        TrainBatches("xgqa", data.train, None, global_batch=4, image_res=32, seed=0).epoch_order(0)[0],
+        batch["answer_weights"])}
+    assert weights == {"q0": [1.0, 0.0], "q1": [0.5, 0.5], "q2": [1.0, 0.0]}
+    with pytest.raises(ValueError, match="no training data in other languages for xgqa"):
+        load_task_data(_config("xgqa", {**_micro(fixture), "data.image_root": fixture["images"],
+                                        "protocol": "all_languages"}))
 
 
 # ------------------------------------------------------------------------------------------------ errors
