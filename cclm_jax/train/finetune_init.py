@@ -31,6 +31,8 @@ from flax import linen as nn
 
 from cclm_jax.checkpoint import Checkpointer, abstract_like
 from cclm_jax.data.tokenizer import Tokenizer
+from cclm_jax.interop.layout import layout_of_task
+from cclm_jax.interop.shapes import abstract_params
 from cclm_jax.models import build_model
 from cclm_jax.models.config import validate_model_config
 from cclm_jax.train import finetune
@@ -41,7 +43,6 @@ RUNTIME_FIELDS = ("dtype", "remat", "attention_impl", "cache_cross_kv", "scan_la
                   "text.hidden_dropout", "text.attention_dropout")
 GEOMETRY_FIELDS = ("vision.image_res", "vision.window_size")
 RELATIVE_POSITION_TABLE = "relative_position_bias_table"
-RETRIEVAL_KEEPS = ("temp", "vision_encoder", "text_encoder", "text_proj", "vision_proj", "itm_head")
 
 
 # ------------------------------------------------------------------------------------------------ configs
@@ -100,9 +101,10 @@ def load_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer:
         from cclm_jax.data.pipeline import load_tokenizer as run_tokenizer
 
         start = read_workdir_config(config.init.workdir)
-        return run_tokenizer(start.data)
-    raise ValueError("config.data.tokenizer is not set (a SentencePiece model; with init.workdir the run's own "
-                     "tokenizer is used)")
+        if start.get("data", {}).get("tokenizer"):
+            return run_tokenizer(start.data)
+    raise ValueError("config.data.tokenizer is not set: name the SentencePiece model of the pre-trained model "
+                     "(a run in init.workdir that names its own is used when this is empty)")
 
 
 def check_vocab(model_config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> None:
@@ -117,19 +119,7 @@ def check_vocab(model_config: ml_collections.ConfigDict, tokenizer: Tokenizer) -
 def abstract_task_params(task: str | None, model_config: ml_collections.ConfigDict):
     """Boxed (logically partitioned) ShapeDtypeStructs of a task's parameter tree (task None: the pre-training
     CCLM tree); nothing is allocated."""
-    res = model_config.vision.image_res
-    image = jax.ShapeDtypeStruct((1, res, res, 3), jnp.float32)
-    ids = jax.ShapeDtypeStruct((1, 8), jnp.int32)
-    key = jax.random.PRNGKey(0)
-    if task is None:
-        return jax.eval_shape(build_model(model_config).init, key, image, ids, ids)["params"]
-    model = finetune.build_task_model(task, model_config)
-    inputs = {"retrieval": (image, ids, ids), "xvnli": (image, ids, ids), "marvl": (image, image, ids, ids),
-              "xgqa": (image, ids, ids, ids, ids)}[task]
-    params = jax.eval_shape(model.init, key, *inputs)["params"]
-    if task == "retrieval":  # what `tasks.init_retrieval_params` keeps
-        params = {k: v for k, v in params.items() if k in RETRIEVAL_KEEPS}
-    return params
+    return abstract_params(model_config, layout_of_task(task))
 
 
 def _flat(tree) -> dict[str, Any]:

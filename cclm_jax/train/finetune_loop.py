@@ -247,7 +247,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
     data = load_task_data(config, train=False)
     model_config = saved.model
     config.model = model_config
-    tokenizer = Tokenizer(config.data.tokenizer or saved.data.tokenizer)
+    tokenizer_path = config.data.tokenizer or saved.data.get("tokenizer")
+    if not tokenizer_path:
+        raise ValueError(f"config.data.tokenizer is not set and {workdir}/config.json names no tokenizer")
+    tokenizer = Tokenizer(tokenizer_path)
     finetune_init.check_vocab(model_config, tokenizer)
     mesh = parallel.make_mesh(config.mesh)
     abstract = finetune_init.abstract_task_params(config.task, model_config)
