@@ -375,6 +375,9 @@ def test_errors_before_compilation(fixture, tmp_path):
     config.data.tokenizer = str(Tokenizer.train(SENTENCES * 4, tmp_path / "other", vocab_size=150).model_path)
     assert "fine-tune with the pre-training tokenizer" in _error(config, tmp_path)
 
+    with pytest.raises(ValueError, match="holds a pre-training run .* evaluate it with its own task's config"):
+        finetune_loop.evaluate(_config("xvnli", _xvnli(fixture)), str(fixture["pretrained"]))
+
 
 def test_cli_reports_a_bad_config_without_compiling(fixture, tmp_path):
     proc = _cli("finetune", "xvnli", tmp_path / "run", {**_xvnli(fixture), "data.image_root": "/nonexistent/images"},

@@ -84,13 +84,18 @@ def write_report(results: dict[str, dict[str, float]], name: str, out_dir: str) 
     report.write_results(merged, out_dir)
 
 
+def _run_kind(saved: ml_collections.ConfigDict) -> str:
+    return f"a {saved.task!r} fine-tuning run" if saved.get("task") else "a pre-training run"
+
+
 def _resolve(config: ml_collections.ConfigDict, workdir: str, resuming: bool, rng: jax.Array):
     """(tokenizer, host task params; None when resuming), with `config.model` and `config.data.tokenizer` set to
     the run's own (those of `workdir/config.json` when it resumes)."""
     if resuming:
         saved = finetune_init.read_workdir_config(workdir)
         if saved.get("task") != config.task:
-            raise ValueError(f"{workdir} holds a {saved.get('task')!r} run, not a {config.task!r} fine-tuning run")
+            raise ValueError(f"{workdir} holds {_run_kind(saved)}, not a {config.task!r} fine-tuning run: "
+                             "fine-tune into a new directory")
         config.model = saved.model
         config.data.tokenizer = saved.data.tokenizer
         return Tokenizer(saved.data.tokenizer), None
@@ -241,8 +246,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
     workdir = os.path.abspath(os.path.expanduser(workdir))
     saved = finetune_init.read_workdir_config(workdir)
     if saved.get("task") != config.task:
-        raise ValueError(f"{workdir} holds a {saved.get('task')!r} run (config.json), not a {config.task!r} "
-                         "fine-tuning run: evaluate it with its own task's config")
+        raise ValueError(f"{workdir} holds {_run_kind(saved)} (config.json), not a {config.task!r} fine-tuning "
+                         "run: evaluate it with its own task's config")
     finetune_lib.validate_finetune_config(config)
     data = load_task_data(config, train=False)
     model_config = saved.model
