@@ -36,7 +36,7 @@ import os
 
 import ml_collections
 
-from cclm_jax.data.config import default_data_config, validate_data_config
+from cclm_jax.data.config import default_data_config, resolve_host_shards, validate_data_config
 from cclm_jax.models.config import base_model_config, validate_model_config
 from cclm_jax.objectives import default_objectives_config, validate_objectives_config
 from cclm_jax.train.optimizer import (default_optimizer_config, default_schedule_config,
@@ -128,11 +128,11 @@ def _check_batch_split(config: ml_collections.ConfigDict, num_devices: int | Non
     n = num_devices if num_devices is not None else jax.device_count()
     data, fsdp, _ = mesh_shape(config.mesh, n)
     shards = data * fsdp
-    processes = jax.process_count()
+    input_shards = resolve_host_shards(config.data, jax.process_count())
     for kind in ("image_caption", "parallel_text"):
         if config.data.mix.get(kind, 0) <= 0:
             continue
-        global_batch = config.data[kind].batch_size * processes
+        global_batch = config.data[kind].batch_size * input_shards
         if global_batch % shards:
             raise ValueError(f"config.data.{kind}.batch_size: the global batch {global_batch} is not divisible "
                              f"by the {shards} batch shards (mesh data x fsdp = {data} x {fsdp})")

@@ -11,6 +11,15 @@ Top level
     threads (int)           tf.data private thread pool size; 0 = TensorFlow's default.
     mix (dict kind -> int)  fixed batch ratio, e.g. {"image_caption": 1, "parallel_text": 1};
                             kinds with ratio 0 get no pipeline.
+    host_shards (int)       input shards every source is split into (equal sizes); 0 (default) =
+                            one per process. Each process reads ``host_shards / process_count``
+                            consecutive shards (process p: shards p*k .. p*k+k-1) and concatenates
+                            their batches in shard order, so ``batch_size`` is per shard and the
+                            global batch is ``batch_size * host_shards``, laid out exactly as the
+                            global array of a ``host_shards``-process run. One process with
+                            host_shards=N therefore trains on the batches of an N-process run.
+                            Checkpoints keep the data position of every shard: a run may resume
+                            with another process count if host_shards stays the same.
     demo                    DemoSpec fields: image_size (stored px), num_train, num_val,
                             num_parallel, vocab_size, seed.
 
@@ -30,7 +39,8 @@ image_caption (training) and eval (retrieval dev set) share the reader keys
     image_res (int)         output pixels (square).
     max_tokens, max_words   caption length limits (ids incl. <s> </s>; words for pre_caption).
 image_caption only
-    batch_size (int)        per-host batch (remainder dropped).
+    batch_size (int)        per-shard batch (= per-process batch with the default host_shards;
+                            remainder dropped).
     crop_scale (lo, hi)     RandomResizedCrop area range: (0.2, 1.0) pre-training, (0.5, 1.0) fine-tuning.
     randaugment (bool)      RandomAugment(2, 7) after crop and flip.
     max_masks, mask_prob    masking: 12 and 0.4 in the reference.
@@ -72,6 +82,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     cfg.prefetch = 2
     cfg.threads = 0
     cfg.mix = {"image_caption": 1, "parallel_text": 1}
+    cfg.host_shards = 0
     cfg.demo = dict(image_size=64, num_train=3000, num_val=150, num_parallel=20000,
                     vocab_size=1000, seed=0)
     cfg.image_caption = dict(
@@ -129,6 +140,16 @@ def _check_reader(cfg, section: str):
     _check_text_limits(cfg, section, masks=section == "image_caption")
 
 
+def resolve_host_shards(cfg: ml_collections.ConfigDict, process_count: int) -> int:
+    """The number of input shards of ``cfg.host_shards`` for ``process_count`` processes (0 -> one per
+    process); raises ValueError unless it is a positive multiple of ``process_count``."""
+    shards = cfg.host_shards or process_count
+    if isinstance(shards, bool) or not isinstance(shards, int) or shards < 0 or shards % process_count:
+        _fail("host_shards", f"must be 0 or a positive multiple of the {process_count} processes, "
+                             f"got {cfg.host_shards!r}")
+    return shards
+
+
 def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
     """Raise ValueError / FileNotFoundError naming the key for any missing file or bad value."""
     defaults = default_data_config()
@@ -146,6 +167,8 @@ def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
         _fail("seed", f"must be an integer >= 0, got {cfg.seed!r}")
     if cfg.tokenizer != "demo":
         _check_file("tokenizer", cfg.tokenizer)
+    if isinstance(cfg.host_shards, bool) or not isinstance(cfg.host_shards, int) or cfg.host_shards < 0:
+        _fail("host_shards", f"must be an integer >= 0, got {cfg.host_shards!r}")
     _positive_int(cfg, "", "shuffle_buffer")
     _positive_int(cfg, "", "prefetch")
     if isinstance(cfg.threads, bool) or not isinstance(cfg.threads, int) or cfg.threads < 0:

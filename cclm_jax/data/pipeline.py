@@ -23,6 +23,11 @@ function of positions, so ``get_state()`` is two counters (``{"batches", "next_e
 resumed iterator yields bitwise the batches an uninterrupted one would. Restoring reads and
 drops the records of the current epoch before the position (no decoding).
 
+``build_host_pipelines(data_config, tokenizer, process_index, process_count)`` is what a training
+process reads: ``{kind: HostBatches}``, the concatenation (in shard order) of the batches of the
+``data.host_shards / process_count`` input shards of this process, each shard a
+``build_train_pipelines(..., process_index=shard, process_count=host_shards)`` iterator.
+
 ``build_retrieval_eval(data_config, tokenizer)`` returns a ``RetrievalData`` with every caption
 of the dev images per language (``text_ids``, ``text_atts``, ``image_index``) and
 ``image_batches()`` yielding ``image`` uint8 (B, R, R, 3), ``image_index`` int32 (B,) and
@@ -41,7 +46,7 @@ from cclm_jax.data import demo as demo_lib
 from cclm_jax.data import image as image_lib
 from cclm_jax.data import randaugment
 from cclm_jax.data import sources
-from cclm_jax.data.config import validate_data_config
+from cclm_jax.data.config import resolve_host_shards, validate_data_config
 from cclm_jax.data.mixture import Mixture
 from cclm_jax.data.text import mask_batch, pad_batch, pre_caption
 from cclm_jax.data.tokenizer import Tokenizer
@@ -416,6 +421,65 @@ def build_train_pipelines(data_config, tokenizer: Tokenizer, *, process_index: i
         make = build(cfg, source, host_split, size, tokenizer, process_index)
         pipelines[kind] = BatchIterator(kind, make, cfg[kind].batch_size, source.skipped)
     return pipelines
+
+
+class HostBatches:
+    """One process's batches of one kind: the batches of its input shards concatenated along the
+    example axis in shard order (``data.host_shards``; see the module docstring).
+
+    ``get_state()`` / ``set_state()`` map each shard index to its ``BatchIterator`` state.
+    """
+
+    def __init__(self, shards: Dict[int, BatchIterator]):
+        if not shards:
+            raise ValueError("HostBatches needs at least one shard")
+        self.shards = dict(sorted(shards.items()))
+        first = next(iter(self.shards.values()))
+        self.kind = first.kind
+        self.batch_size = sum(it.batch_size for it in self.shards.values())
+
+    def __iter__(self) -> Iterator[Dict[str, np.ndarray]]:
+        return self
+
+    def __next__(self) -> Dict[str, np.ndarray]:
+        batches = [next(it) for it in self.shards.values()]
+        if len(batches) == 1:
+            return batches[0]
+        return {key: np.concatenate([b[key] for b in batches]) for key in batches[0]}
+
+    def close(self) -> None:
+        for it in self.shards.values():
+            it.close()
+
+    def get_state(self) -> Dict[int, Dict[str, np.ndarray]]:
+        """``{shard index: BatchIterator.get_state()}`` for the shards of this process."""
+        return {shard: it.get_state() for shard, it in self.shards.items()}
+
+    def set_state(self, states: Dict[int, Dict[str, np.ndarray]]) -> None:
+        """Continue from ``{shard index: state}`` (it may hold other processes' shards too)."""
+        missing = sorted(set(self.shards) - set(states))
+        if missing:
+            raise ValueError(f"{self.kind}: no data position for input shard(s) {missing}; the state has "
+                             f"shards {sorted(states)} (was config.data.host_shards changed?)")
+        for shard, it in self.shards.items():
+            it.set_state(states[shard])
+
+    def metrics(self) -> Dict[str, int]:
+        """The source's build-time skip counts (the same for every shard)."""
+        return next(iter(self.shards.values())).metrics()
+
+
+def build_host_pipelines(data_config, tokenizer: Tokenizer, *, process_index: int = 0,
+                         process_count: int = 1) -> Dict[str, HostBatches]:
+    """``{kind: HostBatches}`` of process ``process_index`` of ``process_count``: input shards
+    ``p*k .. p*k+k-1`` of ``data.host_shards`` (k = host_shards / process_count)."""
+    shards = resolve_host_shards(data_config, process_count)
+    per_process = shards // process_count
+    mine = range(process_index * per_process, (process_index + 1) * per_process)
+    by_shard = {s: build_train_pipelines(data_config, tokenizer, process_index=s, process_count=shards)
+                for s in mine}
+    kinds = next(iter(by_shard.values()))
+    return {kind: HostBatches({s: pipes[kind] for s, pipes in by_shard.items()}) for kind in kinds}
 
 
 # ----------------------------------------------------------------------------- retrieval dev set

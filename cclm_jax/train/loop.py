@@ -2,9 +2,9 @@
 
 Only this module knows about every part. One call, `train(config, workdir)`, runs (or resumes) a run:
 - validates the config before anything compiles, writes the resolved config to `workdir/config.json`;
-- builds the mesh, the per-host tf.data pipelines, the model and its parameters born sharded (random,
-  an imported official checkpoint, or the XLM-R + Swin initialisation);
-- resumes from the newest complete checkpoint in the workdir (state, RNG, data positions of every host);
+- builds the mesh, this process's tf.data pipelines (its `data.host_shards` input shards), the model and
+  its parameters born sharded (random, an imported official checkpoint, or the XLM-R + Swin initialisation);
+- resumes from the newest complete checkpoint in the workdir (state, RNG, data positions of every shard);
 - follows the fixed-ratio mixture: step s trains on `mixture.kind_at(s)` (or both kinds in `joint` mode);
 - fetches metrics from the device only at log steps; saves at the configured interval, on SIGTERM and
   on Orbax's preemption notice, then exits cleanly; evaluates dev retrieval at the end (and periodically).
@@ -24,7 +24,7 @@ from jax.experimental import multihost_utils
 from cclm_jax import parallel
 from cclm_jax.checkpoint import Checkpointer, PreemptionWatcher, abstract_like
 from cclm_jax.data.mixture import Mixture
-from cclm_jax.data.pipeline import build_train_pipelines, load_tokenizer
+from cclm_jax.data.pipeline import build_host_pipelines, load_tokenizer
 from cclm_jax.models import build_model
 from cclm_jax.run_config import resolve_vocab, validate_run_config
 from cclm_jax.train import metrics as metrics_lib
@@ -76,31 +76,36 @@ def initial_params(config: ml_collections.ConfigDict, mesh, rng: jax.Array):
 
 
 def _gather_data_state(iterators: dict) -> dict:
-    """Every host's iterator positions: {kind: {field: [value per process]}} (identical on all hosts)."""
+    """Every input shard's iterator position: {kind: {field: [value per shard]}} (identical on all hosts).
+
+    Process p holds shards p*k .. p*k+k-1 (`data.host_shards`), so the all-gather lists them in shard order.
+    """
     out = {}
     for kind, it in iterators.items():
-        state = it.get_state()
-        fields = sorted(state)
-        local = np.array([int(state[f]) for f in fields], np.int64)
+        states = it.get_state()
+        fields = sorted(next(iter(states.values())))
+        local = np.array([[int(states[s][f]) for f in fields] for s in sorted(states)], np.int64)
         everyone = np.asarray(multihost_utils.process_allgather(local)).reshape(-1, len(fields))
         out[kind] = {f: everyone[:, i].tolist() for i, f in enumerate(fields)}
     return out
 
 
 def _flatten_for_json(data_state: dict) -> dict:
-    """Orbax JsonSave wants flat ints per field: encode per-process lists as 'field@process'."""
-    return {kind: {f"{f}@{p}": v for f, values in fields.items() for p, v in enumerate(values)}
+    """Orbax JsonSave wants flat ints per field: encode per-shard lists as 'field@shard'."""
+    return {kind: {f"{f}@{shard}": v for f, values in fields.items() for shard, v in enumerate(values)}
             for kind, fields in data_state.items()}
 
 
 def _restore_iterators(iterators: dict, saved: dict) -> None:
-    me = jax.process_index()
     for kind, it in iterators.items():
         if kind not in saved:
             raise ValueError(f"checkpoint has no data position for {kind!r}; it was written by a run "
                              f"with another data.mix")
-        it.set_state({key.split("@")[0]: value for key, value in saved[kind].items()
-                      if key.endswith(f"@{me}")})
+        by_shard: dict[int, dict] = {}
+        for key, value in saved[kind].items():
+            field, shard = key.rsplit("@", 1)
+            by_shard.setdefault(int(shard), {})[field] = value
+        it.set_state(by_shard)
 
 
 def _batches_for(kind: str, mode: str, iterators: dict) -> tuple[dict, dict]:
@@ -120,9 +125,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     write_config(config, workdir)
 
     mesh = parallel.make_mesh(config.mesh)
-    iterators = build_train_pipelines(config.data, tokenizer, process_index=jax.process_index(),
-                                      process_count=jax.process_count())
+    iterators = build_host_pipelines(config.data, tokenizer, process_index=jax.process_index(),
+                                     process_count=jax.process_count())
     mixture = Mixture(dict(config.data.mix))
+    log.info("process %d of %d reads input shards %s", jax.process_index(), jax.process_count(),
+             sorted(next(iter(iterators.values())).shards))
 
     rng = jax.random.PRNGKey(config.train.seed)
     init_rng, state_rng = jax.random.split(rng)
