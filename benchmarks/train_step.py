@@ -17,8 +17,8 @@ the dot see the same machine load; medians are reported. Batches are synthetic, 
 normalised inside the step; that path imports TensorFlow, which accelerator images may lack).
 
 Model FLOPs are `cclm_jax.flops.model_flops` (3 x forward, reference computation). MFU divides model FLOP/s by
-the chip's dense bf16 peak from `PEAK_TFLOPS` (one entry per known accelerator); on a CPU, or any unknown device,
-it divides by the median of the `jnp.dot` rounds in the step's compute dtype ("% of dot").
+the chip's dense bf16 peak (`cclm_jax.flops.peak_flops`, one entry per known accelerator); on a CPU, or any
+unknown device, it divides by the median of the `jnp.dot` rounds in the step's compute dtype ("% of dot").
 `--label` writes (or replaces) the subsection `### NAME` of the `## Train step` section of `--results`.
 """
 from __future__ import annotations
@@ -54,22 +54,6 @@ from cclm_jax.train.steps import StepConfig, make_train_steps  # noqa: E402
 
 SECTION = "## Train step"
 GiB = 2 ** 30
-
-# Dense bf16 peak per chip, TFLOP/s (vendor data sheets, no sparsity). Matched in order on `device_kind`.
-PEAK_TFLOPS = (
-    ("H100 PCIe", 756.0),
-    ("H100 NVL", 835.0),
-    ("H100", 989.4),   # SXM
-    ("H200", 989.4),
-    ("GH200", 989.4),
-    ("A100", 312.0),
-    ("TPU v4", 275.0),
-    ("TPU v5 lite", 197.0),  # v5e
-    ("TPU v5e", 197.0),
-    ("TPU v5", 459.0),  # v5p
-    ("TPU v6 lite", 918.0),  # v6e
-)
-
 
 # ---------------------------------------------------------------------------------------------------- config
 
@@ -177,16 +161,6 @@ def matmul_peak(dtype: str, n: int = 2048, reps: int = 5) -> float:
         dot(a, b).block_until_ready()
         best = min(best, time.perf_counter() - t0)
     return 2 * n ** 3 / best
-
-
-def device_peak(device: jax.Device) -> float | None:
-    """Dense bf16 peak FLOP/s of one chip from `PEAK_TFLOPS`, or None when the device is not listed."""
-    if device.platform == "cpu":
-        return None
-    for name, tflops in PEAK_TFLOPS:
-        if name.lower() in device.device_kind.lower():
-            return tflops * 1e12
-    return None
 
 
 def memory_stats(compiled) -> dict[str, float]:
@@ -299,7 +273,7 @@ def summarise(arm: Prepared, kind: str, batch: int, dot_peak: dict[str, float]) 
     config = arm.config
     per_example = flops.model_flops(config.model, kind, batch_shapes(config)[kind])
     model_flops_per_s = per_example * batch / step_s
-    peak = device_peak(jax.devices()[0])
+    peak = flops.peak_flops(jax.devices()[0].device_kind)
     n = info["devices"]
     return Result(
         arm=arm.name, kind=kind, batch=batch, dtype=config.model.dtype, lower_s=info["lower_s"],

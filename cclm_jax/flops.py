@@ -1,4 +1,4 @@
-"""Analytic model FLOPs per example for CCLM's two pre-training batch kinds (used for MFU).
+"""Analytic model FLOPs per example for CCLM's two pre-training batch kinds, and chips' peaks (for MFU).
 
 Accounting (every number is FLOPs = 2 x multiply-adds; only matrix products are counted):
 - dense layers: 2 * in * out per token (biases, LayerNorm, GELU, softmax, residual adds are left out: they are
@@ -190,17 +190,55 @@ def run_config_shapes(config: ml_collections.ConfigDict) -> dict[str, TextShapes
             "parallel_text": TextShapes(data.parallel_text.max_tokens, data.parallel_text.max_masks)}
 
 
+def run_model_flops(config: ml_collections.ConfigDict) -> dict[str, int]:
+    """Training model FLOPs per example of each batch kind at a run config's shapes: what `describe` prints and
+    the training metrics count (`train/<kind>/model_tflop_per_step` = this x the global batch)."""
+    shapes = run_config_shapes(config)
+    return {kind: model_flops(config.model, kind, shapes[kind]) for kind in KINDS}
+
+
 def describe(config: ml_collections.ConfigDict) -> str:
     """Lines for `cclm-jax info`: training GFLOPs per example of each batch kind at the config's shapes."""
     shapes = run_config_shapes(config)
+    per_example = run_model_flops(config)
     lines = []
     for kind in KINDS:
         s = shapes[kind]
-        train = model_flops(config.model, kind, s)
+        train = per_example[kind]
         cached = 3 * forward_flops(config.model, kind, s, cache_cross_kv=True)
         lines.append(f"{kind}: {train / 1e9:.1f} GFLOPs/example training (3 x forward; {s.tokens} tokens, "
                      f"{s.masks} masks); {cached / 1e9:.1f} executed with model.cache_cross_kv")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------- chips' peaks
+
+# Dense bf16 peak per chip, TFLOP/s (vendor data sheets, no sparsity). Matched in order, as a case-insensitive
+# substring of `jax.Device.device_kind` (e.g. "TPU v5 lite" = v5e, "TPU v6 lite" = v6e, "NVIDIA H100 80GB HBM3").
+PEAK_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.4),  # SXM
+    ("GH200", 989.4),
+    ("H200", 989.4),
+    ("A100", 312.0),
+    ("TPU v4", 275.0),
+    ("TPU v5 lite", 197.0),  # v5e
+    ("TPU v5e", 197.0),
+    ("TPU v5", 459.0),  # v5p
+    ("TPU v6 lite", 918.0),  # v6e (Trillium)
+    ("TPU v6e", 918.0),
+)
+
+
+def peak_flops(device_kind: str) -> float | None:
+    """Dense bf16 peak FLOP/s of one chip of `device_kind` (`jax.Device.device_kind`) from `PEAK_TFLOPS`, or None
+    for a chip that is not listed (CPUs included): MFU is then not reported."""
+    kind = device_kind.lower()
+    for name, tflops in PEAK_TFLOPS:
+        if name.lower() in kind:
+            return tflops * 1e12
+    return None
 
 
 # ------------------------------------------------------------------------------------ cross-check with XLA

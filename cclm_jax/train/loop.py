@@ -165,7 +165,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             t1 = time.time()
             _maybe_profile(config, workdir, step, start)
             state, step_metrics = steps[kind](state, batches)
-            writer.record(kind, step_metrics, sizes, input_seconds=t1 - t0, step_seconds=time.time() - t0)
+            writer.record(kind, step_metrics, sizes, input_seconds=t1 - t0)
             step += 1
             if step % config.train.log_every == 0 or step == config.train.num_steps:
                 final.update(writer.flush(step, state, iterators))

@@ -2,7 +2,14 @@
 
 Step measurements stay on the device until a log step; then they are fetched together, averaged per batch
 kind and written as `train/<kind>/<name>`, with throughput (`examples_per_sec`), step time, the fraction of
-time spent waiting for input, non-finite update and skipped-example counts, and an ETA.
+time spent waiting for input, model FLOPs and MFU, non-finite update and skipped-example counts, and an ETA.
+
+Timing: JAX dispatches steps asynchronously, so `record` waits for the *previous* step to finish (one step
+stays in flight, so the device is kept busy) and a step's time is the wall time between the completions of
+the step before it and itself. Model FLOPs are analytic (`cclm_jax.flops.run_model_flops`, 3 x forward of the
+reference computation per example, the numbers `cclm-jax info` prints) times the global batch; MFU divides
+model FLOP/s by the dense bf16 peak of all chips (`flops.peak_flops` of the device kind x `jax.device_count()`)
+and is left out where the peak is unknown (CPUs).
 """
 from __future__ import annotations
 
@@ -11,33 +18,70 @@ import logging
 import os
 import time
 from collections import defaultdict
+from typing import Callable, Mapping
 
 import jax
 import ml_collections
 import numpy as np
 from clu import metric_writers
 
+from cclm_jax import flops
+
 log = logging.getLogger(__name__)
 
 
+def flop_rates(prefix: str, model_flop: float, seconds: float, peak: float | None,
+               num_devices: int) -> dict[str, float]:
+    """`{prefix}model_tflop_per_sec` (TFLOP/s of `model_flop` FLOPs in `seconds`) and, when the chip's peak
+    FLOP/s is known, `{prefix}mfu` = model FLOP/s / (peak x `num_devices`) as a fraction."""
+    per_sec = model_flop / max(seconds, 1e-9)
+    out = {f"{prefix}model_tflop_per_sec": per_sec / 1e12}
+    if peak is not None:
+        out[f"{prefix}mfu"] = per_sec / (peak * num_devices)
+    return out
+
+
 class MetricsWriter:
-    def __init__(self, workdir: str, config: ml_collections.ConfigDict):
+    """Collects step measurements (`record`) and writes them every log step (`flush`).
+
+    `device_kind` (default: the first device's) picks the peak for MFU; `clock` (seconds) is for tests.
+    """
+
+    def __init__(self, workdir: str, config: ml_collections.ConfigDict, *, device_kind: str | None = None,
+                 clock: Callable[[], float] = time.time):
         self.is_writer = jax.process_index() == 0
         self.num_steps = config.train.num_steps
         self.writer = metric_writers.create_default_writer(workdir, just_logging=not self.is_writer)
         self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a") if self.is_writer else None
-        self.pending: list[tuple[str, dict, dict, float, float]] = []
-        self.t_last = time.time()
-        self.steps_since = 0
+        self.flop_per_example = flops.run_model_flops(config)
+        self.peak = flops.peak_flops(jax.devices()[0].device_kind if device_kind is None else device_kind)
+        self.num_devices = jax.device_count()
+        self.num_processes = jax.process_count()
+        self.clock = clock
+        # [kind, device metrics, host rows per batch kind, input seconds, step seconds (None while in flight)]
+        self.pending: list[list] = []
+        self.t_last = self.t_done = clock()
 
-    def record(self, kind: str, step_metrics: dict, sizes: dict, *, input_seconds: float, step_seconds: float):
-        """Keep one step's (device) measurements; nothing is fetched here."""
-        self.pending.append((kind, step_metrics, sizes, input_seconds, step_seconds))
-        self.steps_since += 1
+    def record(self, kind: str, step_metrics: dict, sizes: Mapping[str, int], *, input_seconds: float):
+        """Keep one step's (device) measurements; waits for the previous step to finish (which times it)."""
+        self._finish_previous()
+        self.pending.append([kind, step_metrics, dict(sizes), input_seconds, None])
+
+    def _finish_previous(self) -> None:
+        if self.pending and self.pending[-1][4] is None:
+            jax.block_until_ready(self.pending[-1][1])
+            now = self.clock()
+            self.pending[-1][4] = now - self.t_done
+            self.t_done = now
+
+    def step_model_flop(self, sizes: Mapping[str, int]) -> float:
+        """Model FLOPs of one step: per-example FLOPs x global rows of each batch kind it trained on."""
+        return float(sum(self.flop_per_example[k] * n * self.num_processes for k, n in sizes.items()))
 
     def flush(self, step: int, state, iterators: dict) -> dict:
         """Fetch, average and write everything recorded since the last flush; returns the scalars."""
         fetched = jax.device_get([m for _, m, _, _, _ in self.pending])
+        self._finish_previous()
         scalars: dict[str, float] = {}
         groups: dict[str, list] = defaultdict(list)
         for (kind, _, sizes, t_in, t_step), values in zip(self.pending, fetched):
@@ -46,27 +90,36 @@ class MetricsWriter:
             names = items[0][0].keys()
             for name in names:
                 scalars[f"train/{kind}/{name}"] = float(np.mean([v[name] for v, _, _, _ in items]))
-            examples = sum(sum(s.values()) for _, s, _, _ in items) * jax.process_count()
+            examples = sum(sum(s.values()) for _, s, _, _ in items) * self.num_processes
             seconds = sum(t for _, _, _, t in items)
+            model_flop = sum(self.step_model_flop(s) for _, s, _, _ in items)
             scalars[f"train/{kind}/examples_per_sec"] = examples / max(seconds, 1e-9)
             scalars[f"train/{kind}/step_seconds"] = seconds / len(items)
             scalars[f"train/{kind}/input_wait_fraction"] = sum(t for _, _, t, _ in items) / max(seconds, 1e-9)
+            scalars[f"train/{kind}/model_tflop_per_step"] = model_flop / len(items) / 1e12
+            scalars.update(flop_rates(f"train/{kind}/", model_flop, seconds, self.peak, self.num_devices))
         scalars["train/nonfinite_updates"] = float(jax.device_get(state.nonfinite))
         for it in iterators.values():
             scalars.update({k: float(v) for k, v in it.metrics().items()})
-        now = time.time()
-        per_step = (now - self.t_last) / max(self.steps_since, 1)
+        now = self.clock()
+        steps = max(len(self.pending), 1)
+        per_step = (now - self.t_last) / steps
         scalars["train/seconds_per_step"] = per_step
+        interval_flop = sum(self.step_model_flop(sizes) for _, _, sizes, _, _ in self.pending)
+        scalars.update(flop_rates("train/", interval_flop, now - self.t_last, self.peak, self.num_devices))
         self.writer.write_scalars(step, scalars)
         self._write_jsonl(step, scalars)
         if self.is_writer:
             eta = per_step * (self.num_steps - step)
             losses = " ".join(f"{k.split('/', 1)[1]}={v:.4f}" for k, v in scalars.items()
                               if k.endswith(("/loss", "/itc", "/ttc", "/itm", "/ttm", "/mlm")))
-            log.info("step %d/%d  %s  %.2fs/step  ETA %s", step, self.num_steps, losses, per_step,
+            rate = f"{scalars['train/model_tflop_per_sec']:.3g} TFLOP/s"
+            if "train/mfu" in scalars:
+                rate += f" MFU {scalars['train/mfu']:.1%}"
+            log.info("step %d/%d  %s  %.2fs/step  %s  ETA %s", step, self.num_steps, losses, per_step, rate,
                      time.strftime("%H:%M:%S", time.gmtime(max(eta, 0))))
         self.pending.clear()
-        self.t_last, self.steps_since = now, 0
+        self.t_last = self.t_done = now
         return scalars
 
     def write_eval(self, step: int, results: dict) -> None:
