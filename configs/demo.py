@@ -1,6 +1,6 @@
 """The README's main job: a small CCLM trained on the built-in multilingual demo data on a CPU.
 
-Procedural images (shapes, colours, positions) with captions in English, German, French and Spanish, and
+Procedural images (shapes, colours, sizes) with captions in English, German, French and Spanish, and
 parallel sentences from the same grammar (generated on first use; no download). The model keeps every
 structural knob of CCLM (Swin with shifted windows and patch merging, text layers then fusion layers with
 cross-attention, ITC/ITM/MLM and TTC/TTM/MLM) at widths a 2-core CPU trains in minutes. At the end the run
@@ -15,15 +15,15 @@ def get_config(arg: str = ""):
     m.vision.update(image_res=64, patch_size=4, embed_dim=32, depths=(2, 2, 2), num_heads=(1, 2, 4),
                     window_size=4, drop_path_rate=0.0)
     m.text.update(hidden_size=128, num_heads=4, intermediate_size=256, num_layers=4, fusion_layer=2,
-                  max_position_embeddings=64, hidden_dropout=0.0, attention_dropout=0.0)
+                  max_position_embeddings=16, hidden_dropout=0.0, attention_dropout=0.0)
     m.embed_dim = 64
     data = config.data
     m.text.update(vocab_size=-1, mask_token_id=-1)  # the demo tokenizer's
     data.mix = {"parallel_text": 1, "image_caption": 1}
     data.image_caption.update(batch_size=32, image_res=64, randaugment=False, crop_scale=(0.8, 1.0),
-                              max_tokens=24, max_words=24, max_masks=6)
-    data.parallel_text.update(batch_size=32, max_tokens=24, max_words=24, max_masks=6)
-    data.eval.update(batch_size=50, image_res=64, max_tokens=24, max_words=24)
+                              max_tokens=8, max_words=8, max_masks=3)
+    data.parallel_text.update(batch_size=32, max_tokens=8, max_words=8, max_masks=3)
+    data.eval.update(batch_size=50, image_res=64, max_tokens=8, max_words=8)
     data.shuffle_buffer = 2048
     config.optimizer.update(lr=5e-4, lr_mult=1.0)
     num_steps = int(arg) if arg else 800

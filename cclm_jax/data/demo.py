@@ -1,14 +1,17 @@
 """Generated multilingual demo data: the embedded default, no download.
 
-Each image shows one shape (circle, square, triangle, star, cross) in one of six colours, of
-two sizes, at one of five places, on one of three backgrounds (900 combinations, with small
-random jitter of place and size and mild pixel noise). Its caption describes exactly these
-attributes in English, German, French and Spanish, with gender and case agreement, e.g.
-``a small red star on the left against a white background`` /
-``ein kleiner roter Stern links vor weißem Hintergrund`` /
-``une petite étoile rouge à gauche sur fond blanc`` /
-``una estrella roja pequeña a la izquierda sobre fondo blanco``.
+Each image shows one shape (circle, square, triangle, star, cross, diamond, hexagon, ring) in one of nine
+colours and three sizes (216 combinations) at a random place on a light background, with small random
+jitter of size and mild pixel noise. Its caption describes exactly these attributes in English, German,
+French and Spanish, with gender and case agreement, e.g.
+``a small red star`` / ``ein kleiner roter Stern`` / ``une petite étoile rouge`` / ``una estrella roja pequeña``.
 Parallel sentences are pairs of two different languages describing the same random attributes.
+
+Why no background colours or position words (version 1 had both): the Swin "CLS" is the mean of the patch
+tokens, so a varying background dominates the image feature and contrastive training first learns only the
+background (ITC plateaus near log(batch / backgrounds)); Swin has no absolute position embedding and random
+flips swap left and right, so position words cannot be grounded. Without them a 2-core CPU run reaches
+image–text retrieval far above chance within minutes.
 
 ``prepare_demo(data_dir, spec)`` writes, once per spec, under ``data_dir/<spec hash>/``:
 ``train.jsonl`` and ``val.jsonl`` (CCLM layout: base64 PNG in ``binary``, ``caption`` =
@@ -34,51 +37,45 @@ from PIL import Image, ImageDraw
 from cclm_jax.data.text import pre_caption
 from cclm_jax.data.tokenizer import Tokenizer
 
+GENERATOR_VERSION = 2  # part of every spec's hash: changing the pictures or captions must not reuse old files
 LANGUAGES = ("en", "de", "fr", "es")
-SHAPES = ("circle", "square", "triangle", "star", "cross")
+SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond", "hexagon", "ring")
 COLOURS = {
-    "red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 60, 220),
-    "yellow": (235, 210, 20), "purple": (140, 40, 170), "black": (15, 15, 15),
+    "red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 60, 220), "yellow": (235, 200, 20),
+    "purple": (140, 40, 170), "black": (15, 15, 15), "orange": (245, 130, 20), "pink": (240, 120, 190),
+    "brown": (120, 70, 30),
 }
-BACKGROUNDS = {"white": (245, 245, 245), "gray": (150, 150, 150), "brown": (130, 85, 45)}
-PLACES = {"left": (0.27, 0.5), "right": (0.73, 0.5), "top": (0.5, 0.27), "bottom": (0.5, 0.73),
-          "middle": (0.5, 0.5)}
-SIZES = {"small": 0.12, "large": 0.21}
-_WORD_LIMIT = 64  # demo captions have at most 14 words
+BACKGROUND = (240, 240, 240)
+SIZES = {"small": 0.13, "medium": 0.2, "large": 0.28}  # radius / image side
+_WORD_LIMIT = 64  # demo captions have at most 5 words
 
 # Nouns with grammatical gender (m/f/n).
 _NOUNS = {
     "de": {"circle": ("Kreis", "m"), "square": ("Quadrat", "n"), "triangle": ("Dreieck", "n"),
-           "star": ("Stern", "m"), "cross": ("Kreuz", "n")},
+           "star": ("Stern", "m"), "cross": ("Kreuz", "n"), "diamond": ("Raute", "f"),
+           "hexagon": ("Sechseck", "n"), "ring": ("Ring", "m")},
     "fr": {"circle": ("cercle", "m"), "square": ("carré", "m"), "triangle": ("triangle", "m"),
-           "star": ("étoile", "f"), "cross": ("croix", "f")},
+           "star": ("étoile", "f"), "cross": ("croix", "f"), "diamond": ("losange", "m"),
+           "hexagon": ("hexagone", "m"), "ring": ("anneau", "m")},
     "es": {"circle": ("círculo", "m"), "square": ("cuadrado", "m"), "triangle": ("triángulo", "m"),
-           "star": ("estrella", "f"), "cross": ("cruz", "f")},
+           "star": ("estrella", "f"), "cross": ("cruz", "f"), "diamond": ("rombo", "m"),
+           "hexagon": ("hexágono", "m"), "ring": ("anillo", "m")},
 }
-# Adjectives: (masculine, feminine) forms; German stems take the mixed-declension endings.
+# Adjectives: German stems take the mixed-declension endings; French and Spanish give (masculine, feminine).
 _ADJECTIVES = {
     "de": {"red": "rot", "green": "grün", "blue": "blau", "yellow": "gelb", "purple": "violett",
-           "black": "schwarz", "small": "klein", "large": "groß"},
+           "black": "schwarz", "orange": "orangefarben", "pink": "rosafarben", "brown": "braun",
+           "small": "klein", "medium": "mittelgroß", "large": "groß"},
     "fr": {"red": ("rouge", "rouge"), "green": ("vert", "verte"), "blue": ("bleu", "bleue"),
            "yellow": ("jaune", "jaune"), "purple": ("violet", "violette"), "black": ("noir", "noire"),
-           "small": ("petit", "petite"), "large": ("grand", "grande")},
+           "orange": ("orange", "orange"), "pink": ("rose", "rose"), "brown": ("marron", "marron"),
+           "small": ("petit", "petite"), "medium": ("moyen", "moyenne"), "large": ("grand", "grande")},
     "es": {"red": ("rojo", "roja"), "green": ("verde", "verde"), "blue": ("azul", "azul"),
-           "yellow": ("amarillo", "amarilla"), "purple": ("morado", "morada"),
-           "black": ("negro", "negra"), "small": ("pequeño", "pequeña"), "large": ("grande", "grande")},
+           "yellow": ("amarillo", "amarilla"), "purple": ("morado", "morada"), "black": ("negro", "negra"),
+           "orange": ("naranja", "naranja"), "pink": ("rosa", "rosa"), "brown": ("marrón", "marrón"),
+           "small": ("pequeño", "pequeña"), "medium": ("mediano", "mediana"), "large": ("grande", "grande")},
 }
-_PLACES = {
-    "en": {"left": "on the left", "right": "on the right", "top": "at the top",
-           "bottom": "at the bottom", "middle": "in the middle"},
-    "de": {"left": "links", "right": "rechts", "top": "oben", "bottom": "unten", "middle": "in der Mitte"},
-    "fr": {"left": "à gauche", "right": "à droite", "top": "en haut", "bottom": "en bas", "middle": "au centre"},
-    "es": {"left": "a la izquierda", "right": "a la derecha", "top": "arriba", "bottom": "abajo",
-           "middle": "en el centro"},
-}
-_BACKGROUNDS = {
-    "de": {"white": "weißem", "gray": "grauem", "brown": "braunem"},
-    "fr": {"white": "blanc", "gray": "gris", "brown": "marron"},
-    "es": {"white": "blanco", "gray": "gris", "brown": "marrón"},
-}
+_FRENCH_SIZE_AFTER_NOUN = {"medium"}  # "une étoile rouge moyenne", but "une petite étoile rouge"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +90,8 @@ class DemoSpec:
     seed: int = 0
 
     def key(self) -> str:
-        blob = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
+        fields = {**dataclasses.asdict(self), "generator_version": GENERATOR_VERSION}
+        blob = json.dumps(fields, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
 
@@ -102,8 +100,6 @@ class Scene:
     shape: str
     colour: str
     size: str
-    place: str
-    background: str
 
 
 def caption(scene: Scene, language: str) -> str:
@@ -111,32 +107,27 @@ def caption(scene: Scene, language: str) -> str:
     if language not in LANGUAGES:
         raise ValueError(f"demo captions exist for {LANGUAGES}, not {language!r}")
     if language == "en":
-        article = "an" if scene.size[0] in "aeiou" else "a"
-        return (f"{article} {scene.size} {scene.colour} {scene.shape} {_PLACES['en'][scene.place]} "
-                f"against a {scene.background} background")
+        return f"a {scene.size} {scene.colour} {scene.shape}"
     noun, gender = _NOUNS[language][scene.shape]
     adjectives = _ADJECTIVES[language]
-    place = _PLACES[language][scene.place]
-    background = _BACKGROUNDS[language][scene.background]
     if language == "de":
         article = "eine" if gender == "f" else "ein"
         ending = {"m": "er", "f": "e", "n": "es"}[gender]
-        size, colour = adjectives[scene.size] + ending, adjectives[scene.colour] + ending
-        return f"{article} {size} {colour} {noun} {place} vor {background} Hintergrund"
+        return f"{article} {adjectives[scene.size] + ending} {adjectives[scene.colour] + ending} {noun}"
     form = 1 if gender == "f" else 0
     size, colour = adjectives[scene.size][form], adjectives[scene.colour][form]
     if language == "fr":
         article = "une" if gender == "f" else "un"
-        return f"{article} {size} {noun} {colour} {place} sur fond {background}"
+        if scene.size in _FRENCH_SIZE_AFTER_NOUN:
+            return f"{article} {noun} {colour} {size}"
+        return f"{article} {size} {noun} {colour}"
     article = "una" if gender == "f" else "un"
-    return f"{article} {noun} {colour} {size} {place} sobre fondo {background}"
+    return f"{article} {noun} {colour} {size}"
 
 
 def random_scene(rng: np.random.Generator) -> Scene:
-    return Scene(
-        shape=SHAPES[rng.integers(len(SHAPES))], colour=list(COLOURS)[rng.integers(len(COLOURS))],
-        size=list(SIZES)[rng.integers(len(SIZES))], place=list(PLACES)[rng.integers(len(PLACES))],
-        background=list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))])
+    return Scene(shape=SHAPES[rng.integers(len(SHAPES))], colour=list(COLOURS)[rng.integers(len(COLOURS))],
+                 size=list(SIZES)[rng.integers(len(SIZES))])
 
 
 def _shape_points(shape: str, cx: float, cy: float, r: float):
@@ -151,21 +142,28 @@ def _shape_points(shape: str, cx: float, cy: float, r: float):
         offsets = [(-b, -a), (b, -a), (b, -b), (a, -b), (a, b), (b, b), (b, a), (-b, a), (-b, b),
                    (-a, b), (-a, -b), (-b, -b)]
         return [(cx + dx, cy + dy) for dx, dy in offsets]
+    if shape == "diamond":
+        return [(cx, cy - r), (cx + 0.7 * r, cy), (cx, cy + r), (cx - 0.7 * r, cy)]
+    if shape == "hexagon":
+        angles = np.arange(6) * np.pi / 3
+        return list(zip(cx + r * np.cos(angles), cy - r * np.sin(angles)))
     raise ValueError(f"unknown polygon shape {shape!r}")
 
 
 def render(scene: Scene, image_size: int, rng: np.random.Generator) -> np.ndarray:
-    """uint8 (image_size, image_size, 3) picture of ``scene`` (drawn at 4x, then downscaled)."""
+    """uint8 (image_size, image_size, 3) picture of ``scene`` (drawn at 4x, then downscaled). The shape's
+    centre is uniform over the places where it fits inside the picture."""
     big = image_size * 4
-    canvas = Image.new("RGB", (big, big), BACKGROUNDS[scene.background])
+    canvas = Image.new("RGB", (big, big), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
-    fx, fy = PLACES[scene.place]
-    cx = (fx + rng.uniform(-0.04, 0.04)) * big
-    cy = (fy + rng.uniform(-0.04, 0.04)) * big
-    r = SIZES[scene.size] * rng.uniform(0.9, 1.1) * big
+    r = SIZES[scene.size] * rng.uniform(0.92, 1.08) * big
+    cx, cy = rng.uniform(1.02 * r, big - 1.02 * r, size=2)
     colour = COLOURS[scene.colour]
-    if scene.shape == "circle":
+    if scene.shape in ("circle", "ring"):
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
+        if scene.shape == "ring":
+            hole = 0.55 * r
+            draw.ellipse([cx - hole, cy - hole, cx + hole, cy + hole], fill=BACKGROUND)
     elif scene.shape == "square":
         side = 0.85 * r
         draw.rectangle([cx - side, cy - side, cx + side, cy + side], fill=colour)
