@@ -9,23 +9,21 @@ step); `CCLM_SLOW=1` adds the micro config with both batch kinds and dropout, re
 import json
 import os
 import pathlib
-import shutil
 import socket
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 
 from cclm_jax.data import pipeline
 from cclm_jax.data.config import resolve_host_shards
-from cclm_jax.interop.workdir import restore_params
 from cclm_jax.train import loop
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "configs"))
 import tiny  # noqa: E402  (configs/tiny.py)
+from run_checks import assert_bitwise_equal, logged_losses, workdir_params  # noqa: E402
 
 DEMO_DIR = pathlib.Path(os.environ.get("CCLM_TEST_DATA_DIR", "/tmp/cclm_jax_test_data"))
 SLOW = os.environ.get("CCLM_SLOW") == "1"
@@ -160,28 +158,13 @@ def _two_processes(workdir, steps: int, options) -> None:
         assert f"process {i} of 2 reads input shards [{i}]" in err, report
 
 
-def _params(workdir):
-    return jax.tree.map(np.asarray, restore_params(str(workdir))[1])
-
-
-def _assert_bitwise_equal(a, b):
-    for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
-        np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
-
-
-def _losses(workdir):
-    rows = [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: {k: v for k, v in r.items() if k.endswith(("/loss", "/ttc", "/itc", "/mlm"))}
-            for r in rows}
-
-
 def _data_positions(workdir, step: int) -> dict:
     return json.loads((pathlib.Path(workdir) / "checkpoints" / str(step) / "data" / "metadata").read_text())
 
 
 def _check_same_run(one, two, steps: int) -> None:
-    _assert_bitwise_equal(_params(one), _params(two))
-    losses_one, losses_two = _losses(one), _losses(two)
+    assert_bitwise_equal(workdir_params(one), workdir_params(two))
+    losses_one, losses_two = logged_losses(one), logged_losses(two)
     assert sorted(losses_two) == list(range(1, steps + 1))
     for step in losses_one:
         assert losses_one[step] and losses_one[step] == losses_two[step], step
@@ -206,5 +189,5 @@ def test_two_processes_train_like_one_and_resume_in_one(tmp_path):
     _check_same_run(one, two, 4)
     _one_process(one, 6, ())
     _one_process(two, 6, ())
-    _assert_bitwise_equal(_params(one), _params(two))
-    assert _losses(one)[6] == _losses(two)[6]
+    assert_bitwise_equal(workdir_params(one), workdir_params(two))
+    assert logged_losses(one)[6] == logged_losses(two)[6]

@@ -13,12 +13,12 @@ import pytest
 
 from cclm_jax import parallel
 from cclm_jax.checkpoint import Checkpointer, abstract_like
-from cclm_jax.interop.workdir import restore_params
 from cclm_jax.run_config import validate_run_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "configs"))
 import tiny  # noqa: E402  (configs/tiny.py)
+from run_checks import assert_bitwise_equal, logged_losses, workdir_params  # noqa: E402
 
 STEPS = 6
 
@@ -44,22 +44,6 @@ def _run(cmd, timeout=600):
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
-
-
-def _params(workdir):
-    return jax.tree.map(np.asarray, restore_params(str(workdir))[1])
-
-
-def _assert_bitwise_equal(a, b):
-    for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
-        np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
-
-
-def _losses(workdir):
-    import json
-
-    rows = [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: {k: v for k, v in r.items() if k.endswith(("/itc", "/ttc", "/mlm"))} for r in rows}
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +74,8 @@ def test_resume_after_sigterm_is_exact(uninterrupted, tmp_path):
     assert stopped.latest_step() < STEPS
     stopped.close()
     _run(_train_cmd(tmp_path))
-    _assert_bitwise_equal(_params(uninterrupted), _params(tmp_path))
-    full, resumed = _losses(uninterrupted), _losses(tmp_path)
+    assert_bitwise_equal(workdir_params(uninterrupted), workdir_params(tmp_path))
+    full, resumed = logged_losses(uninterrupted), logged_losses(tmp_path)
     for step in range(1, STEPS + 1):  # every step saw the same batch (same losses), before and after resume
         assert resumed[step] == full[step], step
 
@@ -103,7 +87,7 @@ def test_resume_after_sigkill_uses_last_complete_checkpoint(uninterrupted, tmp_p
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     _run(_train_cmd(tmp_path))
-    _assert_bitwise_equal(_params(uninterrupted), _params(tmp_path))
+    assert_bitwise_equal(workdir_params(uninterrupted), workdir_params(tmp_path))
 
 
 def test_export_of_a_run_loads_in_pytorch(uninterrupted, tmp_path):
@@ -116,7 +100,7 @@ def test_export_of_a_run_loads_in_pytorch(uninterrupted, tmp_path):
     out = tmp_path / "run.th"
     _run([sys.executable, "-m", "cclm_jax", "export", f"--workdir={uninterrupted}", f"--out={out}"])
     config, params = official.load(out, text_num_heads=4)
-    _assert_bitwise_equal(_params(uninterrupted), jax.tree.map(np.asarray, params))
+    assert_bitwise_equal(workdir_params(uninterrupted), jax.tree.map(np.asarray, params))
     model = build_model(config)
     ids = np.array([[0, 5, 9, 2, 1, 1]], np.int32)
     atts = (ids != 1).astype(np.int32)
@@ -155,7 +139,7 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path):
     shardings = jax.tree.map(lambda x: x.sharding, target)
     restored, data = Checkpointer(str(tmp_path), every=1, keep=2).restore(abstract_like(target, shardings))
     assert data == {"image_caption": {"batches": 2}}
-    _assert_bitwise_equal(jax.tree.map(np.asarray, saved), jax.tree.map(np.asarray, restored))
+    assert_bitwise_equal(jax.tree.map(np.asarray, saved), jax.tree.map(np.asarray, restored))
     emb = restored.params["text_encoder"]["embeddings"]["word_embeddings"]
     assert emb.sharding.mesh.shape == fsdp_mesh.shape and emb.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
 
@@ -210,4 +194,4 @@ def test_nan_batch_skips_the_update_and_is_counted():
              "masked_pos": np.tile(np.arange(1, 5, dtype=np.int32), (b, 1)), "masked_ids": ids[:, 1:5]}
     state, metrics = step(state, {"image_caption": batch})
     assert int(metrics["skipped_nonfinite"]) == 1 and int(state.nonfinite) == 1 and int(state.step) == 1
-    _assert_bitwise_equal(before, jax.tree.map(np.asarray, state.params))
+    assert_bitwise_equal(before, jax.tree.map(np.asarray, state.params))

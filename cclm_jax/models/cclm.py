@@ -22,8 +22,6 @@ Public methods (use with `model.apply({'params': params}, ..., method=model.<nam
 """
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import ml_collections
