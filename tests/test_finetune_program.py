@@ -20,7 +20,7 @@ from cclm_jax.data.tokenizer import Tokenizer
 from cclm_jax.evaluation import metrics, report
 from cclm_jax.interop import official
 from cclm_jax.interop.shapes import param_shapes
-from cclm_jax.interop.workdir import import_to_workdir
+from cclm_jax.interop.workdir import import_to_workdir, restore_params
 from cclm_jax.train import finetune, finetune_init, finetune_loop
 from cclm_jax.train.finetune_data import load_task_data
 from cclm_jax.train.finetune_input import TrainBatches
@@ -174,8 +174,7 @@ def xvnli_run(fixture, tmp_path_factory):
 
 
 def _params(workdir):
-    config = finetune_init.read_workdir_config(workdir)
-    return finetune_init._restore_workdir_params(str(workdir), -1, config.task, config.model)
+    return jax.tree.map(np.asarray, restore_params(str(workdir))[1])
 
 
 def test_xvnli_finetunes_from_a_pretraining_run_and_reports(fixture, xvnli_run):
@@ -241,10 +240,12 @@ def test_retrieval_finetunes_from_an_official_checkpoint_and_evaluates(fixture, 
     assert finetune_init.read_workdir_config(workdir).name == "xflickrco"
     assert Checkpointer(str(workdir), every=1, keep=9).all_steps() == [2]  # 16 (image, caption) pairs, batch 8
 
-    # `cclm-jax evaluate` of the fine-tuned run, dual encoder only: its results replace those of the same key.
+    # `cclm-jax evaluate` of the fine-tuned run with the dual encoder alone adds its results under their own key.
     proc = _cli("evaluate", "xflickrco", workdir, {**_retrieval(fixture), "eval.rerank": False})
     evaluated = json.loads(proc.stdout[proc.stdout.index("{"):])
-    assert evaluated["step"] == 2 and report.read_results(workdir) == {"xflickrco": evaluated["results"]}
+    assert evaluated["step"] == 2
+    assert report.read_results(workdir) == {"xflickrco": results, "xflickrco_itc": evaluated["results"]}
+    assert (workdir / "xflickrco_itc.png").exists() and "## xflickrco_itc" in (workdir / "results.md").read_text()
 
 
 def test_training_batches_are_a_function_of_the_step(fixture):

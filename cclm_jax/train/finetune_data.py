@@ -66,8 +66,10 @@ def data_source(data: ml_collections.ConfigDict) -> str:
 
 
 def report_name(config: ml_collections.ConfigDict) -> str:
-    """The task's name in results tables: `config.name`, with the protocol appended unless zero-shot."""
-    return config.name if config.protocol == "zero_shot" else f"{config.name}_{config.protocol}"
+    """The task's name in results tables: `config.name`, with the protocol appended unless zero-shot, and `_itc`
+    for retrieval scored by the dual encoder alone (`eval.rerank=False`)."""
+    name = config.name if config.protocol == "zero_shot" else f"{config.name}_{config.protocol}"
+    return f"{name}_itc" if config.task == "retrieval" and not config.eval.get("rerank", True) else name
 
 
 def test_languages(config: ml_collections.ConfigDict) -> list[str]:

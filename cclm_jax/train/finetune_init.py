@@ -29,10 +29,10 @@ import ml_collections
 import numpy as np
 from flax import linen as nn
 
-from cclm_jax.checkpoint import Checkpointer, abstract_like
 from cclm_jax.data.tokenizer import Tokenizer
 from cclm_jax.interop.layout import layout_of_task
 from cclm_jax.interop.shapes import abstract_params
+from cclm_jax.interop.workdir import restore_params
 from cclm_jax.models import build_model
 from cclm_jax.models.config import validate_model_config
 from cclm_jax.train import finetune
@@ -155,20 +155,6 @@ def resize_geometry(params: dict, model_config: ml_collections.ConfigDict) -> di
     return jax.tree_util.tree_map_with_path(resize, params)
 
 
-def _restore_workdir_params(workdir: str, step: int, task: str | None, model_config) -> dict:
-    """Host numpy parameters of a run's checkpoint (`step` -1: the latest): the CCLM tree of a pre-training
-    run (`task` None) or the task tree of a fine-tuning run."""
-    abstract = nn.meta.unbox(abstract_task_params(task, model_config))
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    checkpointer = Checkpointer(workdir, every=1, keep=1_000_000)
-    try:
-        params = checkpointer.restore_params(abstract_like(abstract, jax.tree.map(lambda _: device, abstract)),
-                                             None if step < 0 else step)
-    finally:
-        checkpointer.close()
-    return jax.tree.map(np.asarray, params)
-
-
 def initial_task_params(config: ml_collections.ConfigDict, rng: jax.Array) -> tuple[ml_collections.ConfigDict, dict]:
     """(model config, host numpy task parameters) of a fresh fine-tuning run (see the module docstring)."""
     task, init = config.task, config.init
@@ -187,8 +173,8 @@ def initial_task_params(config: ml_collections.ConfigDict, rng: jax.Array) -> tu
             raise ValueError(f"config.init.workdir {init.workdir!r} was fine-tuned for {source_task!r}; this run "
                              f"fine-tunes {task!r} (start from a pre-training run instead)")
         model_config = task_model_config(start.model, config.model)
-        source = _restore_workdir_params(init.workdir, int(init.step), source_task, start.model)
-        source = resize_geometry(source, model_config)
+        _, source = restore_params(os.path.expanduser(init.workdir), None if init.step < 0 else int(init.step))
+        source = resize_geometry(jax.tree.map(np.asarray, source), model_config)
         log.info("starting from %s (%s run)", init.workdir, source_task or "pre-training")
     else:
         from cclm_jax.interop import official

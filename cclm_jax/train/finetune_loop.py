@@ -38,6 +38,7 @@ from cclm_jax.checkpoint import Checkpointer, PreemptionWatcher, abstract_like
 from cclm_jax.data.tokenizer import Tokenizer
 from cclm_jax.evaluation import report
 from cclm_jax.evaluation.finetune_eval import TaskEvaluator
+from cclm_jax.interop.workdir import restore_params
 from cclm_jax.train import finetune as finetune_lib
 from cclm_jax.train import finetune_init
 from cclm_jax.train.finetune_data import load_task_data, report_name
@@ -257,17 +258,15 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
         raise ValueError(f"config.data.tokenizer is not set and {workdir}/config.json names no tokenizer")
     tokenizer = Tokenizer(tokenizer_path)
     finetune_init.check_vocab(model_config, tokenizer)
-    mesh = parallel.make_mesh(config.mesh)
-    abstract = finetune_init.abstract_task_params(config.task, model_config)
-    shardings = parallel.param_shardings(abstract, mesh)
     checkpointer = Checkpointer(workdir, every=1, keep=1_000_000)
-    try:
-        step = checkpointer.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no complete checkpoint in {checkpointer.directory}")
-        params = checkpointer.restore_params(abstract_like(nn.meta.unbox(abstract), shardings), step)
-    finally:
-        checkpointer.close()
+    step = checkpointer.latest_step() if step is None else step
+    checkpointer.close()
+    if step is None:
+        raise FileNotFoundError(f"no complete checkpoint in {checkpointer.directory}")
+    _, params = restore_params(workdir, step)
+    mesh = parallel.make_mesh(config.mesh)
+    shardings = parallel.param_shardings(finetune_init.abstract_task_params(config.task, model_config), mesh)
+    params = parallel.shard_params(params, shardings)
     results = TaskEvaluator(config, model_config, data.tests, tokenizer, mesh, answers=data.answers)(params)
     write_report(results, report_name(config), workdir)
     return {"step": step, "results": results}
