@@ -1,6 +1,7 @@
 """Training pipelines (batch contract, exact resume, hosts, languages) and the retrieval dev set,
 on a tiny generated demo; Flickr8k with the XLM-R tokenizer when ../shared/data is present."""
 import io
+import itertools
 import json
 import subprocess
 import sys
@@ -10,14 +11,19 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from cclm_jax.data import demo
 from cclm_jax.data import image as image_lib
 from cclm_jax.data import pipeline
 from cclm_jax.data.config import default_data_config, validate_data_config
 from cclm_jax.data.mixture import Mixture
+from cclm_jax.data.text import pre_caption
 
 IMAGE_KEYS = {"image", "text_ids", "text_atts", "text_ids_masked", "masked_pos", "masked_ids"}
 TEXT_KEYS = {"text_ids", "text_atts", "text_ids_masked", "masked_pos", "masked_ids"}
-LANGUAGE_WORDS = {"en": "background", "de": "hintergrund", "fr": "fond", "es": "fondo"}
+# Every demo caption, cleaned as the pipeline cleans it, -> its language.
+CAPTION_LANGUAGES = {pre_caption(demo.caption(demo.Scene(shape, colour, size), lang), 30): lang
+                     for shape, colour, size, lang in itertools.product(demo.SHAPES, demo.COLOURS, demo.SIZES,
+                                                                        demo.LANGUAGES)}
 
 
 def _tiny_config(data_dir):
@@ -44,10 +50,9 @@ def setup(tmp_path_factory):
 
 
 def _language(tokenizer, ids):
-    words = tokenizer.decode(ids).split()
-    found = [lang for lang, word in LANGUAGE_WORDS.items() if word in words]
-    assert len(found) == 1, words
-    return found[0]
+    text = tokenizer.decode(ids)
+    assert text in CAPTION_LANGUAGES, text
+    return CAPTION_LANGUAGES[text]
 
 
 def test_batch_contract(setup):

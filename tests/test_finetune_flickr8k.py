@@ -35,7 +35,6 @@ def _model_config(tokenizer):
     return cfg
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("CCLM_SLOW") != "1", reason="opt-in integration test: set CCLM_SLOW=1")
 def test_flickr8k_multilingual_retrieval_finetuning(shared_data_dir, tmp_path, capsys):
     root = shared_data_dir / "flickr8k"
