@@ -5,8 +5,8 @@ per iteration, AdamW lr 1e-4 (2e-4 for new parameters), warmup 2500, linear deca
 (2,772 iterations each), one optimizer update per batch kind. Give the data by path:
 
   cclm-jax train --config configs/cclm_base.py --workdir gs://bucket/run \
-    --config.data.image_caption.paths="['/data/cc3m/part-000.jsonl', ...]" \
-    --config.data.parallel_text.paths="['/data/wikimatrix/part-000.jsonl', ...]" \
+    --config.data.image_caption.paths="('/data/cc3m/part-000.jsonl', ...)" \
+    --config.data.parallel_text.paths="('/data/wikimatrix/part-000.jsonl', ...)" \
     --config.data.tokenizer=/data/xlm-roberta-large/sentencepiece.bpe.model \
     --config.init.xlmr_dir=/data/xlm-roberta-large --config.init.swin_path=/data/swin_base_patch4_window7_224_22k.pth
 

@@ -26,7 +26,7 @@ Top level
 image_caption (training) and eval (retrieval dev set) share the reader keys
     kind                    "jsonl" (CCLM json-lines), "tfds" (a prepared catalog dataset) or
                             "demo" (train split for image_caption, val split for eval).
-    paths (list[str])       json-lines files (kind jsonl).
+    paths (tuple[str])      json-lines files (kind jsonl); on the command line --config.data.X.paths="('a', 'b')".
     image_field (str)       json field with base64 bytes or, with image_root, a path.
     image_root (str)        "" = base64 images; else the directory that image paths are relative to.
     caption_fields (dict)   field -> language; "" = the field holds {lang: text | [texts]} (or a
@@ -35,7 +35,7 @@ image_caption (training) and eval (retrieval dev set) share the reader keys
     tfds_name, tfds_split, tfds_data_dir, image_feature, caption_feature, tfds_language
                             catalog dataset (kind tfds), e.g. "coco_captions", "train",
                             "image", "captions/text", "en".
-    languages (list[str])   keep only captions in these languages; [] = all.
+    languages (tuple[str])  keep only captions in these languages; () = all.
     image_res (int)         output pixels (square).
     max_tokens, max_words   caption length limits (ids incl. <s> </s>; words for pre_caption).
 image_caption only
@@ -66,9 +66,9 @@ _PARALLEL_KINDS = ("jsonl", "aligned_text", "demo")
 
 def _reader_defaults(kind: str, image_res: int, max_tokens: int) -> dict:
     return dict(
-        kind=kind, paths=[], image_field="binary", image_root="", caption_fields={},
+        kind=kind, paths=(), image_field="binary", image_root="", caption_fields={},
         tfds_name="", tfds_split="train", tfds_data_dir="", image_feature="image",
-        caption_feature="captions/text", tfds_language="en", languages=[],
+        caption_feature="captions/text", tfds_language="en", languages=(),
         image_res=image_res, max_tokens=max_tokens, max_words=max_tokens)
 
 
@@ -89,7 +89,7 @@ def default_data_config() -> ml_collections.ConfigDict:
         _reader_defaults("demo", 224, 40), batch_size=128, crop_scale=(0.2, 1.0),
         randaugment=True, max_masks=12, mask_prob=0.4, sample_2_captions=False)
     cfg.eval = dict(_reader_defaults("demo", 224, 40), batch_size=64)
-    cfg.parallel_text = dict(kind="demo", paths=[], batch_size=128, max_tokens=64, max_words=64,
+    cfg.parallel_text = dict(kind="demo", paths=(), batch_size=128, max_tokens=64, max_words=64,
                              max_masks=20, mask_prob=0.4)
     return cfg
 
