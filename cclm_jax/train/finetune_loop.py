@@ -20,7 +20,6 @@ Metrics: `workdir/metrics.jsonl` and TensorBoard event files (losses, accuracy, 
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -30,7 +29,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from clu import metric_writers
 from flax import linen as nn
 
 from cclm_jax import parallel
@@ -43,6 +41,7 @@ from cclm_jax.train import finetune as finetune_lib
 from cclm_jax.train import finetune_init
 from cclm_jax.train.finetune_data import load_task_data, report_name
 from cclm_jax.train.finetune_input import TrainBatches
+from cclm_jax.train.metrics import ScalarSink
 from cclm_jax.train.state import create_train_state
 
 log = logging.getLogger(__name__)
@@ -124,9 +123,8 @@ class _Metrics:
     `metrics.jsonl` and the log (process 0)."""
 
     def __init__(self, workdir: str, total_steps: int):
-        self.is_writer = jax.process_index() == 0
-        self.writer = metric_writers.create_default_writer(workdir, just_logging=not self.is_writer)
-        self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a") if self.is_writer else None
+        self.sink = ScalarSink(workdir)
+        self.is_writer = self.sink.is_writer
         self.total, self.pending, self.t_last = total_steps, [], time.time()
 
     def record(self, step_metrics: dict) -> None:
@@ -145,15 +143,10 @@ class _Metrics:
         return scalars
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
-        self.writer.write_scalars(step, scalars)
-        if self.jsonl is not None:
-            self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
-            self.jsonl.flush()
+        self.sink.write(step, scalars)
 
     def close(self) -> None:
-        self.writer.flush()
-        if self.jsonl is not None:
-            self.jsonl.close()
+        self.sink.close()
 
 
 def _flat_results(results: dict[str, dict[str, float]]) -> dict[str, float]:

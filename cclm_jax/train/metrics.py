@@ -41,6 +41,28 @@ def flop_rates(prefix: str, model_flop: float, seconds: float, peak: float | Non
     return out
 
 
+class ScalarSink:
+    """Where a run's scalars go: TensorBoard events (clu) and `workdir/metrics.jsonl` (one JSON object per write,
+    `{"step": N, name: value, ...}`, appended so a resumed run continues the file). Only process 0 writes;
+    the others only log."""
+
+    def __init__(self, workdir: str):
+        self.is_writer = jax.process_index() == 0
+        self.writer = metric_writers.create_default_writer(workdir, just_logging=not self.is_writer)
+        self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a") if self.is_writer else None
+
+    def write(self, step: int, scalars: Mapping[str, float]) -> None:
+        self.writer.write_scalars(step, dict(scalars))
+        if self.jsonl is not None:
+            self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+            self.jsonl.flush()
+
+    def close(self) -> None:
+        self.writer.flush()
+        if self.jsonl is not None:
+            self.jsonl.close()
+
+
 class MetricsWriter:
     """Collects step measurements (`record`) and writes them every log step (`flush`).
 
@@ -49,10 +71,9 @@ class MetricsWriter:
 
     def __init__(self, workdir: str, config: ml_collections.ConfigDict, *, device_kind: str | None = None,
                  clock: Callable[[], float] = time.time):
-        self.is_writer = jax.process_index() == 0
+        self.sink = ScalarSink(workdir)
+        self.is_writer = self.sink.is_writer
         self.num_steps = config.train.num_steps
-        self.writer = metric_writers.create_default_writer(workdir, just_logging=not self.is_writer)
-        self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a") if self.is_writer else None
         self.flop_per_example = flops.run_model_flops(config)
         self.peak = flops.peak_flops(jax.devices()[0].device_kind if device_kind is None else device_kind)
         self.num_devices = jax.device_count()
@@ -107,8 +128,7 @@ class MetricsWriter:
         scalars["train/seconds_per_step"] = per_step
         interval_flop = sum(self.step_model_flop(sizes) for _, _, sizes, _, _ in self.pending)
         scalars.update(flop_rates("train/", interval_flop, now - self.t_last, self.peak, self.num_devices))
-        self.writer.write_scalars(step, scalars)
-        self._write_jsonl(step, scalars)
+        self.sink.write(step, scalars)
         if self.is_writer:
             eta = per_step * (self.num_steps - step)
             losses = " ".join(f"{k.split('/', 1)[1]}={v:.4f}" for k, v in scalars.items()
@@ -124,17 +144,9 @@ class MetricsWriter:
 
     def write_eval(self, step: int, results: dict) -> None:
         scalars = {f"eval/{k}": float(v) for k, v in results.items() if np.isscalar(v)}
-        self.writer.write_scalars(step, scalars)
-        self._write_jsonl(step, scalars)
+        self.sink.write(step, scalars)
         if self.is_writer:
             log.info("eval at step %d: %s", step, "  ".join(f"{k}={v:.2f}" for k, v in scalars.items()))
 
-    def _write_jsonl(self, step: int, scalars: dict) -> None:
-        if self.jsonl is not None:
-            self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
-            self.jsonl.flush()
-
     def close(self) -> None:
-        self.writer.flush()
-        if self.jsonl is not None:
-            self.jsonl.close()
+        self.sink.close()
