@@ -20,7 +20,7 @@ from cclm_jax.data.tokenizer import Tokenizer
 from cclm_jax.evaluation import metrics, report
 from cclm_jax.interop import official
 from cclm_jax.interop.shapes import param_shapes
-from cclm_jax.interop.workdir import import_to_workdir, restore_params
+from cclm_jax.interop.workdir import import_to_workdir, read_run_config, restore_params
 from cclm_jax.train import finetune, finetune_init, finetune_loop
 from cclm_jax.train.finetune_data import load_task_data
 from cclm_jax.train.finetune_input import TrainBatches
@@ -237,7 +237,7 @@ def test_retrieval_finetunes_from_an_official_checkpoint_and_evaluates(fixture, 
     assert "txt_r1" in (workdir / "results.md").read_text()
     params = _params(workdir)
     assert sorted(params) == ["itm_head", "temp", "text_encoder", "text_proj", "vision_encoder", "vision_proj"]
-    assert finetune_init.read_workdir_config(workdir).name == "xflickrco"
+    assert read_run_config(workdir).name == "xflickrco"
     assert Checkpointer(str(workdir), every=1, keep=9).all_steps() == [2]  # 16 (image, caption) pairs, batch 8
 
     # `cclm-jax evaluate` of the fine-tuned run with the dual encoder alone adds its results under their own key.

@@ -18,7 +18,6 @@ The tokenizer is `data.tokenizer`, else the start workdir's. Its vocabulary must
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Any
@@ -32,7 +31,7 @@ from flax import linen as nn
 from cclm_jax.data.tokenizer import Tokenizer
 from cclm_jax.interop.layout import layout_of_task
 from cclm_jax.interop.shapes import abstract_params
-from cclm_jax.interop.workdir import restore_params
+from cclm_jax.interop.workdir import read_run_config, restore_params
 from cclm_jax.models import build_model
 from cclm_jax.models.config import validate_model_config
 from cclm_jax.train import finetune
@@ -59,15 +58,6 @@ def validate_init(init: ml_collections.ConfigDict) -> None:
         raise FileNotFoundError(f"config.init.workdir: {init.workdir!r} is not a run directory (no config.json)")
     if init.checkpoint and not os.path.isfile(os.path.expanduser(init.checkpoint)):
         raise FileNotFoundError(f"config.init.checkpoint: {init.checkpoint!r} does not exist")
-
-
-def read_workdir_config(workdir: str) -> ml_collections.ConfigDict:
-    """The resolved config a run wrote to `workdir/config.json`."""
-    path = os.path.join(os.path.expanduser(workdir), "config.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: not a run directory (no config.json)")
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
 
 
 def _get(cfg: ml_collections.ConfigDict, dotted: str):
@@ -100,7 +90,7 @@ def load_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer:
     if config.init.workdir:
         from cclm_jax.data.pipeline import load_tokenizer as run_tokenizer
 
-        start = read_workdir_config(config.init.workdir)
+        start = read_run_config(config.init.workdir)
         if start.get("data", {}).get("tokenizer"):
             return run_tokenizer(start.data)
     raise ValueError("config.data.tokenizer is not set: name the SentencePiece model of the pre-trained model "
@@ -167,7 +157,7 @@ def initial_task_params(config: ml_collections.ConfigDict, rng: jax.Array) -> tu
                                                              jnp.zeros((1, 8), jnp.int32))["params"]))(rng)
         source, source_task = jax.tree.map(np.asarray, params), None
     elif init.workdir:
-        start = read_workdir_config(init.workdir)
+        start = read_run_config(init.workdir)
         source_task = start.get("task") or None
         if source_task not in (None, task):
             raise ValueError(f"config.init.workdir {init.workdir!r} was fine-tuned for {source_task!r}; this run "

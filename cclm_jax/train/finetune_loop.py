@@ -36,7 +36,7 @@ from cclm_jax.checkpoint import Checkpointer, PreemptionWatcher, abstract_like
 from cclm_jax.data.tokenizer import Tokenizer
 from cclm_jax.evaluation import report
 from cclm_jax.evaluation.finetune_eval import TaskEvaluator
-from cclm_jax.interop.workdir import restore_params
+from cclm_jax.interop.workdir import read_run_config, restore_params
 from cclm_jax.train import finetune as finetune_lib
 from cclm_jax.train import finetune_init
 from cclm_jax.train.finetune_data import load_task_data, report_name
@@ -92,7 +92,7 @@ def _resolve(config: ml_collections.ConfigDict, workdir: str, resuming: bool, rn
     """(tokenizer, host task params; None when resuming), with `config.model` and `config.data.tokenizer` set to
     the run's own (those of `workdir/config.json` when it resumes)."""
     if resuming:
-        saved = finetune_init.read_workdir_config(workdir)
+        saved = read_run_config(workdir)
         if saved.get("task") != config.task:
             raise ValueError(f"{workdir} holds {_run_kind(saved)}, not a {config.task!r} fine-tuning run: "
                              "fine-tune into a new directory")
@@ -238,7 +238,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None = None) -> dict[str, Any]:
     """Test-set results of a fine-tuned run's checkpoint (`step`, default the latest), added to its report."""
     workdir = os.path.abspath(os.path.expanduser(workdir))
-    saved = finetune_init.read_workdir_config(workdir)
+    saved = read_run_config(workdir)
     if saved.get("task") != config.task:
         raise ValueError(f"{workdir} holds {_run_kind(saved)} (config.json), not a {config.task!r} fine-tuning "
                          "run: evaluate it with its own task's config")
