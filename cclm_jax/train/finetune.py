@@ -130,6 +130,22 @@ def apply_protocol(config: ml_collections.ConfigDict, protocol: str) -> ml_colle
     return config
 
 
+def json_retrieval_config(name: str, languages: tuple, arg: str, k_test: int) -> ml_collections.ConfigDict:
+    """A retrieval task over CCLM retrieval json lists (Multi30K, multilingual MSCOCO) as the reference's
+    `Retrieval_<name>_<lang>_ft.yaml`: lr 3e-5, 10 epochs, max 40 tokens. `arg`: the training language
+    (default the first of `languages`: zero-shot for the others) or 'all' (all-language training)."""
+    lang = arg or languages[0]
+    if lang not in languages + ("all",):
+        raise ValueError(f"configs/finetune/{name}.py: argument must be one of {languages + ('all',)}, got {lang!r}")
+    config = default_finetune_config("retrieval")
+    config.name = name
+    config.train.epochs = 10
+    config.eval.update(batch_size=96, k_test=k_test)
+    config.data.update(max_tokens=40, max_words=40, image_root="", train_files=(),
+                       test_files={code: "" for code in languages}, languages=languages, train_language=lang)
+    return apply_protocol(config, "all_languages" if lang == "all" else "zero_shot")
+
+
 def validate_finetune_config(config: ml_collections.ConfigDict) -> None:
     """Raise ValueError naming the field for what the fine-tuning code cannot run with."""
     _check_task(config.task)

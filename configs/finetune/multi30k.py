@@ -13,14 +13,4 @@ LANGUAGES = ("en", "de", "fr", "cs")
 
 
 def get_config(arg: str = ""):
-    lang = arg or "en"
-    if lang not in LANGUAGES + ("all",):
-        raise ValueError(f"configs/finetune/multi30k.py: argument must be one of {LANGUAGES + ('all',)}, got {lang!r}")
-    config = finetune.default_finetune_config("retrieval")
-    config.name = "multi30k"
-    config.train.epochs = 10
-    config.eval.update(batch_size=96, k_test=128)
-    config.data.update(max_tokens=40, max_words=40, image_root="", train_files=(),
-                       test_files={code: "" for code in LANGUAGES}, languages=LANGUAGES,
-                       train_language=lang)
-    return finetune.apply_protocol(config, "all_languages" if lang == "all" else "zero_shot")
+    return finetune.json_retrieval_config("multi30k", LANGUAGES, arg, k_test=128)
