@@ -84,15 +84,6 @@ class Checkpointer:
         data = {kind: {k: np.int64(v) for k, v in s.items()} for kind, s in (restored.data or {}).items()}
         return restored.state, data
 
-    def restore_params(self, abstract_params: Any, step: int | None = None) -> Any:
-        """Only the parameters of a checkpoint (for export, evaluation or fine-tuning)."""
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(item={"params": abstract_params}, partial_restore=True)))
-        return restored.state["params"]
-
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
