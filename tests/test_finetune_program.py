@@ -229,8 +229,10 @@ def test_resume_is_exact(fixture, xvnli_run, tmp_path):
 def test_retrieval_finetunes_from_an_official_checkpoint_and_evaluates(fixture, tmp_path):
     workdir = tmp_path / "retrieval"
     _cli("finetune", "xflickrco", workdir, _retrieval(fixture))
-    results = report.read_results(workdir)["xflickrco"]
-    assert set(results) == {"en", "de"}
+    tables = report.read_results(workdir)
+    assert set(tables) == {"xflickrco", "xflickrco_itc"}  # re-ranked, and its first stage (the dual encoder)
+    results = tables["xflickrco"]
+    assert set(results) == set(tables["xflickrco_itc"]) == {"en", "de"}
     for values in results.values():
         assert values["r_mean"] == pytest.approx(
             np.mean([values[f"{d}_r{k}"] for d in ("txt", "img") for k in metrics.RECALL_AT]))
@@ -240,11 +242,14 @@ def test_retrieval_finetunes_from_an_official_checkpoint_and_evaluates(fixture, 
     assert read_run_config(workdir).name == "xflickrco"
     assert Checkpointer(str(workdir), every=1, keep=9).all_steps() == [2]  # 16 (image, caption) pairs, batch 8
 
-    # `cclm-jax evaluate` of the fine-tuned run with the dual encoder alone adds its results under their own key.
+    # `cclm-jax evaluate` with the dual encoder alone reports under the same key what training's re-ranked
+    # evaluation reported for its first stage.
+    (workdir / "results.json").unlink()
     proc = _cli("evaluate", "xflickrco", workdir, {**_retrieval(fixture), "eval.rerank": False})
     evaluated = json.loads(proc.stdout[proc.stdout.index("{"):])
-    assert evaluated["step"] == 2
-    assert report.read_results(workdir) == {"xflickrco": results, "xflickrco_itc": evaluated["results"]}
+    assert evaluated["step"] == 2 and set(evaluated["tables"]) == {"xflickrco_itc"}
+    assert evaluated["results"] == tables["xflickrco_itc"]
+    assert report.read_results(workdir) == {"xflickrco_itc": tables["xflickrco_itc"]}
     assert (workdir / "xflickrco_itc.png").exists() and "## xflickrco_itc" in (workdir / "results.md").read_text()
 
 

@@ -1,7 +1,9 @@
 """Test-set evaluation of a fine-tuned model, one language at a time, as the reference scores each task:
 
 - retrieval: `RetrievalEvaluator` (ITC similarities, the top-`eval.k_test` candidates re-scored by the ITM head
-  unless `eval.rerank` is False), R@1/5/10 both ways and their means (`metrics.retrieval_metrics`);
+  unless `eval.rerank` is False), R@1/5/10 both ways and their means (`metrics.retrieval_metrics`); with
+  re-ranking, the first stage's dual-encoder recalls come for free and are reported as a second table,
+  `<name>_itc` (the same key `eval.rerank=False` reports under);
 - xvnli / marvl: `accuracy` of the argmax of the classifier logits;
 - xgqa: `accuracy` of the best of the answer list (top-`k_test` by first-token probability, re-ranked by
   likelihood) against the gold answer (`metrics.vqa_accuracy`).
@@ -27,14 +29,16 @@ from cclm_jax.evaluation.readers import ImagePairExample, RetrievalSet
 from cclm_jax.evaluation.retrieval import RetrievalEvaluator
 from cclm_jax.models import build_model
 from cclm_jax.train import finetune
+from cclm_jax.train.finetune_data import report_name
 from cclm_jax.train.finetune_input import eval_image_batches, image_source, load_images, text_fields
 
 Results = dict[str, dict[str, float]]
 
 
 class TaskEvaluator:
-    """`evaluator(params) -> {language: {metric: value}}` over the test sets of a fine-tuning run.
+    """`evaluator(params) -> {table: {language: {metric: value}}}` over the test sets of a fine-tuning run.
 
+    Tables: `finetune_data.report_name(config)`, and for re-ranked retrieval also its dual-encoder `<name>_itc`.
     config: the fine-tuning config (task, eval, data sections); model_config: the run's resolved model config;
     tests: language -> `RetrievalSet` or list of examples (`finetune_data.TaskData.tests`); answers: the xGQA
     answer list.
@@ -45,6 +49,8 @@ class TaskEvaluator:
                  answers: tuple[str, ...] = ()):
         self.task, self.tests, self.tokenizer, self.mesh = config.task, dict(tests), tokenizer, mesh
         self.eval, self.data = config.eval, config.data
+        self.name = report_name(config)
+        self.rerank = self.task == "retrieval" and bool(config.eval.get("rerank", True))
         self.image_res = model_config.vision.image_res
         self.batch_size = int(config.eval.batch_size)
         shards = 1 if mesh is None else parallel.num_batch_shards(mesh)
@@ -66,26 +72,34 @@ class TaskEvaluator:
         else:
             self.predict = jax.jit(finetune.make_predict_fn(self.task, model_config), **out)
 
-    def __call__(self, params) -> Results:
-        return {lang: self.evaluate(params, test) for lang, test in self.tests.items()}
+    def __call__(self, params) -> dict[str, Results]:
+        per_language = {lang: self.evaluate(params, test) for lang, test in self.tests.items()}
+        tables = {self.name: {lang: values[0] for lang, values in per_language.items()}}
+        if self.rerank:
+            tables[f"{self.name}_itc"] = {lang: values[1] for lang, values in per_language.items()}
+        return tables
 
-    def evaluate(self, params, test) -> dict[str, float]:
-        """Metrics of one test set."""
+    def evaluate(self, params, test) -> tuple[dict[str, float], ...]:
+        """Metrics of one test set: (metrics,), or for re-ranked retrieval (re-ranked, dual-encoder) metrics."""
         if self.task == "retrieval":
             return self._retrieval(params, test)
         if self.task == "xgqa":
-            return self._vqa(params, test)
-        return self._classification(params, test)
+            return (self._vqa(params, test),)
+        return (self._classification(params, test),)
 
     # ------------------------------------------------------------------------------------------ tasks
 
-    def _retrieval(self, params, test: RetrievalSet) -> dict[str, float]:
+    def _retrieval(self, params, test: RetrievalSet) -> tuple[dict[str, float], ...]:
         images = load_images([image_source(image) for image in test.images], self.image_res)
         ids, atts = finetune.encode_texts(self.tokenizer, test.texts, max_tokens=self.data.max_tokens,
                                           max_words=self.data.max_words)
         scores = self.retrieval.image_text_scores(params, images, ids, atts, k_test=int(self.eval.k_test),
-                                                  rerank=bool(self.eval.get("rerank", True)))
-        return metrics.retrieval_metrics(scores.score_i2t, scores.score_t2i, test.txt2img, test.img2txt)
+                                                  rerank=self.rerank)
+        recalls = metrics.retrieval_metrics(scores.score_i2t, scores.score_t2i, test.txt2img, test.img2txt)
+        if not self.rerank:
+            return (recalls,)
+        dual = metrics.retrieval_metrics(scores.sims, np.ascontiguousarray(scores.sims.T), test.txt2img, test.img2txt)
+        return recalls, dual
 
     def _batches(self, examples: list):
         """(host batch, number of real examples) of padded evaluation batches (images of the examples in order)."""

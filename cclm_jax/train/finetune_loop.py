@@ -11,7 +11,8 @@
 4. evaluates the test sets after every epoch from `eval.start_epoch` on (`workdir/eval/epoch_<e>/`) and, at the
    end, writes the report (`results.json`, `results.md`, a PNG chart per task; `evaluation.report`) into the
    workdir. The report's task key is `finetune_data.report_name` (e.g. `xvnli`, `xflickrco_translate_test`);
-   results of other keys already in `workdir/results.json` are kept.
+   re-ranked retrieval adds its dual-encoder recalls under `<key>_itc`; results of other keys already in
+   `workdir/results.json` are kept.
 
 `evaluate(config, workdir, step=None)` evaluates a fine-tuned run's checkpoint (latest by default) on the test
 sets `config` names (e.g. the translate-test files after zero-shot fine-tuning) and adds them to its report.
@@ -73,14 +74,14 @@ def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
             f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
-def write_report(results: dict[str, dict[str, float]], name: str, out_dir: str) -> None:
-    """Add `name`'s per-language results to the report in `out_dir` (other tasks already there are kept)."""
+def write_report(tables: dict[str, dict[str, dict[str, float]]], out_dir: str) -> None:
+    """Add the tables ({name: {language: metrics}}) to the report in `out_dir` (other tables there are kept)."""
     if jax.process_index() != 0:
         return
     merged = {}
     if os.path.isfile(os.path.join(out_dir, "results.json")):
         merged = report.read_results(out_dir)
-    merged[name] = results
+    merged.update(tables)
     report.write_results(merged, out_dir)
 
 
@@ -149,12 +150,16 @@ class _Metrics:
         self.sink.close()
 
 
-def _flat_results(results: dict[str, dict[str, float]]) -> dict[str, float]:
-    return {f"test/{lang}/{metric}": value for lang, values in results.items() for metric, value in values.items()}
+def _flat_results(tables: dict[str, dict[str, dict[str, float]]], main: str) -> dict[str, float]:
+    """Metric names of the evaluation tables: `test/<lang>/<metric>` for the run's own table `main`, and
+    `test<suffix>/<lang>/<metric>` for `main<suffix>` (`test_itc/...`: the dual-encoder recalls)."""
+    return {f"test{table[len(main):]}/{lang}/{metric}": value for table, results in tables.items()
+            for lang, values in results.items() for metric, value in values.items()}
 
 
 def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Run or resume fine-tuning (see the module docstring); returns {"results": {language: metrics}, ...}."""
+    """Run or resume fine-tuning (see the module docstring); returns {"results": {language: metrics},
+    "tables": {report key: {language: metrics}}, ...}."""
     if config.distributed:
         jax.distributed.initialize()
     validate(config)
@@ -221,18 +226,17 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 return {**out, "preempted_at": step}
             epoch = step // per_epoch - 1
             if step % per_epoch == 0 and step < total and epoch >= config.eval.start_epoch:
-                results = evaluator(state.params)
-                write_report(results, report_name(config), os.path.join(workdir, "eval", f"epoch_{epoch}"))
-                writer.write(step, _flat_results(results))
+                tables = evaluator(state.params)
+                write_report(tables, os.path.join(workdir, "eval", f"epoch_{epoch}"))
+                writer.write(step, _flat_results(tables, evaluator.name))
     checkpointer.close()
-    results = evaluator(state.params)
-    name = report_name(config)
-    write_report(results, name, os.path.join(workdir, "eval", f"epoch_{config.train.epochs - 1}"))
-    write_report(results, name, workdir)
-    writer.write(step, _flat_results(results))
+    tables = evaluator(state.params)
+    write_report(tables, os.path.join(workdir, "eval", f"epoch_{config.train.epochs - 1}"))
+    write_report(tables, workdir)
+    writer.write(step, _flat_results(tables, evaluator.name))
     writer.close()
-    log.info("%s results written to %s", name, os.path.join(workdir, "results.md"))
-    return {**out, "results": results, "seconds": time.time() - t_start}
+    log.info("%s results written to %s", ", ".join(tables), os.path.join(workdir, "results.md"))
+    return {**out, "results": tables[evaluator.name], "tables": tables, "seconds": time.time() - t_start}
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None = None) -> dict[str, Any]:
@@ -260,6 +264,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
     mesh = parallel.make_mesh(config.mesh)
     shardings = parallel.param_shardings(finetune_init.abstract_task_params(config.task, model_config), mesh)
     params = parallel.shard_params(params, shardings)
-    results = TaskEvaluator(config, model_config, data.tests, tokenizer, mesh, answers=data.answers)(params)
-    write_report(results, report_name(config), workdir)
-    return {"step": step, "results": results}
+    evaluator = TaskEvaluator(config, model_config, data.tests, tokenizer, mesh, answers=data.answers)
+    tables = evaluator(params)
+    write_report(tables, workdir)
+    return {"step": step, "results": tables[evaluator.name], "tables": tables}
