@@ -1,12 +1,17 @@
 """Integration: retrieval fine-tuning on the real Flickr8k images with captions in en/de/fr/cs/zh, evaluated on
 the 237 val images per language (opt-in: CCLM_SLOW=1; needs ../shared/data; minutes on 2 CPU cores).
 
-A small CCLM (64 px, 2-stage Swin, 2 text + 2 fusion layers, a SentencePiece vocabulary trained on the train
-captions) is initialised at random, trained with the fine-tuning step (index-aware ITC + ITM, reference AdamW)
-on one random language's caption per example, then evaluated with the reference protocol (ITC top-k
-re-ranked by ITM) and in dual-encoder mode. The recalls are printed; R@1 must be well above chance (1/237).
+A small CCLM (the `configs/finetune/flickr8k.py:tiny` recipe: 32 px, 2-stage Swin, 2 text + 2 fusion layers, a
+SentencePiece vocabulary trained on the train captions, no image augmentation) is initialised at random, trained
+with the fine-tuning step (index-aware ITC + ITM, reference AdamW) on batches drawn from all (image, caption)
+pairs of the five languages, then evaluated with the reference protocol (ITC top-k re-ranked by ITM) and in
+dual-encoder mode. The recalls are printed. Asserted, for the dual encoder (a from-scratch ITM head does not
+learn in this budget; see benchmarks/RESULTS.md): R@1 pooled over languages and directions > 3x chance (1/237),
+and every language's R@10 (mean of both directions) > 2x chance. Single R@1 cells rest on 1-8 hits.
 """
+import importlib.util
 import os
+import pathlib
 import time
 
 import jax
@@ -17,22 +22,25 @@ from flax import linen as nn
 from cclm_jax.data.tokenizer import Tokenizer
 from cclm_jax.evaluation import metrics, readers
 from cclm_jax.evaluation.retrieval import RetrievalEvaluator
-from cclm_jax.models import build_model, tiny_model_config
+from cclm_jax.models import build_model
 from cclm_jax.models.tasks import init_retrieval_params
 from cclm_jax.train import finetune
 from cclm_jax.train.state import create_train_state
 
 LANGUAGES = ("en", "de", "fr", "cs", "zh")
-STEPS = int(os.environ.get("CCLM_FLICKR8K_STEPS", "400"))
-BATCH, LR, RES, MAX_TOKENS, K_TEST = 32, 1e-3, 64, 32, 16
+STEPS = int(os.environ.get("CCLM_FLICKR8K_STEPS", "1000"))
+CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "finetune" / "flickr8k.py"
 
 
-def _model_config(tokenizer):
-    cfg = tiny_model_config()
-    cfg.vision.update(image_res=RES, embed_dim=64, depths=(2, 2), num_heads=(2, 4), window_size=4)
-    cfg.text.update(num_layers=4, fusion_layer=2, vocab_size=tokenizer.vocab_size,
-                    mask_token_id=tokenizer.mask_id, max_position_embeddings=64)
-    return cfg
+def _tiny_config(tokenizer):
+    """`configs/finetune/flickr8k.py:tiny` with the tokenizer's vocabulary."""
+    spec = importlib.util.spec_from_file_location("flickr8k_config", CONFIG)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("tiny")
+    config.model.text.update(vocab_size=tokenizer.vocab_size, mask_token_id=tokenizer.mask_id)
+    finetune.validate_finetune_config(config)
+    return config
 
 
 @pytest.mark.skipif(os.environ.get("CCLM_SLOW") != "1", reason="opt-in integration test: set CCLM_SLOW=1")
@@ -42,56 +50,58 @@ def test_flickr8k_multilingual_retrieval_finetuning(shared_data_dir, tmp_path, c
     val = {lang: readers.read_flickr8k(root / "val.jsonl", root, lang, check_images=True) for lang in LANGUAGES}
     tokenizer = Tokenizer.train([t for lang in LANGUAGES for t in train[lang].texts], tmp_path / "spm",
                                 vocab_size=4000)
-    cfg = _model_config(tokenizer)
+    config = _tiny_config(tokenizer)
+    cfg, res = config.model, config.model.vision.image_res
+    batch_size, max_tokens, k_test = config.train.batch_size, config.data.max_tokens, config.eval.k_test
     model = build_model(cfg)
     ids0 = np.zeros((1, 8), np.int32)
-    init = jax.jit(lambda key: nn.meta.unbox(model.init(key, np.zeros((1, RES, RES, 3), np.float32), ids0,
+    init = jax.jit(lambda key: nn.meta.unbox(model.init(key, np.zeros((1, res, res, 3), np.float32), ids0,
                                                         ids0)["params"]))
     params = init_retrieval_params(jax.tree.map(np.asarray, init(jax.random.PRNGKey(0))))
 
-    # Training pool: every (image, caption) of every language; a batch draws captions at random.
-    images = finetune.load_images(train["en"].image_paths, RES)
+    # Training pool: every (image, caption) of every language; a batch draws pairs at random.
+    images = finetune.load_images(train["en"].image_paths, res)
     pool_image = np.concatenate([train[lang].txt2img for lang in LANGUAGES]).astype(np.int32)
     pool_ids, pool_atts = finetune.encode_texts(tokenizer, [t for lang in LANGUAGES for t in train[lang].texts],
-                                                max_tokens=MAX_TOKENS, max_words=MAX_TOKENS)
-    config = finetune.default_finetune_config("retrieval")
-    config.model = cfg
-    config.optimizer.lr = LR
-    config.train.update(epochs=1, batch_size=BATCH)
-    finetune.validate_finetune_config(config)
-    schedule = finetune.finetune_schedule(config.train, STEPS * BATCH)
+                                                max_tokens=max_tokens, max_words=max_tokens)
+    schedule = finetune.finetune_schedule(config.train, STEPS * batch_size // config.train.epochs)
     optimizer = finetune.make_task_optimizer(config, schedule, params)
     state = jax.jit(lambda p, key: create_train_state(p, optimizer, key))(params, jax.random.PRNGKey(1))
     step = finetune.make_train_step(config, optimizer, schedule)
     rng = np.random.default_rng(0)
-    start, first = time.time(), None
+    start, history = time.time(), []
     for _ in range(STEPS):
-        rows = rng.choice(len(pool_image), BATCH, replace=False)
+        rows = rng.choice(len(pool_image), batch_size, replace=False)
         batch = {"image": images[pool_image[rows]], "text_ids": pool_ids[rows], "text_atts": pool_atts[rows],
                  "idx": pool_image[rows]}
         state, out = step(state, batch)
-        first = first or jax.tree.map(float, out)
-    last = jax.tree.map(float, out)
+        history.append(jax.tree.map(float, out))
     train_seconds = time.time() - start
-    assert last["itc"] < first["itc"] - 0.3 and last["skipped_nonfinite"] == 0
+    first, last = history[0], {k: np.mean([h[k] for h in history[-50:]]) for k in history[-1]}
+    assert sum(h["skipped_nonfinite"] for h in history) == 0
+    assert last["itc"] < np.log(batch_size) - 0.3, last  # chance: log(batch) nats
 
-    evaluator = RetrievalEvaluator(build_model(cfg), batch_size=64, pairs_per_block=512)
-    val_images = finetune.load_images(val["en"].image_paths, RES)
+    evaluator = RetrievalEvaluator(build_model(cfg), batch_size=config.eval.batch_size,
+                                   pairs_per_block=config.eval.pairs_per_block)
+    val_images = finetune.load_images(val["en"].image_paths, res)
     chance = 100.0 / len(val_images)
     results = {}
     for lang in LANGUAGES:
-        ids, atts = finetune.encode_texts(tokenizer, val[lang].texts, max_tokens=MAX_TOKENS, max_words=MAX_TOKENS)
+        ids, atts = finetune.encode_texts(tokenizer, val[lang].texts, max_tokens=max_tokens, max_words=max_tokens)
         for mode, rerank in (("itm", True), ("itc", False)):
-            scores = evaluator.image_text_scores(state.params, val_images, ids, atts, k_test=K_TEST, rerank=rerank)
+            scores = evaluator.image_text_scores(state.params, val_images, ids, atts, k_test=k_test, rerank=rerank)
             results[lang, mode] = metrics.retrieval_metrics(scores.score_i2t, scores.score_t2i, val[lang].txt2img,
                                                             val[lang].img2txt)
     with capsys.disabled():
-        print(f"\nFlickr8k retrieval after {STEPS} steps of batch {BATCH} ({train_seconds:.0f} s of training; "
-              f"ITC {first['itc']:.3f} -> {last['itc']:.3f}, ITM {first['itm']:.3f} -> {last['itm']:.3f}); "
+        print(f"\nFlickr8k retrieval after {STEPS} steps of batch {batch_size} ({train_seconds:.0f} s of training; "
+              f"ITC {first['itc']:.3f} -> {last['itc']:.3f}, ITM {first['itm']:.3f} -> {last['itm']:.3f} "
+              f"(mean of the last 50 steps)); "
               f"val {len(val_images)} images, chance R@1 {chance:.2f}%")
         for (lang, mode), r in results.items():
             print(f"  {lang} {mode}: i2t R@1 {r['txt_r1']:.1f}  t2i R@1 {r['img_r1']:.1f}  "
                   f"i2t R@10 {r['txt_r10']:.1f}  t2i R@10 {r['img_r10']:.1f}  r_mean {r['r_mean']:.1f}")
-    for lang in LANGUAGES:
-        r = results[lang, "itc"]
-        assert (r["txt_r1"] + r["img_r1"]) / 2 > 2 * chance, (lang, r)
+    dual = [results[lang, "itc"] for lang in LANGUAGES]
+    pooled_r1 = np.mean([(r["txt_r1"] + r["img_r1"]) / 2 for r in dual])
+    assert pooled_r1 > 3 * chance, pooled_r1
+    for lang, r in zip(LANGUAGES, dual):
+        assert (r["txt_r10"] + r["img_r10"]) / 2 > 20 * chance, (lang, r)
