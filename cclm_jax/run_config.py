@@ -32,6 +32,7 @@ Sections (each documented where its defaults live):
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import ml_collections
@@ -66,6 +67,20 @@ def default_run_config() -> ml_collections.ConfigDict:
         "init": {"checkpoint": "", "text_num_heads": 16, "xlmr_dir": "", "swin_path": ""},
         "distributed": False,
     })
+
+
+def load_config_file(path: str | os.PathLike, arg: str = "") -> ml_collections.ConfigDict:
+    """The config `cclm-jax --config <path>:<arg>` runs with: `get_config(arg)` of the Python file at `path`
+    (for notebooks and tests; the command line adds its `--config.x=y` overrides on top)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} does not exist")
+    spec = importlib.util.spec_from_file_location("cclm_config_" + os.path.basename(path).removesuffix(".py"), path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not callable(getattr(module, "get_config", None)):
+        raise ValueError(f"config file {path!r} defines no get_config(arg) function")
+    return module.get_config(arg)
 
 
 def _check_keys(cfg: ml_collections.ConfigDict, reference: ml_collections.ConfigDict, where: str) -> list[str]:

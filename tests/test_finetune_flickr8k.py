@@ -9,7 +9,6 @@ dual-encoder mode. The recalls are printed. Asserted, for the dual encoder (a fr
 learn in this budget; see benchmarks/RESULTS.md): R@1 pooled over languages and directions > 3x chance (1/237),
 and every language's R@10 (mean of both directions) > 2x chance. Single R@1 cells rest on 1-8 hits.
 """
-import importlib.util
 import os
 import pathlib
 import time
@@ -24,6 +23,7 @@ from cclm_jax.evaluation import metrics, readers
 from cclm_jax.evaluation.retrieval import RetrievalEvaluator
 from cclm_jax.models import build_model
 from cclm_jax.models.tasks import init_retrieval_params
+from cclm_jax.run_config import load_config_file
 from cclm_jax.train import finetune
 from cclm_jax.train.state import create_train_state
 
@@ -34,10 +34,7 @@ CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "finetune" / 
 
 def _tiny_config(tokenizer):
     """`configs/finetune/flickr8k.py:tiny` with the tokenizer's vocabulary."""
-    spec = importlib.util.spec_from_file_location("flickr8k_config", CONFIG)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("tiny")
+    config = load_config_file(CONFIG, "tiny")
     config.model.text.update(vocab_size=tokenizer.vocab_size, mask_token_id=tokenizer.mask_id)
     finetune.validate_finetune_config(config)
     return config

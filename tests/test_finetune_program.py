@@ -21,6 +21,7 @@ from cclm_jax.evaluation import metrics, report
 from cclm_jax.interop import official
 from cclm_jax.interop.shapes import param_shapes
 from cclm_jax.interop.workdir import import_to_workdir, read_run_config, restore_params
+from cclm_jax.run_config import load_config_file
 from cclm_jax.train import finetune, finetune_init, finetune_loop
 from cclm_jax.train.finetune_data import load_task_data
 from cclm_jax.train.finetune_input import TrainBatches
@@ -31,15 +32,6 @@ SENTENCES = ["a dog runs on the grass", "two dogs play with a red ball", "the ma
              "ein hund läuft über das gras", "un chien court dans l'herbe", "there is no cat",
              "the picture shows two dogs", "a red car on the street", "people walk on the beach"]
 LABELS = ["entailment", "contradiction", "neutral"]
-
-
-def _load_config(name: str, arg: str = ""):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"finetune_{name}", REPO / "configs" / "finetune" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
 
 
 def _write_jpeg(path, rng, size=(40, 56)):
@@ -144,7 +136,7 @@ def _retrieval(fx) -> dict:
 
 def _config(name: str, overrides: dict):
     """The config `cclm-jax --config configs/finetune/<name>.py` builds with these overrides (in process)."""
-    config = _load_config(name)
+    config = load_config_file(REPO / "configs" / "finetune" / f"{name}.py")
     for key, value in overrides.items():
         *parents, field = key.split(".")
         node = config

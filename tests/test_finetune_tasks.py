@@ -13,6 +13,7 @@ from cclm_jax import objectives
 from cclm_jax.data.tokenizer import Tokenizer
 from cclm_jax.evaluation import metrics, readers
 from cclm_jax.models import build_model, tasks
+from cclm_jax.run_config import load_config_file
 from cclm_jax.train import finetune
 from cclm_jax.train import optimizer as optimizer_lib
 from cclm_jax.train.state import create_train_state
@@ -403,14 +404,9 @@ REFERENCE_SETTINGS = {  # config file: (task, epochs, k_test, max_tokens), spec 
 
 @pytest.mark.parametrize("name", sorted(REFERENCE_SETTINGS))
 def test_finetune_configs_carry_the_reference_hyper_parameters(name):
-    import importlib.util
     import pathlib
 
-    path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "finetune" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"finetune_config_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("")
+    config = load_config_file(pathlib.Path(__file__).resolve().parents[1] / "configs" / "finetune" / f"{name}.py")
     finetune.validate_finetune_config(config)
     task, epochs, k_test, max_tokens = REFERENCE_SETTINGS[name]
     assert (config.task, config.train.epochs, config.data.max_tokens) == (task, epochs, max_tokens)

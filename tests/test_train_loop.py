@@ -13,7 +13,7 @@ import pytest
 
 from cclm_jax import parallel
 from cclm_jax.checkpoint import Checkpointer, abstract_like
-from cclm_jax.run_config import validate_run_config
+from cclm_jax.run_config import load_config_file, validate_run_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "configs"))
@@ -168,6 +168,15 @@ def test_unknown_config_key_is_rejected():
         config.train.num_stepz = 3
     with pytest.raises(ValueError, match="config.train.num_stepz: unknown key"):
         validate_run_config(config, num_devices=1)
+
+
+def test_config_files_load_as_on_the_command_line(tmp_path):
+    assert load_config_file(REPO / "configs" / "tiny.py", "micro") == tiny.get_config("micro")
+    with pytest.raises(FileNotFoundError, match="nope.py' does not exist"):
+        load_config_file(tmp_path / "nope.py")
+    (tmp_path / "empty.py").write_text("CONFIG = {}\n")
+    with pytest.raises(ValueError, match="empty.py' defines no get_config"):
+        load_config_file(tmp_path / "empty.py")
 
 
 def test_nan_batch_skips_the_update_and_is_counted():

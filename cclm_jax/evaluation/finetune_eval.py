@@ -73,23 +73,24 @@ class TaskEvaluator:
             self.predict = jax.jit(finetune.make_predict_fn(self.task, model_config), **out)
 
     def __call__(self, params) -> dict[str, Results]:
-        per_language = {lang: self.evaluate(params, test) for lang, test in self.tests.items()}
-        tables = {self.name: {lang: values[0] for lang, values in per_language.items()}}
-        if self.rerank:
-            tables[f"{self.name}_itc"] = {lang: values[1] for lang, values in per_language.items()}
+        tables: dict[str, Results] = {}
+        for lang, test in self.tests.items():
+            for suffix, values in self.evaluate(params, test).items():
+                tables.setdefault(self.name + suffix, {})[lang] = values
         return tables
 
-    def evaluate(self, params, test) -> tuple[dict[str, float], ...]:
-        """Metrics of one test set: (metrics,), or for re-ranked retrieval (re-ranked, dual-encoder) metrics."""
+    def evaluate(self, params, test) -> dict[str, dict[str, float]]:
+        """Metrics of one test set by table suffix: {"": metrics}, and for re-ranked retrieval also "_itc"
+        (the dual-encoder recalls of its first stage)."""
         if self.task == "retrieval":
             return self._retrieval(params, test)
         if self.task == "xgqa":
-            return (self._vqa(params, test),)
-        return (self._classification(params, test),)
+            return {"": self._vqa(params, test)}
+        return {"": self._classification(params, test)}
 
     # ------------------------------------------------------------------------------------------ tasks
 
-    def _retrieval(self, params, test: RetrievalSet) -> tuple[dict[str, float], ...]:
+    def _retrieval(self, params, test: RetrievalSet) -> dict[str, dict[str, float]]:
         images = load_images([image_source(image) for image in test.images], self.image_res)
         ids, atts = finetune.encode_texts(self.tokenizer, test.texts, max_tokens=self.data.max_tokens,
                                           max_words=self.data.max_words)
@@ -97,9 +98,9 @@ class TaskEvaluator:
                                                   rerank=self.rerank)
         recalls = metrics.retrieval_metrics(scores.score_i2t, scores.score_t2i, test.txt2img, test.img2txt)
         if not self.rerank:
-            return (recalls,)
+            return {"": recalls}
         dual = metrics.retrieval_metrics(scores.sims, np.ascontiguousarray(scores.sims.T), test.txt2img, test.img2txt)
-        return recalls, dual
+        return {"": recalls, "_itc": dual}
 
     def _batches(self, examples: list):
         """(host batch, number of real examples) of padded evaluation batches (images of the examples in order)."""
