@@ -87,9 +87,10 @@ class CCABaseline:
         img = image_statistics(images)[np.asarray(txt2img)]
         mean, std = img.mean(0), img.std(0) + 1e-6
         txt = bag_of_pieces(pieces, vocab)
+        txt_mean = txt.mean(0)
         dims = min(dims, img.shape[1], txt.shape[1])
-        proj_img, proj_txt, corr = fit_cca((img - mean) / std, txt - txt.mean(0), dims, reg)
-        return cls(mean, std, txt.mean(0), vocab, proj_img, proj_txt, corr)
+        proj_img, proj_txt, corr = fit_cca((img - mean) / std, txt - txt_mean, dims, reg)
+        return cls(mean, std, txt_mean, vocab, proj_img, proj_txt, corr)
 
     def scores(self, images: np.ndarray, pieces: Sequence[Sequence[int]]) -> np.ndarray:
         feat_img = _unit((image_statistics(images) - self.image_mean) / self.image_std @ self.image_projection
@@ -106,6 +107,6 @@ def cca_retrieval_baseline(train: RetrievalSet, test: RetrievalSet, train_images
     train_images, test_images: uint8 (N, R, R, 3) in the sets' image order; encode_batch: texts -> id lists
     (e.g. `Tokenizer.encode_batch`).
     """
-    baseline = CCABaseline.fit(train_images, encode_batch(list(train.texts)), train.txt2img, dims, reg)
-    scores = baseline.scores(test_images, encode_batch(list(test.texts)))
+    baseline = CCABaseline.fit(train_images, encode_batch(train.texts), train.txt2img, dims, reg)
+    scores = baseline.scores(test_images, encode_batch(test.texts))
     return metrics.retrieval_metrics(scores, np.ascontiguousarray(scores.T), test.txt2img, test.img2txt)
