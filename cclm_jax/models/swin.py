@@ -130,11 +130,13 @@ class Mlp(nn.Module):
 def drop_path(x: jax.Array, rate: float | jax.Array, deterministic: bool, rng: jax.Array | None) -> jax.Array:
     """Per-example stochastic depth on (B, ...): zero the branch with prob `rate`, rescale by 1/(1-rate).
 
-    `rate` is a Python float, or a traced scalar (scanned blocks, whose rates differ block by block)."""
+    `rate` is a Python float, or a traced float32 scalar (scanned blocks, whose rates differ block by block); the
+    result keeps `x`'s dtype either way (a bfloat16 branch stays bfloat16, as a scan carry must)."""
     if deterministic or is_zero_rate(rate):
         return x
     keep = jax.random.bernoulli(rng, 1.0 - rate, (x.shape[0],) + (1,) * (x.ndim - 1))
-    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+    scale = jnp.asarray(1.0 / (1.0 - rate), x.dtype)
+    return jnp.where(keep, x * scale, jnp.zeros_like(x))
 
 
 def is_zero_rate(rate: float | jax.Array) -> bool:
