@@ -49,7 +49,7 @@ sys.path.insert(0, REPO)
 from cclm_jax import flops, parallel  # noqa: E402
 from cclm_jax.models import build_model  # noqa: E402
 from cclm_jax.train.optimizer import make_optimizer  # noqa: E402
-from cclm_jax.train.state import create_train_state  # noqa: E402
+from cclm_jax.train_state import create_train_state  # noqa: E402
 from cclm_jax.train.steps import StepConfig, make_train_steps  # noqa: E402
 
 SECTION = "## Train step"
@@ -214,11 +214,12 @@ def build_arm(config: ml_collections.ConfigDict):
     mesh = parallel.make_mesh(config.mesh)
     model = build_model(config.model)
     init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.train.seed))
-    params, _ = parallel.init_sharded_params(model, config.model, mesh, init_rng)
+    params, params_shardings = parallel.init_sharded_params(model, config.model, mesh, init_rng)
     optimizer = make_optimizer(config.optimizer, config.schedule, params, config.model)
-    state = jax.jit(lambda p, r: create_train_state(p, optimizer, r))(params, state_rng)
+    create = lambda p, r: create_train_state(p, optimizer, r)  # noqa: E731
+    state_shardings = parallel.state_shardings(jax.eval_shape(create, params, state_rng), params_shardings, mesh)
+    state = jax.jit(create, out_shardings=state_shardings)(params, state_rng)
     del params
-    state_shardings = jax.tree.map(lambda x: x.sharding, state)
     step_config = StepConfig(config.model, config.objectives, config.optimizer, config.schedule, 2, mesh,
                              config.train.dropout)
     steps = make_train_steps(step_config, optimizer, "alternate", state_shardings, parallel.batch_sharding(mesh))

@@ -70,14 +70,14 @@ def cmd_info() -> None:
 
 
 def cmd_train() -> None:
-    from cclm_jax.train.loop import train
+    from cclm_jax.train.pretraining import train
 
     results = train(_require(_CONFIG, "train"), _require(_WORKDIR, "train"))
     print(json.dumps({k: v for k, v in results.items() if np.isscalar(v)}, indent=1, sort_keys=True))
 
 
 def cmd_finetune() -> None:
-    from cclm_jax.train.finetune_loop import finetune
+    from cclm_jax.train.finetuning import finetune
 
     out = finetune(_require(_CONFIG, "finetune"), _require(_WORKDIR, "finetune"))
     print(json.dumps(out.get("results", out), indent=1, sort_keys=True, default=float))
@@ -86,7 +86,7 @@ def cmd_finetune() -> None:
 def cmd_evaluate() -> None:
     config, workdir = _require(_CONFIG, "evaluate"), _require(_WORKDIR, "evaluate")
     if "task" in config:  # a fine-tuning config (configs/finetune/*.py)
-        from cclm_jax.train.finetune_loop import evaluate
+        from cclm_jax.train.finetuning import evaluate
 
         results = evaluate(config, workdir, _STEP.value)
     else:

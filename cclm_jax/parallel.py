@@ -14,9 +14,7 @@ every config works on every mesh, at worst replicating that one parameter.
 """
 from __future__ import annotations
 
-import collections
-import itertools
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -153,23 +151,24 @@ def shard_params(params, shardings):
     return jax.tree.map(lambda x, s: jax.device_put(x, s), params, shardings)
 
 
-def prefetch_to_device(iterator: Iterable[Any], size: int, sharding: NamedSharding | None = None) -> Iterator[Any]:
-    """Yield host batches (pytrees of numpy arrays) as device arrays, `size` batches ahead of the consumer.
+def state_shardings(abstract_state: Any, params_shardings: Any, mesh: Mesh) -> Any:
+    """Shardings of a whole train state: every leaf of the optimizer state that mirrors a parameter (AdamW's
+    `mu` and `nu`, whose key paths end with the parameter's path and have its shape) gets that parameter's
+    sharding; counters, keys and scalars are replicated. Without this, FSDP shards the parameters but
+    `jnp.zeros_like` leaves every Adam moment replicated on each chip."""
+    flat_params = jax.tree_util.tree_flatten_with_path(params_shardings)[0]
+    by_path = {tuple(path): sharding for path, sharding in flat_params}
+    lengths = sorted({len(path) for path in by_path}, reverse=True)
+    params_shapes = {tuple(path): leaf.shape
+                     for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_state.params)[0]}
 
-    Transfers are asynchronous, so the next batches' host->device copies overlap the running step. With
-    `sharding` (e.g. `batch_sharding(mesh)`) each leaf is the process-local part of a global array
-    (multi-host safe); without, leaves go to the default device.
-    """
-    if size < 1:
-        raise ValueError(f"prefetch_to_device: size must be >= 1, got {size}")
+    def one(path, leaf):
+        path = tuple(path)
+        for n in lengths:
+            suffix = path[-n:]
+            if len(path) >= n and suffix in by_path and params_shapes.get(suffix) == leaf.shape:
+                return by_path[suffix]
+        return replicated(mesh)
 
-    def put(batch):
-        if sharding is None:
-            return jax.device_put(batch)
-        return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
-
-    source = iter(iterator)
-    queue = collections.deque(put(batch) for batch in itertools.islice(source, size))
-    while queue:
-        yield queue.popleft()
-        queue.extend(put(batch) for batch in itertools.islice(source, 1))
+    rest = jax.tree_util.tree_map_with_path(one, abstract_state.replace(params=None))
+    return rest.replace(params=params_shardings)

@@ -21,7 +21,10 @@ Sections (each documented where its defaults live):
   eval_k_test      candidates re-ranked by the ITM head in evaluation (0 = ITC scores only).
   checkpoint_every steps between checkpoints; keep_checkpoints: how many recent ones to keep;
   keep_every       also keep every checkpoint whose step is a multiple of this (0 = none).
-  nonfinite        'skip' (count and skip the update) or 'stop' (stop at the next log step).
+  nonfinite        'skip' (count and skip the update) or 'stop' (at the next log step: save the last good
+                   state and exit non-zero; a resumed run continues).
+  max_consecutive_skips   stop with an error (state saved) when this many updates in a row were skipped as
+                   non-finite, checked at log steps (diverged weights; 0 = never).
   profile_start, profile_steps   a jax.profiler trace of `profile_steps` steps from `profile_start`
                    (profile_steps 0 = off), written under workdir/profile.
 `init`:
@@ -50,7 +53,8 @@ def default_train_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({
         "mode": "alternate", "num_steps": 1000, "seed": 42, "dropout": True, "log_every": 50,
         "eval_every": 0, "eval_k_test": 16, "checkpoint_every": 500, "keep_checkpoints": 3,
-        "keep_every": 0, "nonfinite": "skip", "profile_start": 10, "profile_steps": 0,
+        "keep_every": 0, "nonfinite": "skip", "max_consecutive_skips": 100, "profile_start": 10,
+        "profile_steps": 0,
     })
 
 
@@ -113,6 +117,9 @@ def validate_run_config(config: ml_collections.ConfigDict, num_devices: int | No
         raise ValueError(f"config.train.mode must be one of {TRAIN_MODES}, got {t.mode!r}")
     if t.nonfinite not in ("skip", "stop"):
         raise ValueError(f"config.train.nonfinite must be 'skip' or 'stop', got {t.nonfinite!r}")
+    value = t.max_consecutive_skips
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"config.train.max_consecutive_skips must be a non-negative integer, got {value!r}")
     for key in ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
         if t[key] <= 0:
             raise ValueError(f"config.train.{key} must be positive, got {t[key]}")

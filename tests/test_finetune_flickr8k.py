@@ -30,7 +30,7 @@ from cclm_jax.models import build_model
 from cclm_jax.models.tasks import init_retrieval_params
 from cclm_jax.run_config import load_config_file
 from cclm_jax.train import finetune
-from cclm_jax.train.state import create_train_state
+from cclm_jax.train_state import create_train_state
 
 LANGUAGES = ("en", "de", "fr", "cs", "zh")
 STEPS = int(os.environ.get("CCLM_FLICKR8K_STEPS", "1000"))

@@ -22,7 +22,7 @@ from cclm_jax.interop import official
 from cclm_jax.interop.shapes import param_shapes
 from cclm_jax.interop.workdir import import_to_workdir, read_run_config, restore_params
 from cclm_jax.run_config import load_config_file
-from cclm_jax.train import finetune, finetune_init, finetune_loop
+from cclm_jax.train import finetune, finetune_init, finetuning
 from cclm_jax.train.finetune_data import load_task_data
 from cclm_jax.train.finetune_input import TrainBatches
 
@@ -338,7 +338,7 @@ def test_protocols_and_two_image_and_vqa_data(fixture):
 
 def _error(config, tmp_path):
     with pytest.raises((ValueError, FileNotFoundError)) as info:
-        finetune_loop.finetune(config, str(tmp_path / "run"))
+        finetuning.finetune(config, str(tmp_path / "run"))
     assert not (tmp_path / "run" / "checkpoints").exists() or not list((tmp_path / "run" / "checkpoints").iterdir())
     return str(info.value)
 
@@ -374,7 +374,7 @@ def test_errors_before_compilation(fixture, tmp_path):
     assert "fine-tune with the pre-training tokenizer" in _error(config, tmp_path)
 
     with pytest.raises(ValueError, match="holds a pre-training run .* evaluate it with its own task's config"):
-        finetune_loop.evaluate(_config("xvnli", _xvnli(fixture)), str(fixture["pretrained"]))
+        finetuning.evaluate(_config("xvnli", _xvnli(fixture)), str(fixture["pretrained"]))
 
 
 def test_cli_reports_a_bad_config_without_compiling(fixture, tmp_path):

@@ -16,7 +16,7 @@ from cclm_jax.models import build_model, tasks
 from cclm_jax.run_config import load_config_file
 from cclm_jax.train import finetune
 from cclm_jax.train import optimizer as optimizer_lib
-from cclm_jax.train.state import create_train_state
+from cclm_jax.train_state import create_train_state
 
 LR = 1e-3
 MAX_TOKENS = 16

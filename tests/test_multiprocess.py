@@ -18,7 +18,7 @@ import pytest
 
 from cclm_jax.data import pipeline
 from cclm_jax.data.config import resolve_host_shards
-from cclm_jax.train import loop
+from cclm_jax.train import pretraining
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "configs"))
@@ -75,18 +75,18 @@ def test_shard_positions_round_trip_through_the_checkpoint_format(data_setup):
     for kind, batches in (("image_caption", 3), ("parallel_text", 1)):
         for _ in range(batches):
             next(first[kind])
-    saved = loop._flatten_for_json(loop._gather_data_state(first))
+    saved = pretraining.gather_data_state(first)
     assert saved["image_caption"] == {"batch_size@0": 8, "batch_size@1": 8, "batches@0": 3, "batches@1": 3,
                                       "next_example@0": 24, "next_example@1": 24}
     resumed = pipeline.build_host_pipelines(data, tok)
-    loop._restore_iterators(resumed, saved)
+    pretraining.restore_iterators(resumed, saved)
     for kind in first:
         expected, got = next(first[kind]), next(resumed[kind])
         for key in expected:
             np.testing.assert_array_equal(expected[key], got[key], err_msg=f"{kind}/{key}")
     four = pipeline.build_host_pipelines(_with_shards(data, 4), tok)
     with pytest.raises(ValueError, match=r"no data position for input shard\(s\) \[2, 3\]"):
-        loop._restore_iterators(four, saved)
+        pretraining.restore_iterators(four, saved)
 
 
 @pytest.mark.parametrize("shards,processes,message", [

@@ -8,7 +8,7 @@ import pytest
 
 from cclm_jax import objectives as O
 from cclm_jax import parallel
-from cclm_jax.train.state import global_norm
+from cclm_jax.train_state import global_norm
 
 
 def _golden_batches(ref):

@@ -12,7 +12,7 @@ from cclm_jax import parallel
 from cclm_jax.models import build_model
 from cclm_jax.models.config import tiny_model_config
 from cclm_jax.train.optimizer import make_optimizer
-from cclm_jax.train.state import create_train_state
+from cclm_jax.train_state import create_train_state
 from cclm_jax.train.steps import StepConfig, make_train_steps
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "configs"))

@@ -1,5 +1,6 @@
 """The training program end to end (micro config, CLI subprocesses): exact resume after SIGTERM and after
 SIGKILL, checkpoint restore onto another mesh, NaN handling, and config validation messages."""
+import json
 import os
 import pathlib
 import signal
@@ -37,7 +38,7 @@ DEMO_DIR = pathlib.Path(os.environ.get("CCLM_TEST_DATA_DIR", "/tmp/cclm_jax_test
 def _train_cmd(workdir, steps=STEPS, *extra):
     return [sys.executable, "-m", "cclm_jax", "train", f"--config={REPO}/configs/tiny.py:micro,{steps}",
             f"--workdir={workdir}", "--config.train.checkpoint_every=2", "--config.train.log_every=1",
-            f"--config.data.data_dir={DEMO_DIR}", *extra]
+            "--config.train.eval_every=4", f"--config.data.data_dir={DEMO_DIR}", *extra]
 
 
 def _run(cmd, timeout=600):
@@ -59,6 +60,26 @@ def _wait_for(predicate, proc, timeout=600):
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         assert time.time() - start < timeout, "timed out"
         time.sleep(0.2)
+
+
+def test_dev_retrieval_runs_every_eval_every_steps_and_at_the_end(uninterrupted):
+    rows = [json.loads(line) for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
+    evaluated = [r for r in rows if "eval/chance_r1" in r]
+    assert [r["step"] for r in evaluated] == [4, STEPS]
+    assert all(0.0 <= r["eval/en/i2t_r1"] <= 100.0 for r in evaluated)
+    assert len({r["step"] for r in rows if any(k.startswith("train/") for k in r)}) == STEPS  # one row per step
+
+
+def test_diverged_weights_stop_the_run_with_a_clear_error(tmp_path):
+    proc = subprocess.run(_train_cmd(tmp_path, STEPS, "--config.optimizer.lr=1e30",
+                                     "--config.train.max_consecutive_skips=2", "--config.train.eval_every=-1"),
+                          env=_env(), capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode != 0
+    assert "updates in a row before step" in proc.stderr and "max_consecutive_skips=2" in proc.stderr
+    stopped = Checkpointer(str(tmp_path), every=1, keep=10)
+    assert stopped.latest_step() < STEPS  # saved where it stopped (committed: no temporary directory left)
+    stopped.close()
+    assert not list((tmp_path / "checkpoints").glob("*tmp*"))
 
 
 def test_resume_after_sigterm_is_exact(uninterrupted, tmp_path):
@@ -117,7 +138,7 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path):
     """A state saved from an (8,) data mesh restores onto (data 4, fsdp 2) with the new shardings."""
     from cclm_jax.models import build_model
     from cclm_jax.train.optimizer import make_optimizer
-    from cclm_jax.train.state import create_train_state
+    from cclm_jax.train_state import create_train_state
 
     config = tiny.get_config("micro")
     config.model.text.update(vocab_size=100, mask_token_id=99)
@@ -182,7 +203,7 @@ def test_config_files_load_as_on_the_command_line(tmp_path):
 def test_nan_batch_skips_the_update_and_is_counted():
     from cclm_jax.models import build_model
     from cclm_jax.train.optimizer import make_optimizer
-    from cclm_jax.train.state import create_train_state
+    from cclm_jax.train_state import create_train_state
     from cclm_jax.train.steps import StepConfig, make_train_steps
 
     config = tiny.get_config("micro")

@@ -57,7 +57,8 @@ STATE = types.SimpleNamespace(nonfinite=np.int32(0))
 def test_alternating_steps_report_model_flops_and_mfu_per_kind(tmp_path):
     config = _config()
     # t=0 start; steps finish at 2, 3, 5 (seen when the next step is recorded) and 6 (seen by flush); flush at 6.5
-    writer = MetricsWriter(str(tmp_path), config, device_kind="TPU v5 lite", clock=Clock(0.0, 2.0, 3.0, 5.0, 6.0, 6.5))
+    writer = MetricsWriter(str(tmp_path), config.train.num_steps, flops.run_model_flops(config),
+                           device_kind="TPU v5 lite", clock=Clock(0.0, 2.0, 3.0, 5.0, 6.0, 6.5))
     for kind, loss in (("image_caption", 4.0), ("parallel_text", 3.0), ("image_caption", 2.0), ("parallel_text", 1.0)):
         writer.record(kind, _metrics(loss), {kind: ROWS}, input_seconds=0.5)
     scalars = writer.flush(4, STATE, {})
@@ -86,7 +87,8 @@ def test_alternating_steps_report_model_flops_and_mfu_per_kind(tmp_path):
 
 def test_joint_steps_count_both_kinds_and_cpu_has_no_mfu(tmp_path):
     config = _config()
-    writer = MetricsWriter(str(tmp_path), config, device_kind="cpu", clock=Clock(0.0, 1.5, 3.0, 3.0))
+    writer = MetricsWriter(str(tmp_path), config.train.num_steps, flops.run_model_flops(config),
+                           device_kind="cpu", clock=Clock(0.0, 1.5, 3.0, 3.0))
     for _ in range(2):
         writer.record("joint", _metrics(1.0), {"image_caption": ROWS, "parallel_text": ROWS}, input_seconds=0.0)
     scalars = writer.flush(2, STATE, {})
@@ -102,7 +104,8 @@ def test_metrics_count_the_flops_that_info_describes(tmp_path):
     """`cclm-jax info` (flops.describe) and the training metrics use one per-example count (cclm_base)."""
     config = cclm_base.get_config()
     batch = config.data.image_caption.batch_size
-    writer = MetricsWriter(str(tmp_path), config, device_kind="cpu", clock=Clock(0.0))
+    writer = MetricsWriter(str(tmp_path), config.train.num_steps, flops.run_model_flops(config),
+                           device_kind="cpu", clock=Clock(0.0))
     described = dict(re.findall(r"^(\w+): ([\d.]+) GFLOPs/example training", flops.describe(config), re.M))
     assert described == {"image_caption": "248.3", "parallel_text": "275.8"}  # benchmarks/RESULTS.md
     for kind, gflops in described.items():

@@ -2,7 +2,7 @@
 
 - `import_to_workdir(checkpoint, workdir)`: an official CCLM `.th` (or an exported safetensors file) of any
   layout (`layout.LAYOUTS`) becomes step 0 of a run directory: `workdir/config.json` and an Orbax checkpoint
-  holding the parameters with a fresh optimizer state. A pre-training checkpoint gets the default run config
+  holding the parameters only (a run resuming from it starts a fresh optimizer state). A pre-training checkpoint gets the default run config
   with the imported architecture (`cclm-jax train` continues from it); a fine-tuning checkpoint (retrieval,
   XVNLI, NLVR/MaRVL, VQA/xGQA) gets `finetune.default_finetune_config(task)` with the imported architecture, its
   `task` naming the model the parameters belong to (`layout.LAYOUT_TASKS`), so evaluation and fine-tuning
@@ -10,11 +10,14 @@
 - `export_workdir(workdir, out, step=None, fmt='th')`: the parameters of a run's checkpoint (latest by
   default) in the official layout of the run's task, as the official `{'model': state_dict, 'config': ...}`
   `.th`, or `model.safetensors` + `config.json`.
+
+Only parameters are read (`restore_params`): the optimizer state of a run is never loaded here.
 """
 from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 import jax
 import ml_collections
@@ -26,8 +29,6 @@ from cclm_jax.interop.files import open_checkpoint
 from cclm_jax.interop.layout import LAYOUT_TASKS, layout_of_task
 from cclm_jax.interop.shapes import abstract_params
 from cclm_jax.run_config import default_run_config
-from cclm_jax.train.optimizer import default_schedule_config, make_optimizer
-from cclm_jax.train.state import create_train_state
 
 
 def read_run_config(workdir: str) -> ml_collections.ConfigDict:
@@ -44,32 +45,20 @@ def run_layout(config: ml_collections.ConfigDict) -> str:
     return layout_of_task(config.get("task"))
 
 
-def _optimizer(config: ml_collections.ConfigDict, params):
-    """The run's optimizer. A fine-tuning run derives its schedule from its data (`finetune.finetune_schedule`);
-    the optimizer state's structure does not depend on it, so the default schedule stands in."""
-    schedule = default_schedule_config() if config.get("task") else config.schedule
-    return make_optimizer(config.optimizer, schedule, params, config.model)
-
-
-def _abstract_state(config: ml_collections.ConfigDict):
-    """ShapeDtypeStructs of the run's TrainState: the parameters of its task model (`shapes.abstract_params`)."""
-    params = nn.meta.unbox(abstract_params(config.model, run_layout(config)))
-    optimizer = _optimizer(config, params)
-    return jax.eval_shape(lambda p: create_train_state(p, optimizer, jax.random.PRNGKey(0)), params)
-
-
-def restore_params(workdir: str, step: int | None = None):
-    """(run config, parameters of `step` or the latest checkpoint) on the default device."""
+def restore_params(workdir: str, step: int | None = None, shardings: Any | None = None):
+    """(run config, parameters of `step` or the latest checkpoint), placed in `shardings` (default: all on the
+    first device). Only the parameters item is read, never the optimizer state."""
     config = read_run_config(workdir)
-    abstract = _abstract_state(config)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = abstract_like(abstract, jax.tree.map(lambda _: device, abstract))
+    abstract = nn.meta.unbox(abstract_params(config.model, run_layout(config)))
+    if shardings is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: device, abstract)
     checkpointer = Checkpointer(workdir, every=1, keep=1_000_000)
     try:
-        state, _ = checkpointer.restore(target, step)
+        params = checkpointer.restore_params(abstract_like(abstract, shardings), step)
     finally:
         checkpointer.close()
-    return config, state.params
+    return config, params
 
 
 def export_workdir(workdir: str, out: str, *, step: int | None = None, fmt: str = "th") -> str:
@@ -111,9 +100,7 @@ def import_to_workdir(checkpoint: str, workdir: str, *, text_num_heads: int | No
     if checkpointer.latest_step() is not None:
         checkpointer.close()
         raise FileExistsError(f"{workdir} already holds checkpoints; import into an empty run directory")
-    optimizer = _optimizer(config, params)
-    state = jax.jit(lambda p: create_train_state(p, optimizer, jax.random.PRNGKey(config.train.seed)))(params)
-    checkpointer.save(0, state, {}, force=True)
+    checkpointer.save_params(0, params, jax.random.PRNGKey(config.train.seed))
     checkpointer.close()
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=2, sort_keys=True))

@@ -16,9 +16,8 @@ Batches (host numpy; images uint8 NHWC are normalised on device):
   </s>` rows), `answer_weights` (B, A) float (0 for padding rows).
 Any batch may carry `valid` (B,) bool: padded examples are left out of the loss.
 
-The update step mirrors `steps.make_update_fn` (value_and_grad, the reference AdamW with `schedule_step` = the
-update count, non-finite updates skipped) with a task loss instead of a pre-training view, and reuses
-`steps.jit_step` for sharded jitting. Fine-tuning does not clamp the temperature (the reference's
+The update step is `steps.make_update_fn` (the one update of every run: value_and_grad, the reference AdamW with
+`schedule_step` = the update count, non-finite updates skipped) with a task loss instead of a pre-training view. Fine-tuning does not clamp the temperature (the reference's
 `RetrievalModel` does not).
 """
 from __future__ import annotations
@@ -43,7 +42,6 @@ from cclm_jax.models.cclm import CCLM
 from cclm_jax.models.config import base_model_config, validate_model_config
 from cclm_jax.train import optimizer as optimizer_lib
 from cclm_jax.train import steps
-from cclm_jax.train.state import TrainState, global_norm
 
 TASKS = ("retrieval", "xvnli", "marvl", "xgqa")
 
@@ -74,7 +72,8 @@ def default_finetune_config(task: str) -> ml_collections.ConfigDict:
       (random parameters of `model`). Few-shot starts from the English-fine-tuned run or checkpoint.
     train: epochs; batch_size (global; the README's `--bs 128` over 8 GPUs); warmup_fraction of the steps
       (`finetune_schedule`); seed; checkpoint_every / keep_checkpoints (steps, checkpoints kept; the run
-      resumes from the latest one in its workdir); log_every (steps).
+      resumes from the latest one in its workdir); log_every (steps); nonfinite, max_consecutive_skips,
+      profile_start, profile_steps: as in pre-training (`run_config`).
     optimizer: `train.optimizer` section: lr 3e-5, wd 0.01, lr_mult 2 for `TASK_HEADS[task]`; the no-decay list
       adds `LayerNorm.scale` so that layers outside the pre-training layout (the NLVR copies, the VQA decoder)
       keep their LayerNorm weights undecayed, as the reference's `LayerNorm.weight` rule does.
@@ -98,7 +97,8 @@ def default_finetune_config(task: str) -> ml_collections.ConfigDict:
         "model": model,
         "init": {"workdir": "", "step": -1, "checkpoint": "", "text_num_heads": 16, "from_scratch": False},
         "train": {"epochs": 10, "batch_size": 128, "warmup_fraction": 0.1, "seed": 42, "checkpoint_every": 1000,
-                  "keep_checkpoints": 2, "log_every": 50},
+                  "keep_checkpoints": 2, "keep_every": 0, "log_every": 50, "nonfinite": "skip",
+                  "max_consecutive_skips": 100, "profile_start": 10, "profile_steps": 0},
         "optimizer": opt,
         "eval": {"batch_size": 96, "k_test": 128, "start_epoch": 0},
         "data": {"tokenizer": "", "max_tokens": 40, "max_words": 40, "languages": ("en",), "train_language": "en",
@@ -156,6 +156,12 @@ def validate_finetune_config(config: ml_collections.ConfigDict) -> None:
         value = config.train[key]
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"config.train.{key} must be a positive integer, got {value!r}")
+    if config.train.nonfinite not in ("skip", "stop"):
+        raise ValueError(f"config.train.nonfinite must be 'skip' or 'stop', got {config.train.nonfinite!r}")
+    for key in ("max_consecutive_skips", "profile_start", "profile_steps"):
+        value = config.train[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"config.train.{key} must be a non-negative integer, got {value!r}")
     if not 0.0 <= config.train.warmup_fraction < 1.0:
         raise ValueError(f"config.train.warmup_fraction must be in [0, 1), got {config.train.warmup_fraction!r}")
     for key, low, what in (("k_test", 1, "a positive"), ("batch_size", 1, "a positive"),
@@ -314,39 +320,14 @@ def make_loss_fn(config: ml_collections.ConfigDict, mesh: Mesh | None = None, dr
     return loss_fn
 
 
-def make_update_fn(loss_fn: Callable, optimizer: optax.GradientTransformationExtraArgs,
-                   schedule: ml_collections.ConfigDict, lr: float) -> Callable:
-    """`update(state, batch) -> (state, metrics)`: one optimizer update, skipped when loss or gradient is
-    non-finite; metrics hold the loss terms, `loss`, `grad_norm`, `param_norm`, `lr`, `skipped_nonfinite`."""
-    lr_fn = optimizer_lib.linear_warmup_linear_decay(lr, schedule.warmup_steps, schedule.total_steps)
-
-    def update(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        step = state.step
-        rng = jax.random.fold_in(state.rng, step)
-        (total, measurements), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params, schedule_step=step)
-        new_params = optax.apply_updates(state.params, updates)
-        grad_norm = global_norm(grads)
-        finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-        state = state.replace(step=step + 1, params=keep(new_params, state.params),
-                              opt_state=keep(opt_state, state.opt_state),
-                              nonfinite=state.nonfinite + (~finite).astype(jnp.int32))
-        metrics = {**measurements, "loss": total, "grad_norm": grad_norm, "param_norm": global_norm(state.params),
-                   "lr": lr_fn(step), "skipped_nonfinite": (~finite).astype(jnp.int32)}
-        return state, metrics
-
-    return update
-
-
 def make_train_step(config: ml_collections.ConfigDict, optimizer: optax.GradientTransformationExtraArgs,
                     schedule: ml_collections.ConfigDict, *, mesh: Mesh | None = None, state_shardings=None,
                     batch_sharding=None) -> Callable:
-    """Jitted `step(state, batch) -> (state, metrics)` of `config.task`, the state donated.
-
-    With `state_shardings` the state stays in them and batches arrive over `batch_sharding` (`steps.jit_step`).
-    """
-    update = make_update_fn(make_loss_fn(config, mesh), optimizer, schedule, float(config.optimizer.lr))
+    """Jitted `step(state, batch) -> (state, metrics)` of `config.task`: `steps.make_update_fn` (the one update
+    of every run) with the task loss; the state donated, kept in `state_shardings` when given."""
+    lr_fn = optimizer_lib.linear_warmup_linear_decay(float(config.optimizer.lr), schedule.warmup_steps,
+                                                     schedule.total_steps)
+    update = steps.make_update_fn(make_loss_fn(config, mesh), optimizer, lr_fn)
     if state_shardings is None:
         return jax.jit(update, donate_argnums=(0,))
     return steps.jit_step(update, state_shardings, batch_sharding)

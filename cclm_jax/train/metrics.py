@@ -21,13 +21,14 @@ from collections import defaultdict
 from typing import Callable, Mapping
 
 import jax
-import ml_collections
 import numpy as np
 from clu import metric_writers
 
 from cclm_jax import flops
 
 log = logging.getLogger(__name__)
+
+CONSOLE_NAMES = tuple(f"/{name}" for name in ("loss", "itc", "ttc", "itm", "ttm", "mlm", "ce", "accuracy", "answer"))
 
 
 def flop_rates(prefix: str, model_flop: float, seconds: float, peak: float | None,
@@ -43,13 +44,17 @@ def flop_rates(prefix: str, model_flop: float, seconds: float, peak: float | Non
 
 class ScalarSink:
     """Where a run's scalars go: TensorBoard events (clu) and `workdir/metrics.jsonl` (one JSON object per write,
-    `{"step": N, name: value, ...}`, appended so a resumed run continues the file). Only process 0 writes;
-    the others only log."""
+    `{"step": N, name: value, ...}`, appended so a resumed run continues the file). A run resumed from
+    `resume_step` first drops the rows written after that step (they belong to the lost steps and will be written
+    again), so every step has one row. Only process 0 writes; the others only log."""
 
-    def __init__(self, workdir: str):
+    def __init__(self, workdir: str, resume_step: int | None = None):
         self.is_writer = jax.process_index() == 0
         self.writer = metric_writers.create_default_writer(workdir, just_logging=not self.is_writer)
-        self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a") if self.is_writer else None
+        path = os.path.join(workdir, "metrics.jsonl")
+        if self.is_writer and resume_step is not None and os.path.isfile(path):
+            truncate_rows_after(path, resume_step)
+        self.jsonl = open(path, "a") if self.is_writer else None
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
         self.writer.write_scalars(step, dict(scalars))
@@ -63,18 +68,36 @@ class ScalarSink:
             self.jsonl.close()
 
 
-class MetricsWriter:
-    """Collects step measurements (`record`) and writes them every log step (`flush`).
+def truncate_rows_after(path: str, step: int) -> int:
+    """Drop the rows of a metrics.jsonl whose `step` is greater than `step` (atomically); returns how many."""
+    with open(path) as f:
+        lines = f.readlines()
+    kept = [line for line in lines if not line.strip() or json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
+    return len(lines) - len(kept)
 
-    `device_kind` (default: the first device's) picks the peak for MFU; `clock` (seconds) is for tests.
+
+class MetricsWriter:
+    """Collects step measurements (`record`) and writes them every log step (`flush`), for every run.
+
+    `flop_per_example`: model FLOPs per example of each batch kind (`flops.run_model_flops`; empty where unknown:
+    no FLOP rates then). `kind_prefix`: names are `train/<kind>/<name>` (pre-training's batch kinds) or
+    `train/<name>` (one kind). `resume_step`: see `ScalarSink`. `device_kind` (default: the first device's) picks
+    the peak for MFU; `clock` (seconds) is for tests.
     """
 
-    def __init__(self, workdir: str, config: ml_collections.ConfigDict, *, device_kind: str | None = None,
+    def __init__(self, workdir: str, num_steps: int, flop_per_example: Mapping[str, float], *,
+                 kind_prefix: bool = True, resume_step: int | None = None, device_kind: str | None = None,
                  clock: Callable[[], float] = time.time):
-        self.sink = ScalarSink(workdir)
+        self.sink = ScalarSink(workdir, resume_step)
         self.is_writer = self.sink.is_writer
-        self.num_steps = config.train.num_steps
-        self.flop_per_example = flops.run_model_flops(config)
+        self.num_steps = num_steps
+        self.flop_per_example = dict(flop_per_example)
+        self.kind_prefix = kind_prefix
         self.peak = flops.peak_flops(jax.devices()[0].device_kind if device_kind is None else device_kind)
         self.num_devices = jax.device_count()
         self.num_processes = jax.process_count()
@@ -99,8 +122,12 @@ class MetricsWriter:
         """Model FLOPs of one step: per-example FLOPs x global rows of each batch kind it trained on."""
         return float(sum(self.flop_per_example[k] * n * self.num_processes for k, n in sizes.items()))
 
-    def flush(self, step: int, state, iterators: dict) -> dict:
-        """Fetch, average and write everything recorded since the last flush; returns the scalars."""
+    def _has_flops(self, sizes: Mapping[str, int]) -> bool:
+        return all(k in self.flop_per_example for k in sizes)
+
+    def flush(self, step: int, state, extra: Mapping[str, float]) -> dict:
+        """Fetch, average and write everything recorded since the last flush, with the `extra` scalars (the input
+        pipelines' counters); returns the scalars."""
         fetched = jax.device_get([m for _, m, _, _, _ in self.pending])
         self._finish_previous()
         scalars: dict[str, float] = {}
@@ -108,35 +135,39 @@ class MetricsWriter:
         for (kind, _, sizes, t_in, t_step), values in zip(self.pending, fetched):
             groups[kind].append((values, sizes, t_in, t_step))
         for kind, items in groups.items():
+            prefix = f"train/{kind}/" if self.kind_prefix else "train/"
             names = items[0][0].keys()
             for name in names:
-                scalars[f"train/{kind}/{name}"] = float(np.mean([v[name] for v, _, _, _ in items]))
+                scalars[f"{prefix}{name}"] = float(np.mean([v[name] for v, _, _, _ in items]))
             examples = sum(sum(s.values()) for _, s, _, _ in items) * self.num_processes
             seconds = sum(t for _, _, _, t in items)
-            model_flop = sum(self.step_model_flop(s) for _, s, _, _ in items)
-            scalars[f"train/{kind}/examples_per_sec"] = examples / max(seconds, 1e-9)
-            scalars[f"train/{kind}/step_seconds"] = seconds / len(items)
-            scalars[f"train/{kind}/input_wait_fraction"] = sum(t for _, _, t, _ in items) / max(seconds, 1e-9)
-            scalars[f"train/{kind}/model_tflop_per_step"] = model_flop / len(items) / 1e12
-            scalars.update(flop_rates(f"train/{kind}/", model_flop, seconds, self.peak, self.num_devices))
+            scalars[f"{prefix}examples_per_sec"] = examples / max(seconds, 1e-9)
+            scalars[f"{prefix}step_seconds"] = seconds / len(items)
+            scalars[f"{prefix}input_wait_fraction"] = sum(t for _, _, t, _ in items) / max(seconds, 1e-9)
+            if all(self._has_flops(s) for _, s, _, _ in items):
+                model_flop = sum(self.step_model_flop(s) for _, s, _, _ in items)
+                scalars[f"{prefix}model_tflop_per_step"] = model_flop / len(items) / 1e12
+                scalars.update(flop_rates(prefix, model_flop, seconds, self.peak, self.num_devices))
         scalars["train/nonfinite_updates"] = float(jax.device_get(state.nonfinite))
-        for it in iterators.values():
-            scalars.update({k: float(v) for k, v in it.metrics().items()})
+        scalars.update({k: float(v) for k, v in extra.items()})
         now = self.clock()
         steps = max(len(self.pending), 1)
         per_step = (now - self.t_last) / steps
         scalars["train/seconds_per_step"] = per_step
-        interval_flop = sum(self.step_model_flop(sizes) for _, _, sizes, _, _ in self.pending)
-        scalars.update(flop_rates("train/", interval_flop, now - self.t_last, self.peak, self.num_devices))
+        if all(self._has_flops(sizes) for _, _, sizes, _, _ in self.pending):
+            interval_flop = sum(self.step_model_flop(sizes) for _, _, sizes, _, _ in self.pending)
+            scalars.update(flop_rates("train/", interval_flop, now - self.t_last, self.peak, self.num_devices))
         self.sink.write(step, scalars)
         if self.is_writer:
             eta = per_step * (self.num_steps - step)
-            losses = " ".join(f"{k.split('/', 1)[1]}={v:.4f}" for k, v in scalars.items()
-                              if k.endswith(("/loss", "/itc", "/ttc", "/itm", "/ttm", "/mlm")))
-            rate = f"{scalars['train/model_tflop_per_sec']:.3g} TFLOP/s"
+            losses = " ".join(f"{k.removeprefix('train/')}={v:.4f}" for k, v in scalars.items()
+                              if k.endswith(CONSOLE_NAMES))
+            rate = ""
+            if "train/model_tflop_per_sec" in scalars:
+                rate = f"  {scalars['train/model_tflop_per_sec']:.3g} TFLOP/s"
             if "train/mfu" in scalars:
                 rate += f" MFU {scalars['train/mfu']:.1%}"
-            log.info("step %d/%d  %s  %.2fs/step  %s  ETA %s", step, self.num_steps, losses, per_step, rate,
+            log.info("step %d/%d  %s  %.2fs/step%s  ETA %s", step, self.num_steps, losses, per_step, rate,
                      time.strftime("%H:%M:%S", time.gmtime(max(eta, 0))))
         self.pending.clear()
         self.t_last = self.t_done = now

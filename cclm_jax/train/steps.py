@@ -11,7 +11,7 @@ updates_per_cycle`, e.g. one image–caption and one parallel-text update share 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 from cclm_jax import objectives
 from cclm_jax.models.cclm import TEMP_MAX, TEMP_MIN, build_model
 from cclm_jax.train.optimizer import linear_warmup_linear_decay
-from cclm_jax.train.state import TrainState, global_norm
+from cclm_jax.train_state import TrainState, all_finite, global_norm
 
 KINDS = ("image_caption", "parallel_text")
 VIEW_LOSSES = {"image_caption": objectives.image_text_losses, "parallel_text": objectives.parallel_text_losses}
@@ -56,7 +56,7 @@ def clamp_temperature(params):
     return {**params, "temp": jnp.clip(params["temp"], TEMP_MIN, TEMP_MAX)}
 
 
-def _loss_fn(cfg: StepConfig, kinds: tuple[str, ...]) -> Callable:
+def view_loss_fn(cfg: StepConfig, kinds: tuple[str, ...]) -> Callable:
     model = build_model(cfg.model_config, deterministic=not cfg.dropout)
 
     def loss_fn(params, batches, rng):
@@ -72,33 +72,55 @@ def _loss_fn(cfg: StepConfig, kinds: tuple[str, ...]) -> Callable:
     return loss_fn
 
 
-def make_update_fn(cfg: StepConfig, optimizer: optax.GradientTransformationExtraArgs,
-                   kinds: tuple[str, ...]) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-    """The (un-jitted) update `(state, batches: {kind: batch}) -> (state, metrics)` for these batch kinds."""
-    loss_fn = _loss_fn(cfg, kinds)
-    lr_fn = linear_warmup_linear_decay(cfg.optimizer_config.lr, cfg.schedule_config.warmup_steps,
-                                       cfg.schedule_config.total_steps)
+def make_update_fn(loss_fn: Callable, optimizer: optax.GradientTransformationExtraArgs, lr_fn: Callable, *,
+                   updates_per_schedule_step: int = 1, prepare_params: Callable | None = None,
+                   ) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
+    """The one (un-jitted) update of every run: `update(state, batches) -> (state, metrics)`.
 
-    def update(state: TrainState, batches: dict) -> tuple[TrainState, dict]:
-        params = clamp_temperature(state.params)
+    `loss_fn(params, batches, rng) -> (total, measurements)`; `prepare_params` maps the parameters before the
+    forward and is kept in them (pre-training's temperature clamp); the schedule step is `state.step //
+    updates_per_schedule_step` (pre-training: once per mixture cycle). The update is skipped (parameters and
+    optimizer state kept, `nonfinite` and `skips` counted) when the loss, the gradient norm or any new parameter
+    is not finite. Metrics: the measurements, `loss`, `grad_norm`, `param_norm`, `lr`, `skipped_nonfinite`
+    (device scalars; nothing here talks to the host).
+    """
+    prepare_params = prepare_params or (lambda params: params)
+
+    def update(state: TrainState, batches) -> tuple[TrainState, dict]:
+        params = prepare_params(state.params)
         rng = jax.random.fold_in(state.rng, state.step)
         (total, measurements), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batches, rng)
-        schedule_step = state.step // cfg.updates_per_cycle
+        schedule_step = state.step // updates_per_schedule_step
         updates, opt_state = optimizer.update(grads, state.opt_state, params, schedule_step=schedule_step)
         new_params = optax.apply_updates(params, updates)
         grad_norm = global_norm(grads)
-        finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
+        finite = jnp.isfinite(total) & jnp.isfinite(grad_norm) & all_finite(new_params)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-        state = state.replace(
-            step=state.step + 1,
-            params=keep(new_params, params),
-            opt_state=keep(opt_state, state.opt_state),
-            nonfinite=state.nonfinite + (~finite).astype(jnp.int32))
+        skipped = (~finite).astype(jnp.int32)
+        state = state.replace(step=state.step + 1, params=keep(new_params, params),
+                              opt_state=keep(opt_state, state.opt_state), nonfinite=state.nonfinite + skipped,
+                              skips=(state.skips + 1) * skipped)
         metrics = {**measurements, "loss": total, "grad_norm": grad_norm, "param_norm": global_norm(state.params),
-                   "lr": lr_fn(schedule_step), "temp": params["temp"], "skipped_nonfinite": (~finite).astype(jnp.int32)}
+                   "lr": lr_fn(schedule_step), "skipped_nonfinite": skipped}
         return state, metrics
 
     return update
+
+
+def pretraining_lr_fn(cfg: StepConfig) -> Callable:
+    return linear_warmup_linear_decay(cfg.optimizer_config.lr, cfg.schedule_config.warmup_steps,
+                                      cfg.schedule_config.total_steps)
+
+
+def pretraining_update_fns(cfg: StepConfig, optimizer: optax.GradientTransformationExtraArgs,
+                           mode: str) -> dict[str, Callable]:
+    """Un-jitted updates keyed by batch kind ('alternate' mode) or {'joint': update} ('joint' mode)."""
+    if mode not in ("alternate", "joint"):
+        raise ValueError(f"config.train.mode must be 'alternate' or 'joint', got {mode!r}")
+    groups = {kind: (kind,) for kind in KINDS} if mode == "alternate" else {"joint": KINDS}
+    return {name: make_update_fn(view_loss_fn(cfg, kinds), optimizer, pretraining_lr_fn(cfg),
+                                 updates_per_schedule_step=cfg.updates_per_cycle, prepare_params=clamp_temperature)
+            for name, kinds in groups.items()}
 
 
 def jit_step(update: Callable, state_shardings, batch_sharding) -> Callable:
@@ -109,16 +131,11 @@ def jit_step(update: Callable, state_shardings, batch_sharding) -> Callable:
 
 def make_train_steps(cfg: StepConfig, optimizer: optax.GradientTransformationExtraArgs, mode: str,
                      state_shardings=None, batch_sharding=None) -> dict[str, Callable]:
-    """Jitted steps keyed by batch kind ('alternate' mode) or {'joint': step} ('joint' mode).
+    """Jitted pre-training steps keyed by batch kind ('alternate' mode) or {'joint': step} ('joint' mode).
 
     A step is called as `state, metrics = step(state, {kind: batch, ...})`.
     """
-    if mode == "alternate":
-        fns = {kind: make_update_fn(cfg, optimizer, (kind,)) for kind in KINDS}
-    elif mode == "joint":
-        fns = {"joint": make_update_fn(cfg, optimizer, KINDS)}
-    else:
-        raise ValueError(f"config.train.mode must be 'alternate' or 'joint', got {mode!r}")
+    fns = pretraining_update_fns(cfg, optimizer, mode)
     if state_shardings is None:
         return {k: jax.jit(f, donate_argnums=(0,)) for k, f in fns.items()}
     return {k: jit_step(f, state_shardings, batch_sharding) for k, f in fns.items()}

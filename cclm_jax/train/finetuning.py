@@ -1,14 +1,15 @@
 """The fine-tuning program (`cclm-jax finetune`) and the evaluation of a fine-tuned run (`cclm-jax evaluate`).
 
-`finetune(config, workdir)` runs (or resumes) one fine-tuning run of `config.task`:
+`finetune(config, workdir)` runs (or resumes) one fine-tuning run of `config.task` through the one trainer
+(`train.trainer.run`, which also runs pre-training) with the task `build_task` makes:
 1. validates the config, reads and checks every annotation file and image (`finetune_data`), loads the
    tokenizer and the starting parameters (`finetune_init`) -- all before anything compiles;
-2. writes the resolved config (the run's model config and tokenizer included) to `workdir/config.json`;
-3. trains `train.epochs` x ceil(N / train.batch_size) jitted steps (`finetune.make_train_step`, parameters and
-   optimizer state sharded over `config.mesh`) on the batches of `finetune_input.TrainBatches`, saving
-   checkpoints every `train.checkpoint_every` steps, at the end and on SIGTERM / preemption notices; a run
-   restarted on the same workdir resumes from its latest checkpoint and sees the same batches;
-4. evaluates the test sets after every epoch from `eval.start_epoch` on (`workdir/eval/epoch_<e>/`) and, at the
+2. the trainer writes the resolved config (the run's model config and tokenizer included) to
+   `workdir/config.json` and trains `train.epochs` x ceil(N / train.batch_size) steps of the task loss
+   (`finetune.make_loss_fn`) on the batches of `finetune_input.TrainBatches` (a function of the step, so a
+   restarted run resumes from its latest checkpoint and sees the same batches), with checkpoints, metrics,
+   preemption and non-finite handling as for pre-training;
+3. evaluates the test sets after every epoch from `eval.start_epoch` on (`workdir/eval/epoch_<e>/`) and, at the
    end, writes the report (`results.json`, `results.md`, a PNG chart per task; `evaluation.report`) into the
    workdir. The report's task key is `finetune_data.report_name` (e.g. `xvnli`, `xflickrco_translate_test`);
    re-ranked retrieval adds its dual-encoder recalls under `<key>_itc`; results of other keys already in
@@ -17,33 +18,29 @@
 `evaluate(config, workdir, step=None)` evaluates a fine-tuned run's checkpoint (latest by default) on the test
 sets `config` names (e.g. the translate-test files after zero-shot fine-tuning) and adds them to its report.
 
-Metrics: `workdir/metrics.jsonl` and TensorBoard event files (losses, accuracy, lr, norms, steps/s).
+Metrics: `workdir/metrics.jsonl` and TensorBoard event files (`train/<name>`: losses, accuracy, lr, norms,
+examples/s, input wait; `eval/test/test/<lang>/<metric>` after each epoch).
 """
 from __future__ import annotations
 
 import logging
 import os
-import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
-from flax import linen as nn
 
 from cclm_jax import parallel
-from cclm_jax.checkpoint import Checkpointer, PreemptionWatcher, abstract_like
+from cclm_jax.checkpoint import Checkpointer
 from cclm_jax.data.tokenizer import Tokenizer
 from cclm_jax.evaluation import report
 from cclm_jax.evaluation.finetune_eval import TaskEvaluator
 from cclm_jax.interop.workdir import read_run_config, restore_params
 from cclm_jax.train import finetune as finetune_lib
-from cclm_jax.train import finetune_init
+from cclm_jax.train import finetune_init, trainer
+from cclm_jax.train import optimizer as optimizer_lib
 from cclm_jax.train.finetune_data import load_task_data, report_name
 from cclm_jax.train.finetune_input import TrainBatches
-from cclm_jax.train.metrics import ScalarSink
-from cclm_jax.train.state import create_train_state
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +62,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
             and config.train.batch_size // shards < 2):
         raise ValueError(f"config.train.batch_size: ITM negatives are drawn within each of the {shards} batch "
                          f"shards, which needs >= 2 examples per shard (or config.objectives.negatives='global')")
-
-
-def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-    if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def write_report(tables: dict[str, dict[str, dict[str, float]]], out_dir: str) -> None:
@@ -119,37 +109,6 @@ def _text_options(config: ml_collections.ConfigDict) -> dict[str, int]:
     return out
 
 
-class _Metrics:
-    """Training measurements: fetched every `log_every` steps, averaged, written to TensorBoard,
-    `metrics.jsonl` and the log (process 0)."""
-
-    def __init__(self, workdir: str, total_steps: int):
-        self.sink = ScalarSink(workdir)
-        self.is_writer = self.sink.is_writer
-        self.total, self.pending, self.t_last = total_steps, [], time.time()
-
-    def record(self, step_metrics: dict) -> None:
-        self.pending.append(step_metrics)
-
-    def flush(self, step: int) -> dict[str, float]:
-        fetched = jax.device_get(self.pending)
-        scalars = {f"train/{k}": float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-        scalars["train/seconds_per_step"] = (time.time() - self.t_last) / len(fetched)
-        self.write(step, scalars)
-        if self.is_writer:
-            shown = " ".join(f"{k[6:]}={v:.4f}" for k, v in scalars.items()
-                             if k[6:] in ("loss", "itc", "itm", "ce", "accuracy", "answer"))
-            log.info("step %d/%d  %s  %.2fs/step", step, self.total, shown, scalars["train/seconds_per_step"])
-        self.pending, self.t_last = [], time.time()
-        return scalars
-
-    def write(self, step: int, scalars: dict[str, float]) -> None:
-        self.sink.write(step, scalars)
-
-    def close(self) -> None:
-        self.sink.close()
-
-
 def _flat_results(tables: dict[str, dict[str, dict[str, float]]], main: str) -> dict[str, float]:
     """Metric names of the evaluation tables: `test/<lang>/<metric>` for the run's own table `main`, and
     `test<suffix>/<lang>/<metric>` for `main<suffix>` (`test_itc/...`: the dual-encoder recalls)."""
@@ -157,86 +116,82 @@ def _flat_results(tables: dict[str, dict[str, dict[str, float]]], main: str) -> 
             for lang, values in results.items() for metric, value in values.items()}
 
 
-def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Run or resume fine-tuning (see the module docstring); returns {"results": {language: metrics},
-    "tables": {report key: {language: metrics}}, ...}."""
-    if config.distributed:
-        jax.distributed.initialize()
+def build_task(config: ml_collections.ConfigDict, workdir: str, resuming: bool) -> trainer.Task:
+    """The fine-tuning task of `config` (see the module docstring): validated, data read and checked, tokenizer
+    and starting parameters loaded (not when resuming: the trainer restores the run's own), all before anything
+    compiles."""
     validate(config)
-    workdir = os.path.abspath(os.path.expanduser(workdir))
-    t_start = time.time()
     data = load_task_data(config)
-    checkpointer = Checkpointer(workdir, every=config.train.checkpoint_every, keep=config.train.keep_checkpoints)
-    init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.train.seed))
-    resuming = checkpointer.latest_step() is not None
+    init_rng, _ = jax.random.split(jax.random.PRNGKey(config.train.seed))
     tokenizer, host_params = _resolve(config, workdir, resuming, init_rng)
-    _write_config(config, workdir)
-
-    mesh = parallel.make_mesh(config.mesh)
     schedule = finetune_lib.finetune_schedule(config.train, len(data.train))
-    abstract = finetune_init.abstract_task_params(config.task, config.model)
-    shardings = parallel.param_shardings(abstract, mesh)
-    if resuming:  # placeholders in the right shardings, replaced by the checkpoint
-        shapes = nn.meta.unbox(abstract)
-        params = jax.jit(lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes),
-                         out_shardings=shardings)()
-    else:
-        params = parallel.shard_params(host_params, shardings)
-        del host_params
-    optimizer = finetune_lib.make_task_optimizer(config, schedule, params)
-    state = jax.jit(lambda p, r: create_train_state(p, optimizer, r))(params, state_rng)
-    del params
-    state_shardings = jax.tree.map(lambda x: x.sharding, state)
-    if resuming:
-        target = abstract_like(state)
-        del state
-        state, _ = checkpointer.restore(target)
-        log.info("resumed from step %d in %s", checkpointer.latest_step(), checkpointer.directory)
-
-    train_step = finetune_lib.make_train_step(config, optimizer, schedule, mesh=mesh,
-                                              state_shardings=state_shardings,
-                                              batch_sharding=parallel.batch_sharding(mesh))
     inputs = TrainBatches(config.task, data.train, tokenizer, global_batch=config.train.batch_size,
                           image_res=config.model.vision.image_res, seed=config.train.seed,
                           augment=config.data.augment, process_index=jax.process_index(),
                           process_count=jax.process_count(), **_text_options(config))
-    evaluator = TaskEvaluator(config, config.model, data.tests, tokenizer, mesh, answers=data.answers)
-    total, per_epoch = schedule.total_steps, inputs.steps_per_epoch
-    step = int(jax.device_get(state.step))
-    log.info("%s: %d training examples, %d steps (%d epochs of %d), from step %d", report_name(config),
-             len(data.train), total, config.train.epochs, per_epoch, step)
-    writer = _Metrics(workdir, total)
-    out: dict[str, Any] = {}
-    batches = inputs.batches(step)
-    with PreemptionWatcher() as watcher:
-        while step < total:
-            batch = parallel.host_batch_to_global(next(batches), mesh)
-            state, step_metrics = train_step(state, batch)
-            writer.record(step_metrics)
-            step += 1
-            if step % config.train.log_every == 0 or step == total:
-                out.update(writer.flush(step))
-            preempted = watcher.requested or checkpointer.reached_preemption(step)
-            if preempted or step == total or checkpointer.manager.should_save(step):
-                checkpointer.save(step, state, {}, force=preempted or step == total)
-            if preempted:
-                checkpointer.close()
-                writer.close()
-                log.warning("preemption requested: saved step %d, exiting", step)
-                return {**out, "preempted_at": step}
-            epoch = step // per_epoch - 1
-            if step % per_epoch == 0 and step < total and epoch >= config.eval.start_epoch:
-                tables = evaluator(state.params)
-                write_report(tables, os.path.join(workdir, "eval", f"epoch_{epoch}"))
-                writer.write(step, _flat_results(tables, evaluator.name))
-    checkpointer.close()
-    tables = evaluator(state.params)
-    write_report(tables, os.path.join(workdir, "eval", f"epoch_{config.train.epochs - 1}"))
-    write_report(tables, workdir)
-    writer.write(step, _flat_results(tables, evaluator.name))
-    writer.close()
-    log.info("%s results written to %s", ", ".join(tables), os.path.join(workdir, "results.md"))
-    return {**out, "results": tables[evaluator.name], "tables": tables, "seconds": time.time() - t_start}
+    per_epoch = inputs.steps_per_epoch
+    log.info("%s: %d training examples, %d steps (%d epochs of %d)", report_name(config), len(data.train),
+             schedule.total_steps, config.train.epochs, per_epoch)
+    evaluator = TaskEvaluator(config, config.model, data.tests, tokenizer, parallel.make_mesh(config.mesh),
+                              answers=data.answers)
+    task, batches = config.task, iter(())
+
+    def initial_params(mesh, shardings, rng):
+        del mesh, rng  # drawn by `_resolve` (new heads from train.seed)
+        return parallel.shard_params(host_params, shardings)
+
+    def losses(mesh):
+        loss_fn = finetune_lib.make_loss_fn(config, mesh)
+        return {task: lambda params, batches, rng: loss_fn(params, batches[task], rng)}
+
+    def start_inputs(step: int, saved: dict | None) -> None:
+        nonlocal batches
+        del saved  # batches are a function of the step
+        batches = inputs.batches(step)
+
+    def next_batches(step: int):
+        del step
+        batch = next(batches)
+        return task, {task: batch}, {task: int(batch["text_ids"].shape[0])}
+
+    def epoch_eval(params, step: int) -> dict[str, float]:
+        epoch = step // per_epoch - 1
+        if epoch < config.eval.start_epoch:
+            return {}
+        tables = evaluator(params)
+        write_report(tables, os.path.join(workdir, "eval", f"epoch_{epoch}"))
+        return _flat_results(tables, evaluator.name)
+
+    def finish(params, step: int) -> dict[str, Any]:
+        tables = evaluator(params)
+        write_report(tables, os.path.join(workdir, "eval", f"epoch_{config.train.epochs - 1}"))
+        write_report(tables, workdir)
+        log.info("%s results written to %s", ", ".join(tables), os.path.join(workdir, "results.md"))
+        return {"results": tables[evaluator.name], "tables": tables, **_flat_results(tables, evaluator.name)}
+
+    return trainer.Task(
+        name=report_name(config),
+        model_config=config.model,
+        abstract_params=finetune_init.abstract_task_params(config.task, config.model),
+        initial_params=initial_params,
+        make_optimizer=lambda params: finetune_lib.make_task_optimizer(config, schedule, params),
+        losses=losses,
+        lr_fn=optimizer_lib.linear_warmup_linear_decay(float(config.optimizer.lr), schedule.warmup_steps,
+                                                       schedule.total_steps),
+        total_steps=int(schedule.total_steps),
+        next_batches=next_batches,
+        start_inputs=start_inputs,
+        data_state=dict,
+        kind_prefix=False,
+        evaluators=[trainer.Evaluator("test", per_epoch, epoch_eval, at_end=False)],
+        finish=finish,
+    )
+
+
+def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Run or resume fine-tuning (`cclm-jax finetune`, see the module docstring); returns {"results": {language:
+    metrics}, "tables": {report key: {language: metrics}}, ...}."""
+    return trainer.run(config, workdir, build_task)
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None = None) -> dict[str, Any]:
@@ -255,15 +210,14 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
         raise ValueError(f"config.data.tokenizer is not set and {workdir}/config.json names no tokenizer")
     tokenizer = Tokenizer(tokenizer_path)
     finetune_init.check_vocab(model_config, tokenizer)
+    mesh = parallel.make_mesh(config.mesh)
+    shardings = parallel.param_shardings(finetune_init.abstract_task_params(config.task, model_config), mesh)
     checkpointer = Checkpointer(workdir, every=1, keep=1_000_000)
     step = checkpointer.latest_step() if step is None else step
     checkpointer.close()
     if step is None:
         raise FileNotFoundError(f"no complete checkpoint in {checkpointer.directory}")
-    _, params = restore_params(workdir, step)
-    mesh = parallel.make_mesh(config.mesh)
-    shardings = parallel.param_shardings(finetune_init.abstract_task_params(config.task, model_config), mesh)
-    params = parallel.shard_params(params, shardings)
+    _, params = restore_params(workdir, step, shardings)
     evaluator = TaskEvaluator(config, model_config, data.tests, tokenizer, mesh, answers=data.answers)
     tables = evaluator(params)
     write_report(tables, workdir)

@@ -1,0 +1,155 @@
+"""Pre-training as a trainer `Task` (`cclm-jax train`): the fixed-ratio mixture of image–caption and parallel-text
+batches, one optimizer update per batch kind ('alternate', the reference) or one on both ('joint').
+
+`build_task(config, workdir, resuming)`:
+- validates the config and loads the tokenizer (model vocab -1 is taken from it) before anything compiles;
+- builds this process's tf.data pipelines (its `data.host_shards` input shards); the data positions of every
+  shard are checkpointed and restored, so a resumed run sees the same batches;
+- step s trains on `Mixture.kind_at(s)`; the schedule advances once per mixture cycle (spec §4.1);
+- initial parameters: an official checkpoint (`init.checkpoint`), the XLM-R + Swin towers (`init.xlmr_dir`,
+  `init.swin_path`), else random -- each placed straight into the run's shardings;
+- evaluators: dev retrieval (`train.eval_every`: 0 = at the end, N = every N steps and at the end, -1 = never).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+
+from cclm_jax import flops, parallel
+from cclm_jax.data.mixture import Mixture
+from cclm_jax.data.pipeline import build_host_pipelines, load_tokenizer
+from cclm_jax.interop.shapes import abstract_params
+from cclm_jax.models import build_model
+from cclm_jax.run_config import resolve_vocab, validate_run_config
+from cclm_jax.train import trainer
+from cclm_jax.train.optimizer import make_optimizer
+from cclm_jax.train.steps import KINDS, StepConfig, view_loss_fn, clamp_temperature, pretraining_lr_fn
+
+log = logging.getLogger(__name__)
+
+
+def initial_params(config: ml_collections.ConfigDict, mesh, shardings, rng: jax.Array):
+    """Parameters of a fresh run in `shardings`: imported (`init.checkpoint` / XLM-R + Swin) or random (drawn
+    directly in their shardings, never materialised on one device)."""
+    init = config.init
+    if init.checkpoint:
+        from cclm_jax.interop import official
+
+        _, imported = official.load(init.checkpoint, text_num_heads=init.text_num_heads)
+        return parallel.shard_params(imported, shardings)
+    if init.xlmr_dir:
+        from cclm_jax.interop.pretrained import init_from_pretrained
+
+        pretrained, _ = init_from_pretrained(config.model, init.xlmr_dir, init.swin_path, rng)
+        return parallel.shard_params(pretrained, shardings)
+    params, _ = parallel.init_sharded_params(build_model(config.model), config.model, mesh, rng)
+    return params
+
+
+def gather_data_state(iterators: dict) -> dict:
+    """Every input shard's iterator position, `{kind: {"field@shard": value}}` (identical on all hosts).
+
+    Process p holds shards p*k .. p*k+k-1 (`data.host_shards`), so the all-gather lists them in shard order.
+    """
+    out = {}
+    for kind, it in iterators.items():
+        states = it.get_state()
+        fields = sorted(next(iter(states.values())))
+        local = np.array([[int(states[s][f]) for f in fields] for s in sorted(states)], np.int64)
+        everyone = np.asarray(multihost_utils.process_allgather(local)).reshape(-1, len(fields))
+        out[kind] = {f"{f}@{shard}": int(everyone[shard, i]) for i, f in enumerate(fields)
+                     for shard in range(everyone.shape[0])}
+    return out
+
+
+def restore_iterators(iterators: dict, saved: dict) -> None:
+    """Position every shard's iterator from `gather_data_state`'s format."""
+    for kind, it in iterators.items():
+        if kind not in saved:
+            raise ValueError(f"checkpoint has no data position for {kind!r}; it was written by a run "
+                             f"with another data.mix")
+        by_shard: dict[int, dict] = {}
+        for key, value in saved[kind].items():
+            field, shard = key.rsplit("@", 1)
+            by_shard.setdefault(int(shard), {})[field] = value
+        it.set_state(by_shard)
+
+
+def build_task(config: ml_collections.ConfigDict, workdir: str, resuming: bool) -> trainer.Task:
+    """The pre-training task of `config` (see the module docstring)."""
+    del workdir, resuming  # the trainer restores the state and the data positions
+    validate_run_config(config)
+    tokenizer = load_tokenizer(config.data)
+    resolve_vocab(config, tokenizer.vocab_size, tokenizer.mask_id)
+    iterators = build_host_pipelines(config.data, tokenizer, process_index=jax.process_index(),
+                                     process_count=jax.process_count())
+    mixture = Mixture(dict(config.data.mix))
+    log.info("process %d of %d reads input shards %s", jax.process_index(), jax.process_count(),
+             sorted(next(iter(iterators.values())).shards))
+    joint = config.train.mode == "joint"
+    step_config = StepConfig(config.model, config.objectives, config.optimizer, config.schedule,
+                             1 if joint else len(mixture.cycle), None, config.train.dropout)
+    groups = {"joint": KINDS} if joint else {kind: (kind,) for kind in KINDS}
+
+    def mesh_losses(mesh):
+        cfg = StepConfig(**{**step_config.__dict__, "mesh": mesh})
+        return {name: view_loss_fn(cfg, kinds) for name, kinds in groups.items()}
+
+    def next_batches(step: int):
+        kinds = tuple(iterators) if joint else (mixture.kind_at(step),)
+        batches = {k: next(iterators[k]) for k in kinds}
+        return ("joint" if joint else kinds[0]), batches, {k: int(b["text_ids"].shape[0]) for k, b in batches.items()}
+
+    def start_inputs(step: int, saved: dict | None) -> None:
+        if saved is not None:
+            restore_iterators(iterators, saved)
+
+    def input_metrics() -> dict[str, float]:
+        out: dict[str, float] = {}
+        for it in iterators.values():
+            out.update({k: float(v) for k, v in it.metrics().items()})
+        return out
+
+    evaluators = []
+    if config.train.eval_every >= 0:
+        evaluators.append(trainer.Evaluator("dev", int(config.train.eval_every),
+                                            lambda params, step: _dev_retrieval(config, params, tokenizer)))
+
+    return trainer.Task(
+        name="pretrain",
+        model_config=config.model,
+        abstract_params=abstract_params(config.model, "pretrain"),
+        initial_params=lambda mesh, shardings, rng: initial_params(config, mesh, shardings, rng),
+        make_optimizer=lambda params: make_optimizer(config.optimizer, config.schedule, params, config.model),
+        losses=mesh_losses,
+        lr_fn=pretraining_lr_fn(step_config),
+        total_steps=int(config.train.num_steps),
+        next_batches=next_batches,
+        start_inputs=start_inputs,
+        data_state=lambda: gather_data_state(iterators),
+        input_metrics=input_metrics,
+        updates_per_schedule_step=step_config.updates_per_cycle,
+        prepare_params=clamp_temperature,
+        flop_per_example=flops.run_model_flops(config),
+        kind_prefix=True,
+        evaluators=evaluators,
+    )
+    return task
+
+
+def _dev_retrieval(config: ml_collections.ConfigDict, params: Any, tokenizer) -> dict[str, float]:
+    """Dev retrieval recalls as `eval/<name>` metrics."""
+    from cclm_jax.evaluation.dev import dev_retrieval
+
+    results = dev_retrieval(config, params, parallel.make_mesh(config.mesh), tokenizer)
+    return {f"eval/{k}": v for k, v in results.items()}
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Run or resume pre-training (`cclm-jax train`); returns the final metrics."""
+    return trainer.run(config, workdir, build_task)
