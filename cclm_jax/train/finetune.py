@@ -17,8 +17,8 @@ Batches (host numpy; images uint8 NHWC are normalised on device):
 Any batch may carry `valid` (B,) bool: padded examples are left out of the loss.
 
 The update step is `steps.make_update_fn` (the one update of every run: value_and_grad, the reference AdamW with
-`schedule_step` = the update count, non-finite updates skipped) with a task loss instead of a pre-training view. Fine-tuning does not clamp the temperature (the reference's
-`RetrievalModel` does not).
+`schedule_step` = the update count, non-finite updates skipped) with a task loss instead of a pre-training view.
+Fine-tuning does not clamp the temperature (the reference's `RetrievalModel` does not).
 """
 from __future__ import annotations
 
