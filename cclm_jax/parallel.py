@@ -14,9 +14,8 @@ every config works on every mesh, at worst replicating that one parameter.
 """
 from __future__ import annotations
 
-import collections
-import itertools
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -151,25 +150,3 @@ def host_batch_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[st
 def shard_params(params, shardings):
     """Place an (unsharded, host) parameter tree onto `shardings` (e.g. after a checkpoint import)."""
     return jax.tree.map(lambda x, s: jax.device_put(x, s), params, shardings)
-
-
-def prefetch_to_device(iterator: Iterable[Any], size: int, sharding: NamedSharding | None = None) -> Iterator[Any]:
-    """Yield host batches (pytrees of numpy arrays) as device arrays, `size` batches ahead of the consumer.
-
-    Transfers are asynchronous, so the next batches' host->device copies overlap the running step. With
-    `sharding` (e.g. `batch_sharding(mesh)`) each leaf is the process-local part of a global array
-    (multi-host safe); without, leaves go to the default device.
-    """
-    if size < 1:
-        raise ValueError(f"prefetch_to_device: size must be >= 1, got {size}")
-
-    def put(batch):
-        if sharding is None:
-            return jax.device_put(batch)
-        return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
-
-    source = iter(iterator)
-    queue = collections.deque(put(batch) for batch in itertools.islice(source, size))
-    while queue:
-        yield queue.popleft()
-        queue.extend(put(batch) for batch in itertools.islice(source, 1))
