@@ -25,7 +25,7 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS_REQUIRE = {
-    "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "chex>=0.1.90,<0.2"],
+    "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4"],
     # torch 2.13.0 is the local CPU wheel on the dev machines; any 2.x with weights_only works.
     "torch": ["torch>=2.4,<3", "safetensors>=0.4,<1"],
     "tpu": ["jax[tpu]>=0.10.2,<0.13"],

@@ -1,4 +1,4 @@
-"""What Flickr8k retrieval gives without learned visual features: `cclm_jax.evaluation.baselines` (linear CCA
+"""What Flickr8k retrieval gives without learned visual features: `benchmarks/linear_baseline.py` (linear CCA
 between colour-layout image statistics and bag-of-subwords captions) per language, on the split and metrics of
 the fine-tuning runs.
 
@@ -19,9 +19,9 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from benchmarks.linear_baseline import cca_retrieval_baseline  # noqa: E402
 from cclm_jax.data.tokenizer import Tokenizer  # noqa: E402
 from cclm_jax.evaluation import readers  # noqa: E402
-from cclm_jax.evaluation.baselines import cca_retrieval_baseline  # noqa: E402
 from cclm_jax.train.finetune import load_images  # noqa: E402
 
 LANGUAGES = ("en", "de", "fr", "cs", "zh")

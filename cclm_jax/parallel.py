@@ -14,7 +14,8 @@ every config works on every mesh, at worst replicating that one parameter.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -14,10 +14,13 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "/tmp/cclm_jax_test_compile_c
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import pathlib  # noqa: E402
+import sys  # noqa: E402
 
 import pytest  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # benchmarks/ (not part of the package) is imported as `benchmarks.*`
+    sys.path.insert(0, str(REPO))
 SHARED = REPO.parent / "shared"
 GOLDEN = SHARED / "reference" / "golden"
 DATA = SHARED / "data"

@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from cclm_jax.data import demo
+from cclm_jax.data import demo, pipeline
 from cclm_jax.data import image as image_lib
-from cclm_jax.data import pipeline
 from cclm_jax.data.config import default_data_config, validate_data_config
 from cclm_jax.data.mixture import Mixture
 from cclm_jax.data.text import pre_caption

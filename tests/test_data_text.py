@@ -110,7 +110,7 @@ def draws():
     ids, atts = np.array(rows, np.int32), np.ones((n, length), np.int32)
     masked, pos, labels = mask_batch(ids, atts, np.random.default_rng(2), vocab_size=VOCAB,
                                      mask_id=MASK_ID, mask_prob=0.4, max_masks=12)
-    ours_pos = [p[l != -100] for p, l in zip(pos, labels)]
+    ours_pos = [p[row != -100] for p, row in zip(pos, labels)]
     return rows, ref, (masked, pos, labels, ours_pos)
 
 

@@ -22,9 +22,9 @@ import jax
 import numpy as np
 from flax import linen as nn
 
+from benchmarks.linear_baseline import cca_retrieval_baseline
 from cclm_jax.data.tokenizer import Tokenizer
 from cclm_jax.evaluation import metrics, readers
-from cclm_jax.evaluation.baselines import cca_retrieval_baseline
 from cclm_jax.evaluation.retrieval import RetrievalEvaluator
 from cclm_jax.models import build_model
 from cclm_jax.models.tasks import init_retrieval_params

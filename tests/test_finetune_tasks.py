@@ -175,12 +175,12 @@ def test_nlvr_params_duplicate_fusion_layers_with_shared_key_value(deep_pretrain
         if not path[0].startswith("layer_") or int(path[0][6:]) < f:
             expected[("text_encoder",) + path] = ("text_encoder",) + path
             continue
-        l = int(path[0][6:])
+        layer = int(path[0][6:])
         for copy in (0, 1):
             shared = path[1] == "crossattention" and path[2] == "self" and path[3] in ("key", "value")
             if copy == 1 and shared:
                 continue  # the odd copy holds no key/value of its own
-            expected[("text_encoder", f"layer_{f + 2 * (l - f) + copy}") + path[1:]] = ("text_encoder",) + path
+            expected[("text_encoder", f"layer_{f + 2 * (layer - f) + copy}") + path[1:]] = ("text_encoder",) + path
     for path, _ in _leaves(pretrained["vision_encoder"]):
         expected[("vision_encoder",) + path] = ("vision_encoder",) + path
     got = {path: value for path, value in _leaves(params) if path[0] != "cls_head"}
@@ -362,9 +362,9 @@ def test_retrieval_losses_are_image_text_itc_and_itm_with_ids(micro_params):
                 objectives.image_text_losses(model, full, batch, key, negatives))
 
     (total, losses), reference = both(params, pretrained)
-    for name in ("itc", "itm"):
-        assert float(losses[name]) == pytest.approx(float(reference[name]), rel=1e-5)
-    assert float(total) == pytest.approx(float(reference["itc"] + reference["itm"]), rel=1e-5)
+    for name in ("itc", "itm"):  # measured 0 (the same ops); 2e-7: one or two float32 roundings
+        assert float(losses[name]) == pytest.approx(float(reference[name]), rel=2e-7)
+    assert float(total) == pytest.approx(float(reference["itc"] + reference["itm"]), rel=2e-7)
 
 
 # ------------------------------------------------------------------------------------------------ helpers

@@ -42,11 +42,11 @@ def test_smooth_table_of_the_offset_is_reproduced_closely():
     out = resize_relative_position_table(heads.astype(np.float32), DST * DST).reshape(DST, DST, 2)
     u = stretched(np.arange(-11, 12, dtype=np.float64), progression_ratio(6, 11))
     expected = np.stack([f(u[:, None], u[None]), -2 * f(u[None], u[:, None])], -1)
-    np.testing.assert_allclose(out, expected, atol=5e-3)  # observed 1.0e-3 on a range of 2.2
+    np.testing.assert_allclose(out, expected, atol=4e-3)  # measured 2.0e-3 on a range of 2.2
     src = heads.reshape(SRC, SRC, 2)
     np.testing.assert_allclose(out[11, 11], src[6, 6], atol=1e-6)  # offset 0 stays a data point
     np.testing.assert_allclose(out[[0, 0, -1, -1], [0, -1, 0, -1]], src[[0, 0, -1, -1], [0, -1, 0, -1]],
-                               atol=1e-3)  # the outermost offsets map onto each other
+                               atol=1.5e-5)  # the outermost offsets map onto each other; measured 5.5e-6
 
 
 def test_bicubic_polynomial_of_the_stretched_coordinates_is_exact_and_rows_are_dy():
@@ -57,7 +57,7 @@ def test_bicubic_polynomial_of_the_stretched_coordinates_is_exact_and_rows_are_d
     table = p(coords[:, None], coords[None]).reshape(-1, 1)
     out = resize_relative_position_table(table, DST * DST).reshape(DST, DST)
     d = np.arange(-11, 12, dtype=np.float64)
-    np.testing.assert_allclose(out, p(d[:, None], d[None]), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(out, p(d[:, None], d[None]), rtol=0, atol=1e-12)  # float64: measured 7.1e-14
 
 
 def test_bad_tables_are_rejected():

@@ -65,8 +65,8 @@ def official_keys(cfg, layout):
         for k, s in encoder:
             if (parts := _layer(k)) is None:
                 continue
-            prefix, l, rest = parts
-            targets = [l] if l < F else [F + 2 * (l - F), F + 2 * (l - F) + 1]
+            prefix, layer, rest = parts
+            targets = [layer] if layer < F else [F + 2 * (layer - F), F + 2 * (layer - F) + 1]
             for t in targets:
                 by_layer.setdefault(t, []).append((f"{prefix}.{t}.{rest}", s))
         layers = [item for t in sorted(by_layer) for item in by_layer[t]]

@@ -463,8 +463,8 @@ def test_slurm_dry_run_writes_nothing_and_prints_the_script(config_file, tmp_pat
     assert lines[-2] == "SBATCH_EOF"
     assert commands(result.stdout)[-1] == ["sbatch", str(out)]
     # The printed lines are themselves a valid script.
-    assert subprocess.run(["bash", "-n"], input="\n".join(l[2:] if l.startswith("+ ") else l
-                                                           for l in lines), text=True).returncode == 0
+    assert subprocess.run(["bash", "-n"], input="\n".join(line[2:] if line.startswith("+ ") else line
+                                                           for line in lines), text=True).returncode == 0
 
 
 def test_slurm_submit_calls_sbatch_on_the_written_file(config_file, tmp_path):

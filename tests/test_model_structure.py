@@ -6,8 +6,7 @@ import pytest
 from flax import linen as nn
 
 from cclm_jax.interop.shapes import param_shapes
-from cclm_jax.models import base_model_config, build_model, tiny_model_config
-from cclm_jax.models import swin
+from cclm_jax.models import base_model_config, build_model, swin, tiny_model_config
 
 
 def _count(tree):

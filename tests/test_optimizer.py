@@ -110,14 +110,15 @@ def test_reference_adamw_matches_numpy_over_warmup_and_decay(tiny):
         ref.update(grads, k)
         got = _flat(p)
         worst = max(float(np.max(np.abs(got[key] - ref.p[key]))) for key in got)
-        assert worst < 1e-6, (k, worst)
+        assert worst < 1e-6, (k, worst)  # measured 5.5e-7 (k=5 and 7)
         if k == 0:  # LambdaLR starts at factor 0: no change at all
             assert all(np.array_equal(got[key], before[key]) for key in got)
     adam_state = state[1]
     assert set(int(c) for c in jax.tree.leaves(adam_state.count)) == {len(schedule)}
     for moments, expected in ((adam_state.mu, ref.m), (adam_state.nu, ref.v)):
         for key, got in _flat(moments).items():  # float32 sums of mixed-sign terms: error relative to the leaf
-            np.testing.assert_allclose(got, expected[key], rtol=1e-5, atol=1e-5 * np.max(np.abs(expected[key])))
+            np.testing.assert_allclose(got, expected[key], rtol=6e-7,  # measured 2.7e-7 (rtol = atol scale)
+                                       atol=6e-7 * np.max(np.abs(expected[key])))
 
 
 def test_param_groups_of_the_tiny_model(tiny):
@@ -168,7 +169,8 @@ def test_param_groups_fall_back_to_flax_paths_for_unnamed_heads(tiny):
 def test_schedule_values_under_jit():
     fn = jax.jit(opt.linear_warmup_linear_decay(1e-4, 2500, 83_160))
     for k in (0, 1, 1250, 2499, 2500, 40_000, 83_159, 83_160, 90_000):
-        assert float(fn(jnp.int32(k))) == pytest.approx(1e-4 * np_lambda(k, 2500, 83_160), rel=1e-6, abs=1e-15)
+        assert float(fn(jnp.int32(k))) == pytest.approx(1e-4 * np_lambda(k, 2500, 83_160), rel=2e-7,
+                                                        abs=1e-15)  # measured 9.5e-8
     assert float(fn(jnp.int32(0))) == 0.0
 
 
@@ -178,7 +180,7 @@ def test_clipping_uses_torch_formula():
     clipped, _ = clip.update(grads, clip.init(grads))
     coef = 1e-6 / (2e-6 + 1e-6)  # torch: max_norm / (norm + 1e-6), not max_norm / norm
     for key in grads:
-        np.testing.assert_allclose(clipped[key], np.asarray(grads[key]) * coef, rtol=1e-6)
+        np.testing.assert_allclose(clipped[key], np.asarray(grads[key]) * coef, rtol=3e-7)  # measured 1.4e-7
     small = {"a": jnp.array([0.3, 0.4])}  # norm 0.5 < 1: max_norm / (norm + 1e-6) > 1, clamped to 1
     unchanged, _ = opt.clip_by_global_norm_torch(1.0).update(small, optax.EmptyState())
     np.testing.assert_array_equal(unchanged["a"], small["a"])
@@ -198,7 +200,7 @@ def test_active_mask_leaves_parameters_without_gradient_untouched():
     assert (int(state[1].count["a"]), int(state[1].count["b"])) == (1, 0)
     # "b" is out of the clipping norm (0.5 < 1: "a" unclipped): first Adam step on a is lr*g/(|g|+eps)
     p1 = params["a"] - 0.1 * grads["a"] / (jnp.abs(grads["a"]) + 1e-8)
-    np.testing.assert_allclose(params["a"] + updates["a"], p1 - 0.1 * 0.01 * p1, rtol=1e-6)
+    np.testing.assert_allclose(params["a"] + updates["a"], p1 - 0.1 * 0.01 * p1, rtol=3e-7)  # measured 1.3e-7
 
 
 def test_optax_adamw_decreases_a_quadratic_and_follows_its_formula(tiny):
@@ -225,7 +227,7 @@ def test_optax_adamw_decreases_a_quadratic_and_follows_its_formula(tiny):
     for path, mult, decayed in groups:
         u, gg, pp = (_flat(t)[path] for t in (first, g, params))
         expected = -0.02 * mult * (gg / (np.abs(gg) + 1e-8) + (0.01 * pp if decayed else 0.0))
-        np.testing.assert_allclose(u, expected, rtol=1e-5)
+        np.testing.assert_allclose(u, expected, rtol=1.5e-6)  # measured 6.5e-7
     start = float(loss(params))
     for k in range(2, 80):
         p, state, _ = step(p, state, jnp.int32(k))

@@ -7,7 +7,7 @@ import optax
 import pytest
 from flax import linen as nn
 
-from cclm_jax import objectives, parallel
+from cclm_jax import objectives
 from cclm_jax.models import build_model, tiny_model_config
 
 B, L, M, VOCAB = 4, 12, 3, 100
@@ -110,17 +110,17 @@ def test_cached_kv_scan_and_remat_keep_sentence_pair_losses_and_gradients(params
     cfg = micro_config(cache_cross_kv=True, scan_layers=True, remat=True)
     losses, grads = losses_and_grads_fn(cfg, "parallel_text")(params)
     assert set(losses) == set(base_losses) == {"ttc", "ttm", "mlm"}
-    for name in losses:
-        np.testing.assert_allclose(losses[name], base_losses[name], rtol=1e-5)
-    assert_trees_close(grads, base_grads, 1e-4)
+    for name in losses:  # measured 0; 2e-7 is one or two float32 roundings
+        np.testing.assert_allclose(losses[name], base_losses[name], rtol=2e-7)
+    assert_trees_close(grads, base_grads, 2e-7)  # measured 8.2e-8 of the largest gradient
 
 
 def test_cached_image_kv_and_scans_keep_image_caption_losses(params):
     base = jax.jit(summed_losses(micro_config(), "image_caption"))(params)[1]
     cached = jax.jit(summed_losses(micro_config(cache_cross_kv=True, scan_layers=True), "image_caption"))(params)[1]
     assert set(cached) == {"itc", "itm", "mlm"}
-    for name in cached:
-        np.testing.assert_allclose(cached[name], base[name], rtol=1e-5)
+    for name in cached:  # measured 0
+        np.testing.assert_allclose(cached[name], base[name], rtol=2e-7)
 
 
 def test_cached_cross_kv_has_one_pair_per_fusion_layer(params):
@@ -136,7 +136,7 @@ def test_scanned_layers_match_the_layer_loop(params, reference_outputs):
     assert {"layer_0", "layer_3"} <= set(params["text_encoder"])  # the per-layer parameter trees
     assert "blocks_3" in params["vision_encoder"]["layers_0"]
     # Scanned Swin block pairs and raw (uncached) conditions inside the text scans.
-    assert_trees_close(model_outputs(micro_config(scan_layers=True), params), reference_outputs, 1e-6)
+    assert_trees_close(model_outputs(micro_config(scan_layers=True), params), reference_outputs, 2e-7)  # measured 0
     # Training mode: per-block drop-path rates and dropout keys travel through the scans.
     dropped = model_outputs(micro_config(scan_layers=True, remat=True), params, deterministic=False)
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(dropped))
@@ -154,7 +154,7 @@ def test_scanned_swin_pairs_train_in_bfloat16(params):
 
 def test_dot_product_attention_matches_the_explicit_path(params, reference_outputs):
     got = model_outputs(micro_config(attention_impl="dot_product"), params)
-    assert_trees_close(got, reference_outputs, 1e-5)
+    assert_trees_close(got, reference_outputs, 2e-7)  # measured 0
 
 
 def test_dot_product_attention_falls_back_while_attention_dropout_is_active(params):
@@ -171,7 +171,7 @@ def test_bfloat16_compute_trains_with_float32_parameters(params, reference):
     f32_losses, f32_grads = reference
     for name in losses:
         assert losses[name].dtype == jnp.float32
-        assert float(losses[name]) == pytest.approx(float(f32_losses[name]), rel=0.03, abs=0.01)
+        assert float(losses[name]) == pytest.approx(float(f32_losses[name]), rel=6e-3)  # measured 2.6e-3
     assert all(g.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
     cosine = optax.tree.vdot(grads, f32_grads) / (optax.tree.norm(grads) * optax.tree.norm(f32_grads))
     assert float(cosine) > 0.99
@@ -210,27 +210,6 @@ def test_mlm_loss_never_holds_full_vocabulary_logits_for_every_token():
     unchunked = temp_bytes(0)
     assert unchunked < 2.5 * masked_logits < full_vocab_logits  # the logits and their gradient
     assert temp_bytes(128) < masked_logits / 3  # 128 positions at a time, recomputed in the backward pass
-
-
-def test_prefetch_to_device_keeps_order_values_and_reads_ahead_only_size_batches():
-    produced = []
-
-    def source():
-        for i in range(5):
-            produced.append(i)
-            yield {"x": np.full((8, 2), i, np.float32), "y": {"ids": np.arange(8) + i}}
-
-    mesh = parallel.make_mesh({"data": -1})
-    sharding = parallel.batch_sharding(mesh)
-    stream = parallel.prefetch_to_device(source(), 2, sharding)
-    first = next(stream)
-    assert produced == [0, 1]
-    assert first["x"].sharding == sharding and first["y"]["ids"].sharding == sharding
-    rest = list(stream)
-    assert [int(b["x"][0, 0]) for b in [first] + rest] == [0, 1, 2, 3, 4]
-    np.testing.assert_array_equal(rest[-1]["y"]["ids"], np.arange(8) + 4)
-    with pytest.raises(ValueError, match="size must be >= 1"):
-        next(parallel.prefetch_to_device(source(), 0))
 
 
 @pytest.mark.parametrize("field,value,message", [

@@ -4,12 +4,13 @@ Host side (TensorFlow graph functions for ``tf.data`` maps; randomness from stat
 int32/int64 tensors of shape (2,), so the same seed gives the same pixels):
 
 * ``decode_image(data)``: encoded bytes (JPEG/PNG/BMP/GIF) -> uint8 (H, W, 3).
-* ``train_image(data, seed, size, scale)``: the reference training transform --
-  RandomResizedCrop(size, scale, ratio 3/4..4/3, bicubic) -> horizontal flip (p 0.5) ->
-  RandomAugment(2, 7) over ``randaugment.PRETRAIN_AUGMENTS``; uint8 (size, size, 3).
-  Pre-training: ``size=224, scale=(0.2, 1.0)``; fine-tuning: ``size=384, scale=(0.5, 1.0)``.
-  Only the crop window of a JPEG is decoded. Bicubic = Keys a=-0.5, antialiased when
-  shrinking (PIL's filter, which torchvision uses on PIL images).
+* The reference training transform is ``crop_resize_flip(data, uniforms, size, scale)``
+  (RandomResizedCrop(size, scale, ratio 3/4..4/3, bicubic) -> horizontal flip (p 0.5), driven by
+  ``TRAIN_UNIFORMS`` U(0, 1) numbers) then RandomAugment(2, 7) over
+  ``randaugment.PRETRAIN_AUGMENTS``; uint8 (size, size, 3). Pre-training: ``size=224,
+  scale=(0.2, 1.0)``; fine-tuning: ``size=384, scale=(0.5, 1.0)``. Only the crop window of a
+  JPEG is decoded. Bicubic = Keys a=-0.5, antialiased when shrinking (PIL's filter, which
+  torchvision uses on PIL images).
 * ``eval_image(data, size)``: Resize((size, size), bicubic); uint8 (size, size, 3).
 * ``random_augment(image, seed)``: draws 2 ops uniformly with replacement, an apply flag
   (p 0.5) and a direction (+-1) for each (``random_augment_draws``), then runs them with
@@ -136,7 +137,7 @@ def random_resized_crop_window(shape_hw, seed, scale=(0.2, 1.0), ratio=(3 / 4, 4
     return crop_window(shape_hw, tf.random.stateless_uniform([CROP_UNIFORMS], seed), scale, ratio)
 
 
-def random_augment_draws(seed, num_ops=2, num_choices=len(randaugment.PRETRAIN_AUGMENTS)):
+def random_augment_draws(seed, num_ops=2, num_choices=len(randaugment.PRETRAIN_AUGMENTS)):  # noqa: B008 (an int)
     """(op_ids int32 (num_ops,), apply bool (num_ops,), signs float32 (num_ops,)): ops drawn
     uniformly with replacement, each applied with p 0.5, direction +-1 with p 0.5."""
     seeds = tf.random.experimental.stateless_split(seed, 3)
@@ -167,15 +168,6 @@ def crop_resize_flip(data, uniforms, size=224, scale=(0.2, 1.0)):
     image = resize_bicubic(_decode_window(data, window), size)
     image = tf.cond(uniforms[CROP_UNIFORMS] < 0.5, lambda: tf.reverse(image, [1]), lambda: image)
     return tf.ensure_shape(image, (size, size, 3))
-
-
-def train_image(data, seed, size=224, scale=(0.2, 1.0), augment=True):
-    """Reference training transform of encoded bytes -> uint8 (size, size, 3) (see module doc)."""
-    seeds = tf.random.experimental.stateless_split(seed, 2)
-    image = crop_resize_flip(data, tf.random.stateless_uniform([TRAIN_UNIFORMS], seeds[0]), size, scale)
-    if augment:
-        image = random_augment(image, seeds[1])
-    return image
 
 
 def eval_image(data, size=224):

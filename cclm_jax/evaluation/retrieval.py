@@ -1,6 +1,6 @@
 """Retrieval evaluation as the reference does it (spec §5.2), in jitted, sharded blocks.
 
-Image <-> text (`evaluate_retrieval`):
+Image <-> text (`RetrievalEvaluator.image_text_scores`):
 1. Every image goes through the vision tower and every text through the text encoder in batches of
    `batch_size` rows; the last batch is padded (repeating its last row), so every batch, and every host,
    has the same shape; padded rows are dropped afterwards.
@@ -12,19 +12,17 @@ Image <-> text (`evaluate_retrieval`):
    the mesh's batch axes). `rerank=False` (dual encoder): the scores are the similarities.
 4. `metrics.retrieval_metrics`: R@1/5/10 both ways, in percent, and their means.
 
-Text <-> text (`evaluate_text_retrieval`, parallel sentences a_i <-> b_i): the same with `text_features` on
-both sides; re-ranking fuses sentence b (the query stream) with sentence a's text-encoder states as the
-condition, as the TTM head is trained. Keys `a2b_*` (a -> b) and `b2a_*`.
+Text <-> text (`RetrievalEvaluator.text_text_scores`, parallel sentences a_i <-> b_i): the same with
+`text_features` on both sides; re-ranking fuses sentence b (the query stream) with sentence a's text-encoder
+states as the condition, as the TTM head is trained. `parallel_text_metrics`: keys `a2b_*` (a -> b) and `b2a_*`.
 
 `RetrievalEvaluator` keeps the jitted blocks of one model and mesh; reuse it (e.g. in a training loop) to
-compile each block once (`evaluate_retrieval` and `evaluate_text_retrieval` keep one per model and
-settings). With a mesh, each process passes the full input arrays; inputs are laid out over the
+compile each block once. With a mesh, each process passes the full input arrays; inputs are laid out over the
 mesh's batch axes (data x fsdp); parameters keep their shardings (unplaced ones are replicated).
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -215,42 +213,10 @@ class RetrievalEvaluator:
         return self._score(params, side_a, side_b, k_test, rerank)
 
 
-_EVALUATORS: dict[tuple, RetrievalEvaluator] = {}
-_MAX_CACHED_EVALUATORS = 8
-
-
-def cached_evaluator(model: CCLM, batch_size: int, mesh: Mesh | None,
-                     pairs_per_block: int | None) -> RetrievalEvaluator:
-    """The evaluator of these settings, reused across calls (its blocks are compiled once)."""
-    key = (id(model), int(batch_size), mesh, pairs_per_block)
-    evaluator = _EVALUATORS.get(key)
-    if evaluator is None or evaluator.model is not model:
-        if len(_EVALUATORS) >= _MAX_CACHED_EVALUATORS:
-            _EVALUATORS.pop(next(iter(_EVALUATORS)))
-        evaluator = _EVALUATORS[key] = RetrievalEvaluator(model, batch_size=batch_size, mesh=mesh,
-                                                          pairs_per_block=pairs_per_block)
-    return evaluator
-
-
 def _check_texts(name: str, ids, atts) -> None:
     ids, atts = np.shape(ids), np.shape(atts)
     if len(ids) != 2 or ids != atts:
         raise ValueError(f"{name} ids {ids} and atts {atts} must both be (N, L)")
-
-
-def evaluate_retrieval(model: CCLM, params: Any, images, text_ids, text_atts, txt2img: Sequence[int],
-                       img2txt: Sequence[Sequence[int]], *, k_test: int, batch_size: int, mesh: Mesh | None = None,
-                       rerank: bool = True, pairs_per_block: int | None = None) -> dict[str, float]:
-    """Image <-> text retrieval recalls (`metrics.retrieval_metrics` keys: txt_r1.. = image -> text,
-    img_r1.. = text -> image, means, r_mean), in percent.
-
-    images (N_img, H, W, 3) uint8 or normalised float; text_ids, text_atts (N_txt, L) int; txt2img (N_txt,) the
-    image of each text; img2txt: the texts of each image. k_test: candidates re-ranked per query (128 in the
-    reference). See `RetrievalEvaluator` for batch_size, mesh and pairs_per_block.
-    """
-    evaluator = cached_evaluator(model, batch_size, mesh, pairs_per_block)
-    scores = evaluator.image_text_scores(params, images, text_ids, text_atts, k_test=k_test, rerank=rerank)
-    return metrics.retrieval_metrics(scores.score_i2t, scores.score_t2i, txt2img, img2txt)
 
 
 def parallel_text_metrics(scores: RetrievalScores) -> dict[str, float]:
@@ -262,14 +228,3 @@ def parallel_text_metrics(scores: RetrievalScores) -> dict[str, float]:
     renamed = {"txt": "a2b", "img": "b2a"}
     return {(renamed[k[:3]] + k[3:] if k[:3] in renamed else k): v for k, v in out.items()}
 
-
-def evaluate_text_retrieval(model: CCLM, params: Any, ids_a, atts_a, ids_b, atts_b, *, k_test: int,
-                            batch_size: int, mesh: Mesh | None = None, rerank: bool = True,
-                            pairs_per_block: int | None = None) -> dict[str, float]:
-    """Cross-lingual sentence retrieval between aligned translations (row i of a <-> row i of b), in percent:
-    `a2b_r1/r5/r10` (a -> b), `b2a_*`, their means and `r_mean`."""
-    if np.shape(ids_a)[0] != np.shape(ids_b)[0]:
-        raise ValueError(f"a has {np.shape(ids_a)[0]} sentences, b has {np.shape(ids_b)[0]}: they must be aligned")
-    evaluator = cached_evaluator(model, batch_size, mesh, pairs_per_block)
-    scores = evaluator.text_text_scores(params, ids_a, atts_a, ids_b, atts_b, k_test=k_test, rerank=rerank)
-    return parallel_text_metrics(scores)

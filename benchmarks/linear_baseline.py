@@ -3,7 +3,8 @@ bag-of-subwords captions (numpy only).
 
 What it is for: a from-scratch model trained on a few thousand photos can only pick up global colour and layout
 statistics; when its recalls equal this baseline's, that is what it has learned, and more needs more images or a
-pre-trained start (benchmarks/RESULTS.md, "Fine-tuning"; `benchmarks/flickr8k_linear_baseline.py`).
+pre-trained start (benchmarks/RESULTS.md, "Fine-tuning"; `benchmarks/flickr8k_linear_baseline.py` runs it).
+Not part of the package: import it as `benchmarks.linear_baseline` from the repository root.
 
 Image features: an 8x8 RGB thumbnail (192 values) and a 64-bin RGB colour histogram (4 levels per channel),
 standardised on the training images. Text features: binary bag of tokenizer pieces seen at least twice in the
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -80,7 +81,7 @@ class CCABaseline:
 
     @classmethod
     def fit(cls, images: np.ndarray, pieces: Sequence[Sequence[int]], txt2img: np.ndarray, dims: int = 32,
-            reg: float = 10.0) -> "CCABaseline":
+            reg: float = 10.0) -> CCABaseline:
         """images: uint8 (N_img, R, R, 3); pieces: token ids of each caption; txt2img: (N_txt,) image of each."""
         counts = collections.Counter(i for ids in pieces for i in set(ids))
         vocab = {piece: col for col, piece in enumerate(sorted(p for p, c in counts.items() if c >= 2))}
