@@ -200,3 +200,20 @@ def test_stripped_buffers_and_tied_copies_are_optional(tiny, tiny_state_dict, tm
     cfg, params = official.load(write_checkpoint(tmp_path / "lean.th", lean))
     assert cfg.vision.image_res == 224  # from the window when the masks are gone
     assert_trees_bitwise_equal(jax.device_get(params), tiny[1])
+
+
+def test_failed_save_keeps_the_older_file_and_leaves_no_temporary(tiny, tiny_file, tmp_path, monkeypatch):
+    path = tmp_path / "model.th"
+    path.write_bytes(tiny_file.read_bytes())
+    before = path.read_bytes()
+
+    def full_disk(obj, f, *args, **kwargs):
+        with open(f, "wb") as out:
+            out.write(b"PK\x03\x04 partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        official.save(path, *tiny)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.th"]

@@ -362,11 +362,21 @@ def _state_dict(model_config: ml_collections.ConfigDict, params: Mapping, layout
 
 def save(path: str | os.PathLike, model_config: ml_collections.ConfigDict, params: Mapping,
          layout: str = "pretrain", extra_config: Mapping | None = None) -> None:
-    """Write `{'model': state_dict, 'config': dict}` loadable by the official code with no key mismatch."""
+    """Write `{'model': state_dict, 'config': dict}` loadable by the official code with no key mismatch.
+
+    The file is written to `path + '.partial'` and renamed when complete: a failed or killed save leaves an
+    older file at `path` intact (and removes its partial file when it fails with an exception)."""
     config = {"cclm_jax_model": model_config.to_dict(), "architecture": architecture_dict(model_config),
               **(dict(extra_config) if extra_config else {})}
     config.setdefault("embed_dim", model_config.embed_dim)
     config.setdefault("temp", model_config.temp)
     config.setdefault("image_res", model_config.vision.image_res)
-    torch.save({"model": _state_dict(model_config, params, layout, share_memory=True), "config": config},
-               os.fspath(path))
+    path = os.fspath(path)
+    partial = path + ".partial"
+    try:
+        torch.save({"model": _state_dict(model_config, params, layout, share_memory=True), "config": config},
+                   partial)
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
