@@ -217,3 +217,18 @@ def test_failed_save_keeps_the_older_file_and_leaves_no_temporary(tiny, tiny_fil
         official.save(path, *tiny)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.th"]
+
+
+def test_dtypes_are_checked_naming_the_file_and_first_key(tiny_state_dict, tmp_path):
+    ints = {k: v.to(torch.int32) if v.is_floating_point() else v for k, v in tiny_state_dict.items()}
+    first = next(k for k, v in tiny_state_dict.items() if v.is_floating_point())
+    with pytest.raises(CheckpointError, match=rf"ints\.th: {first} has dtype int32, expected a floating dtype"):
+        official.load(write_checkpoint(tmp_path / "ints.th", ints))
+    index = "vision_encoder.layers.0.blocks.0.attn.relative_position_index"
+    float_index = dict(tiny_state_dict, **{index: tiny_state_dict[index].to(torch.float32)})
+    with pytest.raises(CheckpointError, match=rf"{index} has dtype float32, expected an integer dtype"):
+        official.load(write_checkpoint(tmp_path / "float_index.th", float_index))
+    bf16 = {k: v.to(torch.bfloat16) if v.is_floating_point() and "attn_mask" not in k else v
+            for k, v in tiny_state_dict.items()}
+    cfg, _ = official.load(write_checkpoint(tmp_path / "bf16.th", bf16))  # any float width is cast
+    assert cfg.text.hidden_size == 128

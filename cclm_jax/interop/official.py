@@ -27,8 +27,8 @@ reads a checkpoint's config, so these keys do not disturb it.
 Memory: files are memory-mapped (`files.open_checkpoint`) and converted tensor by tensor, so `load` holds one
 copy of the parameters; `save` holds the parameters plus transposed copies of the Linear/conv weights
 (torch.save needs the whole dict; tensors already in the official layout are shared, not copied).
-Tensors with bad shapes, missing / unexpected keys and differing tied copies raise `CheckpointError` naming
-the first offending keys. Needs the `torch` extra.
+Tensors with bad shapes, missing / unexpected keys, non-float parameters or float index buffers
+(`files.check_dtypes`) and differing tied copies raise `CheckpointError` naming the first offending keys. Needs the `torch` extra.
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from cclm_jax.interop.export import architecture_dict, check_params
-from cclm_jax.interop.files import CheckpointError, open_checkpoint
+from cclm_jax.interop.files import CheckpointError, check_dtypes, dtype_kind, open_checkpoint
 from cclm_jax.interop.layout import Entry, from_torch_array, get_path, official_layout, set_path, to_torch_array
 from cclm_jax.interop.relpos import resize_relative_position_table
 from cclm_jax.interop.shapes import param_shapes
@@ -230,12 +230,15 @@ def _convert(state_dict: Mapping[str, np.ndarray], model_config: ml_collections.
 
 
 def _check_entries(state_dict: Mapping[str, np.ndarray], entries: list[Entry]) -> None:
-    """Key set (buffers and tied copies optional), then buffers and tied copies by value."""
+    """Key set (buffers and tied copies optional), dtypes (`files.check_dtypes`: floating parameters, buffers of
+    their official kind), then buffers and tied copies by value."""
     expected = {e.key for e in entries}
     unknown = [k for k in state_dict if k not in expected]
     missing = [e.key for e in entries if e.kind != "buffer" and e.tied_to is None and e.key not in state_dict]
     if unknown or missing:
         raise CheckpointError(_key_report(unknown, missing))
+    check_dtypes(state_dict, {e.key: dtype_kind(e.make().dtype.name) if e.kind == "buffer" else "floating"
+                              for e in entries if e.key in state_dict})
     stale, untied = [], []
     for entry in entries:
         if entry.key not in state_dict:
