@@ -6,7 +6,7 @@
                                                       a pre-training config: dev retrieval
   cclm-jax info     --config C                        parameter counts (tied weights once), per module
   cclm-jax export   --workdir DIR --out F.th [--step N] [--format th|safetensors]
-  cclm-jax import   --checkpoint F.th --workdir DIR [--text_num_heads 16]
+  cclm-jax import   --checkpoint F.th --workdir DIR [--text_num_heads N]   (N only for files recording none)
 
 `--config` takes a config file with `get_config(arg)`; `configs/X.py:arg` passes `arg`, and
 `--config.a.b=value` overrides any field (the config is locked: unknown fields are an error).
@@ -32,7 +32,8 @@ _OUT = flags.DEFINE_string("out", None, "export: output file (.th) or directory 
 _FORMAT = flags.DEFINE_enum("format", "th", ["th", "safetensors"], "export: checkpoint format.")
 _STEP = flags.DEFINE_integer("step", None, "export/evaluate: checkpoint step (default: latest).")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "import: official CCLM .th/.pth file.")
-_TEXT_HEADS = flags.DEFINE_integer("text_num_heads", None, "import: text attention heads (default 16).")
+_TEXT_HEADS = flags.DEFINE_integer("text_num_heads", None, "import: text attention heads of a file that records "
+                                   "none (default: 16 for width 1024, 12 for 768; a recorded count wins).")
 
 
 def _require(flag, command: str):

@@ -26,7 +26,9 @@ Sections (each documented where its defaults live):
                    (profile_steps 0 = off), written under workdir/profile.
 `init`:
   checkpoint       '' (random init), an official CCLM `.th` (imported), or an Orbax workdir to start from.
-  text_num_heads   attention heads for an imported official checkpoint (shapes cannot tell).
+  text_num_heads   attention heads of an imported official checkpoint that records none (shapes cannot
+                   tell; 0 = not given: 16 for width 1024, 12 for 768). A file's recorded count wins; a
+                   different value here is an error.
   xlmr_dir, swin_path   HF XLM-R-large directory and Microsoft Swin `.pth` for the reference
                    pre-training initialisation (both or neither).
 """
@@ -64,7 +66,7 @@ def default_run_config() -> ml_collections.ConfigDict:
         "schedule": default_schedule_config(),
         "train": default_train_config(),
         "mesh": {"data": -1, "fsdp": 1, "tensor": 1},
-        "init": {"checkpoint": "", "text_num_heads": 16, "xlmr_dir": "", "swin_path": ""},
+        "init": {"checkpoint": "", "text_num_heads": 0, "xlmr_dir": "", "swin_path": ""},
         "distributed": False,
     })
 
@@ -158,6 +160,9 @@ def _check_batch_split(config: ml_collections.ConfigDict, num_devices: int | Non
 
 
 def _check_init(init: ml_collections.ConfigDict) -> None:
+    heads = init.text_num_heads
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 0:
+        raise ValueError(f"config.init.text_num_heads must be an integer >= 0 (0 = the checkpoint's own), got {heads!r}")
     if init.checkpoint and not os.path.exists(os.path.expanduser(init.checkpoint)):
         raise FileNotFoundError(f"config.init.checkpoint: {init.checkpoint!r} does not exist")
     if bool(init.xlmr_dir) != bool(init.swin_path):

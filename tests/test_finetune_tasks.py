@@ -415,3 +415,21 @@ def test_finetune_configs_carry_the_reference_hyper_parameters(name):
     assert tuple(config.optimizer.new_param_patterns) == finetune.TASK_HEADS[task]
     if k_test is not None:
         assert config.eval.k_test == k_test
+
+
+def test_head_count_recorded_in_an_export_wins_and_a_conflicting_flag_is_an_error(micro_params, tmp_path):
+    from cclm_jax.interop import official
+    from cclm_jax.train import finetune_init
+
+    cfg, params = micro_params
+    assert cfg.text.num_heads == 4
+    path = tmp_path / "four_heads.th"
+    official.save(path, cfg, params)  # records num_heads=4
+    config = finetune.default_finetune_config("retrieval")
+    config.model.vision.update(image_res=cfg.vision.image_res, window_size=cfg.vision.window_size)
+    config.init.checkpoint = str(path)
+    model_config, _ = finetune_init.initial_task_params(config, jax.random.PRNGKey(0))
+    assert model_config.text.num_heads == 4
+    config.init.text_num_heads = 8
+    with pytest.raises(ValueError, match=r"four_heads\.th records 4 text attention heads.*text_num_heads=8"):
+        finetune_init.initial_task_params(config, jax.random.PRNGKey(0))

@@ -94,7 +94,9 @@ def test_text_heads_come_from_the_file_when_not_given(tmp_path):
     params = random_params(cfg, seed=1)
     official.save(tmp_path / "h8.th", cfg, params)
     assert official.load(tmp_path / "h8.th")[0].text.num_heads == 8
-    assert official.load(tmp_path / "h8.th", text_num_heads=4)[0].text.num_heads == 4
+    assert official.load(tmp_path / "h8.th", text_num_heads=8)[0].text.num_heads == 8
+    with pytest.raises(CheckpointError, match=r"h8\.th records 8 text attention heads, but text_num_heads=4"):
+        official.load(tmp_path / "h8.th", text_num_heads=4)
 
 
 def test_retrieval_layout_keys_and_round_trip(golden_dir, tiny, tmp_path):

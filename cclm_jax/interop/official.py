@@ -2,9 +2,9 @@
 
 `load(path, text_num_heads=None, **overrides) -> (model_config, params)` infers the architecture from the
 tensor shapes and key counts (depths, widths, vocabulary, window, image size, fusion layer), takes what
-shapes cannot tell (the text attention heads) from `text_num_heads`, else from the file's
-`config['architecture']` (written by `save`) or a `config.json` beside a `.safetensors` file, else from the
-known XLM-R widths, and maps every tensor onto our Flax parameter tree. Every layout of `layout.LAYOUTS` is
+shapes cannot tell (the text attention heads) from the file's `config['architecture']` (written by `save`) or
+a `config.json` beside a `.safetensors` file, else from `text_num_heads` (a different given value is an
+error), else from the known XLM-R widths, and maps every tensor onto our Flax parameter tree. Every layout of `layout.LAYOUTS` is
 recognised (`detect_layout`): `pretrain` (CrossViewLM), `retrieval` (RetrievalModel, no MLM/bbox heads: those
 parameters are absent), and the fine-tuning models `xvnli`, `nlvr` (NLVR2/MaRVL) and `vqa` (xGQA), whose
 parameters are the trees of `models.tasks` (see `layout` for the key tables). The returned `model_config` is
@@ -144,7 +144,7 @@ def infer_model_config(state_dict: Mapping[str, np.ndarray], text_num_heads: int
             cfg.temp = float(temp)
     except KeyError as e:
         raise CheckpointError(f"cannot infer the architecture: missing key {e.args[0]!r}") from e
-    if text_num_heads is None:
+    if not text_num_heads:
         text_num_heads = KNOWN_TEXT_HEADS.get(t.hidden_size, max(1, t.hidden_size // 32))
         logging.info("text attention heads not given; using %d for hidden size %d", text_num_heads,
                      t.hidden_size)
@@ -311,17 +311,22 @@ def load(path: str | os.PathLike, text_num_heads: int | None = None, **overrides
     The params are the tree of the file's layout's model (`detect_layout`; `layout.LAYOUT_TASKS`), the
     model_config the pre-trained CCLM config that model takes.
 
-    `text_num_heads`: attention heads of the text stack (shapes cannot tell; 16 for XLM-R-large); default:
-    what the file records (see the module docstring), else 16 for width 1024, 12 for 768.
+    `text_num_heads`: attention heads of the text stack (shapes cannot tell; 16 for XLM-R-large), for files
+    that record none; None or 0 = not given. What the file records (see the module docstring) always wins: a
+    given value that differs from it raises CheckpointError. Neither: 16 for width 1024, 12 for 768.
     `overrides`: model config fields, nested with '__' (e.g. `dtype='bfloat16'`); changing
     `vision__image_res` / `vision__window_size` converts the geometry (module docstring).
     """
     path = os.fspath(path)
     checkpoint = open_checkpoint(path)
     file_config = _file_config(path, checkpoint.config)
-    if text_num_heads is None:
-        heads = _recorded_architecture(file_config).get("text", {}).get("num_heads")
-        text_num_heads = int(heads) if heads is not None else None
+    recorded = _recorded_architecture(file_config).get("text", {}).get("num_heads")
+    if recorded is not None:
+        if text_num_heads and int(text_num_heads) != int(recorded):
+            raise CheckpointError(f"{path} records {int(recorded)} text attention heads, but text_num_heads="
+                                  f"{int(text_num_heads)} was given (config.init.text_num_heads / --text_num_heads): "
+                                  "leave it unset (0) to use the file's value")
+        text_num_heads = int(recorded)
     try:
         source_config = infer_model_config(checkpoint, text_num_heads, file_config)
         model_config = infer_model_config(checkpoint, text_num_heads, file_config, **overrides)

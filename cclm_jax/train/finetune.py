@@ -70,7 +70,8 @@ def default_finetune_config(task: str) -> ml_collections.ConfigDict:
     model: the CCLM base model at 384 px, Swin window 12. Starting from a checkpoint, its architecture is used
       with this section's geometry and runtime fields (`finetune_init`); a 224-px checkpoint is converted.
     init: where the parameters come from, exactly one of: workdir (a pre-training or fine-tuning run directory;
-      step -1 = its latest checkpoint), checkpoint (an official CCLM file; text_num_heads), from_scratch
+      step -1 = its latest checkpoint), checkpoint (an official CCLM file; text_num_heads only for a file that
+      records no head count, 0 = not given, see `interop.official.load`), from_scratch
       (random parameters of `model`). Few-shot starts from the English-fine-tuned run or checkpoint.
     train: epochs; batch_size (global; the README's `--bs 128` over 8 GPUs); warmup_fraction of the steps
       (`finetune_schedule`); seed; checkpoint_every / keep_checkpoints (steps, checkpoints kept; the run
@@ -96,7 +97,7 @@ def default_finetune_config(task: str) -> ml_collections.ConfigDict:
         "name": task,
         "protocol": "zero_shot",
         "model": model,
-        "init": {"workdir": "", "step": -1, "checkpoint": "", "text_num_heads": 16, "from_scratch": False},
+        "init": {"workdir": "", "step": -1, "checkpoint": "", "text_num_heads": 0, "from_scratch": False},
         "train": {"epochs": 10, "batch_size": 128, "warmup_fraction": 0.1, "seed": 42, "checkpoint_every": 1000,
                   "keep_checkpoints": 2, "log_every": 50},
         "optimizer": opt,
