@@ -39,7 +39,7 @@ import os
 
 import ml_collections
 
-from cclm_jax.data.config import default_data_config, resolve_host_shards, validate_data_config
+from cclm_jax.data.config import KINDS, default_data_config, resolve_host_shards, validate_data_config
 from cclm_jax.models.config import base_model_config, validate_model_config
 from cclm_jax.objectives import default_objectives_config, validate_objectives_config
 from cclm_jax.train.optimizer import (default_optimizer_config, default_schedule_config,
@@ -122,6 +122,12 @@ def validate_run_config(config: ml_collections.ConfigDict, num_devices: int | No
         if config.data[kind].image_res != config.model.vision.image_res:
             raise ValueError(f"config.data.{kind}.image_res {config.data[kind].image_res} must equal "
                              f"config.model.vision.image_res {config.model.vision.image_res}")
+    positions = config.model.text.max_position_embeddings
+    for kind in [k for k in KINDS if config.data.mix.get(k, 0) > 0] + ["eval"]:
+        if config.data[kind].max_tokens > positions:
+            raise ValueError(f"config.data.{kind}.max_tokens {config.data[kind].max_tokens} exceeds "
+                             f"config.model.text.max_position_embeddings {positions}: lower max_tokens (or use a "
+                             "model with more positions)")
     _check_batch_split(config, num_devices)
     _check_init(config.init)
 

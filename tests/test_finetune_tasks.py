@@ -382,6 +382,11 @@ def test_schedule_protocols_and_config_errors(micro_params):
     config.eval.k_test = 0
     with pytest.raises(ValueError, match="config.eval.k_test must be a positive integer, got 0"):
         finetune.validate_finetune_config(config)
+    config = finetune.default_finetune_config("xvnli")
+    config.data.max_tokens = 600
+    with pytest.raises(ValueError, match="config.data.max_tokens 600 exceeds config.model.text.max_position_embeddings"
+                                         " 514"):
+        finetune.validate_finetune_config(config)
 
 
 def test_question_cleaning_and_answer_errors(tokenizer):

@@ -167,6 +167,10 @@ def validate_finetune_config(config: ml_collections.ConfigDict) -> None:
     optimizer_lib.validate_optimizer_config(config.optimizer, optimizer_lib.default_schedule_config())
     if config.task == "retrieval":
         objectives.validate_objectives_config(config.objectives)
+    positions = config.model.text.max_position_embeddings
+    if config.data.max_tokens > positions:
+        raise ValueError(f"config.data.max_tokens {config.data.max_tokens} exceeds "
+                         f"config.model.text.max_position_embeddings {positions}: lower max_tokens")
 
 
 # ----------------------------------------------------------------------------------------------------------
