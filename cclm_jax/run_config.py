@@ -168,7 +168,8 @@ def _check_batch_split(config: ml_collections.ConfigDict, num_devices: int | Non
 def _check_init(init: ml_collections.ConfigDict) -> None:
     heads = init.text_num_heads
     if isinstance(heads, bool) or not isinstance(heads, int) or heads < 0:
-        raise ValueError(f"config.init.text_num_heads must be an integer >= 0 (0 = the checkpoint's own), got {heads!r}")
+        raise ValueError(f"config.init.text_num_heads must be an integer >= 0 (0 = the checkpoint's own), "
+                         f"got {heads!r}")
     if init.checkpoint and not os.path.exists(os.path.expanduser(init.checkpoint)):
         raise FileNotFoundError(f"config.init.checkpoint: {init.checkpoint!r} does not exist")
     if bool(init.xlmr_dir) != bool(init.swin_path):

@@ -4,12 +4,12 @@
 tensor shapes and key counts (depths, widths, vocabulary, window, image size, fusion layer), takes what
 shapes cannot tell (the text attention heads) from the file's `config['architecture']` (written by `save`) or
 a `config.json` beside a `.safetensors` file, else from `text_num_heads` (a different given value is an
-error), else from the known XLM-R widths, and maps every tensor onto our Flax parameter tree. Every layout of `layout.LAYOUTS` is
-recognised (`detect_layout`): `pretrain` (CrossViewLM), `retrieval` (RetrievalModel, no MLM/bbox heads: those
-parameters are absent), and the fine-tuning models `xvnli`, `nlvr` (NLVR2/MaRVL) and `vqa` (xGQA), whose
-parameters are the trees of `models.tasks` (see `layout` for the key tables). The returned `model_config` is
-always the pre-trained CCLM config the task models take (for `nlvr`: N = F + (layers - F) / 2); layouts
-without projections take `embed_dim` and `temp` from the file's config when it has them (`save` writes both,
+error), else from the known XLM-R widths, and maps every tensor onto our Flax parameter tree. Every layout of
+`layout.LAYOUTS` is recognised (`detect_layout`): `pretrain` (CrossViewLM), `retrieval` (RetrievalModel, no
+MLM/bbox heads: those parameters are absent), and the fine-tuning models `xvnli`, `nlvr` (NLVR2/MaRVL) and
+`vqa` (xGQA), whose parameters are the trees of `models.tasks` (see `layout` for the key tables). The returned
+`model_config` is always the pre-trained CCLM config the task models take (for `nlvr`: N = F + (layers - F) / 2);
+layouts without projections take `embed_dim` and `temp` from the file's config when it has them (`save` writes both,
 the official yaml has `temp` and `embed_dim`), else the defaults.
 
 Geometry conversion: `load(path, vision__image_res=384, vision__window_size=12)` reads a 224-px / window-7
@@ -28,7 +28,8 @@ Memory: files are memory-mapped (`files.open_checkpoint`) and converted tensor b
 copy of the parameters; `save` holds the parameters plus transposed copies of the Linear/conv weights
 (torch.save needs the whole dict; tensors already in the official layout are shared, not copied).
 Tensors with bad shapes, missing / unexpected keys, non-float parameters or float index buffers
-(`files.check_dtypes`) and differing tied copies raise `CheckpointError` naming the first offending keys. Needs the `torch` extra.
+(`files.check_dtypes`) and differing tied copies raise `CheckpointError` naming the first offending keys.
+Needs the `torch` extra.
 """
 from __future__ import annotations
 

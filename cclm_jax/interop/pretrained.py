@@ -22,8 +22,8 @@
 `from_pretrained` is a pytree of Python bools with the structure of `params`: True where the value came
 from a checkpoint (the optimizer gives the others lr x2). Any key of either file that is neither mapped nor
 ignorable, a missing key, a non-float parameter, a wrong shape or a config.json mismatch raises
-`CheckpointError` naming the file and the first offending keys. Both files are memory-mapped and converted tensor by tensor, so the
-full-size model needs one copy of its parameters in memory.
+`CheckpointError` naming the file and the first offending keys. Both files are memory-mapped and converted
+tensor by tensor, so the full-size model needs one copy of its parameters in memory.
 """
 from __future__ import annotations
 
