@@ -198,7 +198,11 @@ def run_model_flops(config: ml_collections.ConfigDict) -> dict[str, int]:
 
 
 def describe(config: ml_collections.ConfigDict) -> str:
-    """Lines for `cclm-jax info`: training GFLOPs per example of each batch kind at the config's shapes."""
+    """Lines for `cclm-jax info`: training GFLOPs per example of each batch kind at the config's shapes. A
+    fine-tuning config (one with `task`) gets a line saying its task is not modelled here."""
+    if "task" in config:
+        return (f"FLOPs: not modelled for the fine-tuning task {config.task!r} (this count covers the two "
+                "pre-training views)")
     shapes = run_config_shapes(config)
     per_example = run_model_flops(config)
     lines = []

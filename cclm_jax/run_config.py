@@ -29,7 +29,9 @@ Sections (each documented where its defaults live):
                    (profile_steps 0 = off), written under workdir/profile.
 `init`:
   checkpoint       '' (random init), an official CCLM `.th` (imported), or an Orbax workdir to start from.
-  text_num_heads   attention heads for an imported official checkpoint (shapes cannot tell).
+  text_num_heads   attention heads of an imported official checkpoint that records none (shapes cannot
+                   tell; 0 = not given: 16 for width 1024, 12 for 768). A file's recorded count wins; a
+                   different value here is an error.
   xlmr_dir, swin_path   HF XLM-R-large directory and Microsoft Swin `.pth` for the reference
                    pre-training initialisation (both or neither).
 """
@@ -40,7 +42,7 @@ import os
 
 import ml_collections
 
-from cclm_jax.data.config import default_data_config, resolve_host_shards, validate_data_config
+from cclm_jax.data.config import KINDS, default_data_config, resolve_host_shards, validate_data_config
 from cclm_jax.models.config import base_model_config, validate_model_config
 from cclm_jax.objectives import default_objectives_config, validate_objectives_config
 from cclm_jax.train.optimizer import (default_optimizer_config, default_schedule_config,
@@ -68,7 +70,7 @@ def default_run_config() -> ml_collections.ConfigDict:
         "schedule": default_schedule_config(),
         "train": default_train_config(),
         "mesh": {"data": -1, "fsdp": 1, "tensor": 1},
-        "init": {"checkpoint": "", "text_num_heads": 16, "xlmr_dir": "", "swin_path": ""},
+        "init": {"checkpoint": "", "text_num_heads": 0, "xlmr_dir": "", "swin_path": ""},
         "distributed": False,
     })
 
@@ -127,6 +129,12 @@ def validate_run_config(config: ml_collections.ConfigDict, num_devices: int | No
         if config.data[kind].image_res != config.model.vision.image_res:
             raise ValueError(f"config.data.{kind}.image_res {config.data[kind].image_res} must equal "
                              f"config.model.vision.image_res {config.model.vision.image_res}")
+    positions = config.model.text.max_position_embeddings
+    for kind in [k for k in KINDS if config.data.mix.get(k, 0) > 0] + ["eval"]:
+        if config.data[kind].max_tokens > positions:
+            raise ValueError(f"config.data.{kind}.max_tokens {config.data[kind].max_tokens} exceeds "
+                             f"config.model.text.max_position_embeddings {positions}: lower max_tokens (or use a "
+                             "model with more positions)")
     _check_batch_split(config, num_devices)
     _check_init(config.init)
 
@@ -165,6 +173,10 @@ def _check_batch_split(config: ml_collections.ConfigDict, num_devices: int | Non
 
 
 def _check_init(init: ml_collections.ConfigDict) -> None:
+    heads = init.text_num_heads
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 0:
+        raise ValueError(f"config.init.text_num_heads must be an integer >= 0 (0 = the checkpoint's own), "
+                         f"got {heads!r}")
     if init.checkpoint and not os.path.exists(os.path.expanduser(init.checkpoint)):
         raise FileNotFoundError(f"config.init.checkpoint: {init.checkpoint!r} does not exist")
     if bool(init.xlmr_dir) != bool(init.swin_path):

@@ -178,3 +178,19 @@ def test_missing_or_foreign_model_is_a_clear_error(tmp_path):
         eos_id=3, hard_vocab_limit=False, minloglevel=2)
     with pytest.raises(ValueError, match="must reserve pieces 0, 1, 2"):
         Tokenizer(tmp_path / "foreign.model")
+
+
+def test_random_bytes_name_the_config_key_and_file(tmp_path):
+    import random
+
+    from cclm_jax.data.config import default_data_config
+    from cclm_jax.data.pipeline import load_tokenizer
+
+    path = tmp_path / "noise.model"
+    path.write_bytes(random.Random(0).randbytes(4096))
+    with pytest.raises(ValueError, match=r"^tokenizer: '.*noise\.model' is not a SentencePiece model \(RuntimeError"):
+        Tokenizer(path)
+    cfg = default_data_config()
+    cfg.tokenizer = str(path)
+    with pytest.raises(ValueError, match=r"^config\.data\.tokenizer: '.*noise\.model' is not a SentencePiece model"):
+        load_tokenizer(cfg)

@@ -343,6 +343,15 @@ def _error(config, tmp_path):
     return str(info.value)
 
 
+def test_only_image_roots_the_files_use_are_required(fixture):
+    config = _config("xflickrco", {**_retrieval(fixture), "data.image_root.coco": ""})  # no COCO image in the files
+    data = load_task_data(config)
+    assert {os.path.dirname(path) for path in data.tests["de"].image_paths} == {str(fixture["images"])}
+    config = _config("xflickrco", {**_retrieval(fixture), "data.image_root.coco": "/nonexistent/coco"})
+    with pytest.raises(FileNotFoundError, match="config.data.image_root.coco: directory /nonexistent/coco does not"):
+        load_task_data(config)
+
+
 def test_errors_before_compilation(fixture, tmp_path):
     config = _config("xvnli", _xvnli(fixture))
     config.init.checkpoint = str(fixture["checkpoint"])

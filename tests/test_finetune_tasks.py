@@ -382,6 +382,11 @@ def test_schedule_protocols_and_config_errors(micro_params):
     config.eval.k_test = 0
     with pytest.raises(ValueError, match="config.eval.k_test must be a positive integer, got 0"):
         finetune.validate_finetune_config(config)
+    config = finetune.default_finetune_config("xvnli")
+    config.data.max_tokens = 600
+    with pytest.raises(ValueError, match="config.data.max_tokens 600 exceeds config.model.text.max_position_embeddings"
+                                         " 514"):
+        finetune.validate_finetune_config(config)
 
 
 def test_question_cleaning_and_answer_errors(tokenizer):
@@ -415,3 +420,21 @@ def test_finetune_configs_carry_the_reference_hyper_parameters(name):
     assert tuple(config.optimizer.new_param_patterns) == finetune.TASK_HEADS[task]
     if k_test is not None:
         assert config.eval.k_test == k_test
+
+
+def test_head_count_recorded_in_an_export_wins_and_a_conflicting_flag_is_an_error(micro_params, tmp_path):
+    from cclm_jax.interop import official
+    from cclm_jax.train import finetune_init
+
+    cfg, params = micro_params
+    assert cfg.text.num_heads == 4
+    path = tmp_path / "four_heads.th"
+    official.save(path, cfg, params)  # records num_heads=4
+    config = finetune.default_finetune_config("retrieval")
+    config.model.vision.update(image_res=cfg.vision.image_res, window_size=cfg.vision.window_size)
+    config.init.checkpoint = str(path)
+    model_config, _ = finetune_init.initial_task_params(config, jax.random.PRNGKey(0))
+    assert model_config.text.num_heads == 4
+    config.init.text_num_heads = 8
+    with pytest.raises(ValueError, match=r"four_heads\.th records 4 text attention heads.*text_num_heads=8"):
+        finetune_init.initial_task_params(config, jax.random.PRNGKey(0))

@@ -115,3 +115,20 @@ def test_truncated_safetensors_is_rejected(exported, tmp_path):
     path.write_bytes(data[: len(data) - 1000])
     with pytest.raises(CheckpointError, match="cannot be read as a safetensors file"):
         official.load(path)
+
+
+def test_integer_parameters_are_rejected_naming_the_first_key(exported, tmp_path):
+    from safetensors.torch import save_file
+
+    tensors, metadata = read_all(exported[1])
+    (tmp_path / "config.json").write_text((exported[0] / "config.json").read_text())
+    as_int = {k: v.to(torch.int32) if v.is_floating_point() else v for k, v in tensors.items()}
+    save_file(as_int, tmp_path / "model.safetensors", metadata)
+    with safe_open(tmp_path / "model.safetensors", framework="pt") as f:
+        first = next(k for k in f.offset_keys() if tensors[k].is_floating_point())  # in file order
+    with pytest.raises(CheckpointError, match=rf"model\.safetensors: {first} has dtype int32, expected a floating "):
+        official.load(tmp_path / "model.safetensors")
+    half = {k: v.to(torch.float16) if v.is_floating_point() and not k.endswith("attn_mask") else v
+            for k, v in tensors.items()}
+    save_file(half, tmp_path / "model.safetensors", metadata)
+    assert official.load(tmp_path / "model.safetensors")[0].text.num_heads == 4  # any float width is cast

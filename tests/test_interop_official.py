@@ -94,7 +94,9 @@ def test_text_heads_come_from_the_file_when_not_given(tmp_path):
     params = random_params(cfg, seed=1)
     official.save(tmp_path / "h8.th", cfg, params)
     assert official.load(tmp_path / "h8.th")[0].text.num_heads == 8
-    assert official.load(tmp_path / "h8.th", text_num_heads=4)[0].text.num_heads == 4
+    assert official.load(tmp_path / "h8.th", text_num_heads=8)[0].text.num_heads == 8
+    with pytest.raises(CheckpointError, match=r"h8\.th records 8 text attention heads, but text_num_heads=4"):
+        official.load(tmp_path / "h8.th", text_num_heads=4)
 
 
 def test_retrieval_layout_keys_and_round_trip(golden_dir, tiny, tmp_path):
@@ -200,3 +202,35 @@ def test_stripped_buffers_and_tied_copies_are_optional(tiny, tiny_state_dict, tm
     cfg, params = official.load(write_checkpoint(tmp_path / "lean.th", lean))
     assert cfg.vision.image_res == 224  # from the window when the masks are gone
     assert_trees_bitwise_equal(jax.device_get(params), tiny[1])
+
+
+def test_failed_save_keeps_the_older_file_and_leaves_no_temporary(tiny, tiny_file, tmp_path, monkeypatch):
+    path = tmp_path / "model.th"
+    path.write_bytes(tiny_file.read_bytes())
+    before = path.read_bytes()
+
+    def full_disk(obj, f, *args, **kwargs):
+        with open(f, "wb") as out:
+            out.write(b"PK\x03\x04 partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        official.save(path, *tiny)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.th"]
+
+
+def test_dtypes_are_checked_naming_the_file_and_first_key(tiny_state_dict, tmp_path):
+    ints = {k: v.to(torch.int32) if v.is_floating_point() else v for k, v in tiny_state_dict.items()}
+    first = next(k for k, v in tiny_state_dict.items() if v.is_floating_point())
+    with pytest.raises(CheckpointError, match=rf"ints\.th: {first} has dtype int32, expected a floating dtype"):
+        official.load(write_checkpoint(tmp_path / "ints.th", ints))
+    index = "vision_encoder.layers.0.blocks.0.attn.relative_position_index"
+    float_index = dict(tiny_state_dict, **{index: tiny_state_dict[index].to(torch.float32)})
+    with pytest.raises(CheckpointError, match=rf"{index} has dtype float32, expected an integer dtype"):
+        official.load(write_checkpoint(tmp_path / "float_index.th", float_index))
+    bf16 = {k: v.to(torch.bfloat16) if v.is_floating_point() and "attn_mask" not in k else v
+            for k, v in tiny_state_dict.items()}
+    cfg, _ = official.load(write_checkpoint(tmp_path / "bf16.th", bf16))  # any float width is cast
+    assert cfg.text.hidden_size == 128

@@ -148,3 +148,10 @@ def test_swin_extra_key_and_wrong_shape_are_named(copies):
 def test_bad_layer_map_is_rejected(copies):
     with pytest.raises(ValueError, match="layer_map .* must list 12 distinct"):
         run(copies, layer_map=[1, 3, 5])
+
+
+def test_integer_tensors_are_rejected_naming_the_file_and_key(copies):
+    key = "layers.0.blocks.0.mlp.fc1.weight"
+    swin = {"model": dict(copies[3]["model"], **{key: copies[3]["model"][key].to(torch.int32)})}
+    with pytest.raises(CheckpointError, match=rf"swin_tiny_fake.pth: {key} has dtype int32, expected a floating"):
+        run(copies, swin=swin)

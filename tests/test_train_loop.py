@@ -173,6 +173,11 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path):
     (lambda c: c.data.update(tokenizer="/nonexistent/spm.model"), "config.data.tokenizer"),
     (lambda c: c.init.update(xlmr_dir="/tmp"), "must be given together"),
     (lambda c: c.optimizer.update(lr=-1.0), "lr"),
+    (lambda c: c.data.image_caption.update(max_tokens=65, max_words=65),
+     r"config.data.image_caption.max_tokens 65 exceeds config.model.text.max_position_embeddings 64"),
+    (lambda c: c.data.eval.update(max_tokens=100),
+     r"config.data.eval.max_tokens 100 exceeds config.model.text.max_position_embeddings 64"),
+    (lambda c: c.init.update(text_num_heads=-1), "config.init.text_num_heads must be an integer >= 0"),
 ])
 def test_invalid_configs_fail_with_one_clear_message(edit, message):
     config = tiny.get_config("micro")

@@ -68,8 +68,8 @@ def _demo_paths(cfg) -> Dict[str, str]:
 def load_tokenizer(cfg) -> Tokenizer:
     """The tokenizer named by ``cfg.tokenizer`` (a model path, or "demo")."""
     if cfg.tokenizer == "demo":
-        return Tokenizer(_demo_paths(cfg)["spm"])
-    return Tokenizer(cfg.tokenizer)
+        return Tokenizer(_demo_paths(cfg)["spm"], key="config.data.tokenizer='demo'")
+    return Tokenizer(cfg.tokenizer, key="config.data.tokenizer")
 
 
 def _tfds_dir(cfg) -> str:

@@ -29,18 +29,26 @@ class Tokenizer:
     eos_id = EOS_ID
     unk_id = UNK_ID
 
-    def __init__(self, model_path):
+    def __init__(self, model_path, key: str = "tokenizer"):
+        """`model_path`: the SentencePiece `.model` file; `key`: what errors name it by (e.g. the config key).
+
+        Raises FileNotFoundError (no such file) or ValueError (not a SentencePiece model, or not the XLM-R
+        piece layout), each one line starting with `key` and naming the file."""
         path = pathlib.Path(os.path.expanduser(str(model_path)))
         if not path.is_file():
-            raise FileNotFoundError(f"tokenizer: SentencePiece model {str(path)!r} does not exist")
+            raise FileNotFoundError(f"{key}: SentencePiece model {str(path)!r} does not exist")
         self.model_path = path
         self._model_bytes = path.read_bytes()
-        self._sp = spm.SentencePieceProcessor(model_proto=self._model_bytes)
+        try:
+            self._sp = spm.SentencePieceProcessor(model_proto=self._model_bytes)
+        except RuntimeError as e:  # sentencepiece's parse error names no file
+            raise ValueError(f"{key}: {str(path)!r} is not a SentencePiece model (RuntimeError: "
+                             f"{str(e).strip()})") from e
         expected = {_SPM_UNK: "<unk>", _SPM_BOS: "<s>", _SPM_EOS: "</s>"}
         found = {i: self._sp.id_to_piece(i) for i in expected}
         if found != expected:
             raise ValueError(
-                f"tokenizer: {str(path)!r} must reserve pieces 0, 1, 2 for <unk>, <s>, </s> "
+                f"{key}: {str(path)!r} must reserve pieces 0, 1, 2 for <unk>, <s>, </s> "
                 f"(the XLM-R layout); found {found}")
         self.vocab_size = self._sp.get_piece_size() + 2
         self.mask_id = self.vocab_size - 1

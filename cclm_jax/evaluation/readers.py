@@ -233,7 +233,8 @@ def _flickr_coco_path(image_root: ImageRoot, img_path: str, path: PathLike, wher
         key = "coco" if "COCO" in img_path else "flickr30k"
         if key not in image_root:
             raise AnnotationError(path, where, "img_path",
-                                  f"{img_path!r} needs image_root['{key}'], the mapping has {sorted(image_root)}")
+                                  f"{img_path!r} needs image_root['{key}'] (config.data.image_root.{key}), which is "
+                                  f"not set (set: {sorted(image_root)})")
         return _join(image_root[key], img_path)
     return _join(image_root, img_path)
 

@@ -8,6 +8,10 @@ used, and only that tensor's pages then. Legacy (pre-zip) torch files are read w
 Torch files are read with `weights_only=True`: a checkpoint from the internet cannot run code. Accepted
 contents: `{'model': state_dict, ...}` (official CCLM and Microsoft Swin) or a bare state_dict (HF
 `pytorch_model.bin`). bfloat16 tensors come back as `ml_dtypes.bfloat16` numpy arrays (exact bits).
+
+`check_dtypes(state_dict, expected, where)`: parameters must be stored as floats (any width: the readers cast
+them to float32) and index buffers as integers; the first key in file order that is not raises
+`CheckpointError` (a file of int32 "weights" would otherwise import as truncated, mostly-zero values).
 """
 from __future__ import annotations
 
@@ -25,6 +29,43 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not match the expected layout; names the file or keys."""
 
 
+# safetensors dtype codes -> numpy / torch dtype names.
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+                       "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32",
+                       "I16": "int16", "I8": "int8", "U64": "uint64", "U32": "uint32", "U16": "uint16",
+                       "U8": "uint8", "BOOL": "bool"}
+
+
+def dtype_kind(name: str) -> str | None:
+    """'floating' (float*, bfloat16), 'integer' (int*, uint*) or None (bool, complex, ...) for a dtype name."""
+    if name.startswith(("float", "bfloat")):
+        return "floating"
+    if name.startswith(("int", "uint")):
+        return "integer"
+    return None
+
+
+def dtype_name(state_dict: Mapping, key: str) -> str:
+    """The dtype name ('float32', 'bfloat16', 'int64', ...) of a tensor, without reading it from a `Checkpoint`."""
+    getter = getattr(state_dict, "dtype", None)
+    return getter(key) if callable(getter) else np.asarray(state_dict[key]).dtype.name
+
+
+def check_dtypes(state_dict: Mapping, expected: Mapping[str, str], where: str = "") -> None:
+    """Raise CheckpointError (prefixed `where: ` when given) naming the first key of `state_dict` (file order)
+    whose dtype is not of the kind `expected[key]` ('floating' or 'integer'); keys absent from `expected` are
+    not checked."""
+    for key in state_dict:
+        want = expected.get(key)
+        if want is None:
+            continue
+        found = dtype_name(state_dict, key)
+        if dtype_kind(found) != want:
+            what = ("a floating dtype (a parameter: any float width is cast to float32)" if want == "floating"
+                    else "an integer dtype (an index buffer)")
+            raise CheckpointError(f"{where + ': ' if where else ''}{key} has dtype {found}, expected {what}")
+
+
 def tensor_to_numpy(tensor: torch.Tensor) -> np.ndarray:
     """A CPU torch tensor as a numpy array sharing its memory (bfloat16 as `ml_dtypes.bfloat16`)."""
     tensor = tensor.detach()
@@ -37,13 +78,15 @@ class Checkpoint(Mapping):
     """Read-only mapping tensor name -> numpy array (file order); `config` is the file's non-tensor part.
 
     `config`: the `'config'` entry of a `{'model': ..., 'config': ...}` torch file, the `__metadata__` dict
-    of a safetensors file, else None. `shape(key)` answers without reading the tensor.
+    of a safetensors file, else None. `shape(key)` and `dtype(key)` answer without reading the tensor.
     """
 
-    def __init__(self, path: str, shapes: Mapping[str, tuple[int, ...]], config: Any, getter):
+    def __init__(self, path: str, shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, str], config: Any,
+                 getter):
         self.path = path
         self.config = config
         self._shapes = dict(shapes)
+        self._dtypes = dict(dtypes)
         self._get = getter
 
     def __getitem__(self, key: str) -> np.ndarray:
@@ -62,6 +105,10 @@ class Checkpoint(Mapping):
 
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._shapes[key])
+
+    def dtype(self, key: str) -> str:
+        """The tensor's dtype name as numpy and torch spell it ('float32', 'bfloat16', 'int64', ...)."""
+        return self._dtypes[key]
 
 
 def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
@@ -83,10 +130,12 @@ def _open_safetensors(path: str) -> Checkpoint:
 
     try:
         handle = safe_open(path, framework="pt", device="cpu")
-        shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.offset_keys()}
+        slices = {key: handle.get_slice(key) for key in handle.offset_keys()}
+        shapes = {key: tuple(s.get_shape()) for key, s in slices.items()}
+        dtypes = {key: _SAFETENSORS_DTYPES.get(s.get_dtype(), s.get_dtype().lower()) for key, s in slices.items()}
     except Exception as e:  # SafetensorError: bad header, truncated buffer, ...
         raise CheckpointError(f"{path}: cannot be read as a safetensors file ({type(e).__name__}: {e})") from e
-    return Checkpoint(path, shapes, handle.metadata(), lambda key: tensor_to_numpy(handle.get_tensor(key)))
+    return Checkpoint(path, shapes, dtypes, handle.metadata(), lambda key: tensor_to_numpy(handle.get_tensor(key)))
 
 
 def _open_torch(path: str) -> Checkpoint:
@@ -105,4 +154,5 @@ def _open_torch(path: str) -> Checkpoint:
         raise CheckpointError(f"{path}: expected a state_dict (or {{'model': state_dict}}) of tensors, "
                               f"got {type(obj).__name__}")
     shapes = {key: tuple(value.shape) for key, value in obj.items()}
-    return Checkpoint(path, shapes, config, lambda key: tensor_to_numpy(obj[key]))
+    dtypes = {key: str(value.dtype).removeprefix("torch.") for key, value in obj.items()}
+    return Checkpoint(path, shapes, dtypes, config, lambda key: tensor_to_numpy(obj[key]))

@@ -2,14 +2,14 @@
 
 `load(path, text_num_heads=None, **overrides) -> (model_config, params)` infers the architecture from the
 tensor shapes and key counts (depths, widths, vocabulary, window, image size, fusion layer), takes what
-shapes cannot tell (the text attention heads) from `text_num_heads`, else from the file's
-`config['architecture']` (written by `save`) or a `config.json` beside a `.safetensors` file, else from the
-known XLM-R widths, and maps every tensor onto our Flax parameter tree. Every layout of `layout.LAYOUTS` is
-recognised (`detect_layout`): `pretrain` (CrossViewLM), `retrieval` (RetrievalModel, no MLM/bbox heads: those
-parameters are absent), and the fine-tuning models `xvnli`, `nlvr` (NLVR2/MaRVL) and `vqa` (xGQA), whose
-parameters are the trees of `models.tasks` (see `layout` for the key tables). The returned `model_config` is
-always the pre-trained CCLM config the task models take (for `nlvr`: N = F + (layers - F) / 2); layouts
-without projections take `embed_dim` and `temp` from the file's config when it has them (`save` writes both,
+shapes cannot tell (the text attention heads) from the file's `config['architecture']` (written by `save`) or
+a `config.json` beside a `.safetensors` file, else from `text_num_heads` (a different given value is an
+error), else from the known XLM-R widths, and maps every tensor onto our Flax parameter tree. Every layout of
+`layout.LAYOUTS` is recognised (`detect_layout`): `pretrain` (CrossViewLM), `retrieval` (RetrievalModel, no
+MLM/bbox heads: those parameters are absent), and the fine-tuning models `xvnli`, `nlvr` (NLVR2/MaRVL) and
+`vqa` (xGQA), whose parameters are the trees of `models.tasks` (see `layout` for the key tables). The returned
+`model_config` is always the pre-trained CCLM config the task models take (for `nlvr`: N = F + (layers - F) / 2);
+layouts without projections take `embed_dim` and `temp` from the file's config when it has them (`save` writes both,
 the official yaml has `temp` and `embed_dim`), else the defaults.
 
 Geometry conversion: `load(path, vision__image_res=384, vision__window_size=12)` reads a 224-px / window-7
@@ -27,8 +27,9 @@ reads a checkpoint's config, so these keys do not disturb it.
 Memory: files are memory-mapped (`files.open_checkpoint`) and converted tensor by tensor, so `load` holds one
 copy of the parameters; `save` holds the parameters plus transposed copies of the Linear/conv weights
 (torch.save needs the whole dict; tensors already in the official layout are shared, not copied).
-Tensors with bad shapes, missing / unexpected keys and differing tied copies raise `CheckpointError` naming
-the first offending keys. Needs the `torch` extra.
+Tensors with bad shapes, missing / unexpected keys, non-float parameters or float index buffers
+(`files.check_dtypes`) and differing tied copies raise `CheckpointError` naming the first offending keys.
+Needs the `torch` extra.
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ import numpy as np
 import torch
 
 from cclm_jax.interop.export import architecture_dict, check_params
-from cclm_jax.interop.files import CheckpointError, open_checkpoint
+from cclm_jax.interop.files import CheckpointError, check_dtypes, dtype_kind, open_checkpoint
 from cclm_jax.interop.layout import Entry, from_torch_array, get_path, official_layout, set_path, to_torch_array
 from cclm_jax.interop.relpos import resize_relative_position_table
 from cclm_jax.interop.shapes import param_shapes
@@ -144,7 +145,7 @@ def infer_model_config(state_dict: Mapping[str, np.ndarray], text_num_heads: int
             cfg.temp = float(temp)
     except KeyError as e:
         raise CheckpointError(f"cannot infer the architecture: missing key {e.args[0]!r}") from e
-    if text_num_heads is None:
+    if not text_num_heads:
         text_num_heads = KNOWN_TEXT_HEADS.get(t.hidden_size, max(1, t.hidden_size // 32))
         logging.info("text attention heads not given; using %d for hidden size %d", text_num_heads,
                      t.hidden_size)
@@ -230,12 +231,15 @@ def _convert(state_dict: Mapping[str, np.ndarray], model_config: ml_collections.
 
 
 def _check_entries(state_dict: Mapping[str, np.ndarray], entries: list[Entry]) -> None:
-    """Key set (buffers and tied copies optional), then buffers and tied copies by value."""
+    """Key set (buffers and tied copies optional), dtypes (`files.check_dtypes`: floating parameters, buffers of
+    their official kind), then buffers and tied copies by value."""
     expected = {e.key for e in entries}
     unknown = [k for k in state_dict if k not in expected]
     missing = [e.key for e in entries if e.kind != "buffer" and e.tied_to is None and e.key not in state_dict]
     if unknown or missing:
         raise CheckpointError(_key_report(unknown, missing))
+    check_dtypes(state_dict, {e.key: dtype_kind(e.make().dtype.name) if e.kind == "buffer" else "floating"
+                              for e in entries if e.key in state_dict})
     stale, untied = [], []
     for entry in entries:
         if entry.key not in state_dict:
@@ -308,17 +312,22 @@ def load(path: str | os.PathLike, text_num_heads: int | None = None, **overrides
     The params are the tree of the file's layout's model (`detect_layout`; `layout.LAYOUT_TASKS`), the
     model_config the pre-trained CCLM config that model takes.
 
-    `text_num_heads`: attention heads of the text stack (shapes cannot tell; 16 for XLM-R-large); default:
-    what the file records (see the module docstring), else 16 for width 1024, 12 for 768.
+    `text_num_heads`: attention heads of the text stack (shapes cannot tell; 16 for XLM-R-large), for files
+    that record none; None or 0 = not given. What the file records (see the module docstring) always wins: a
+    given value that differs from it raises CheckpointError. Neither: 16 for width 1024, 12 for 768.
     `overrides`: model config fields, nested with '__' (e.g. `dtype='bfloat16'`); changing
     `vision__image_res` / `vision__window_size` converts the geometry (module docstring).
     """
     path = os.fspath(path)
     checkpoint = open_checkpoint(path)
     file_config = _file_config(path, checkpoint.config)
-    if text_num_heads is None:
-        heads = _recorded_architecture(file_config).get("text", {}).get("num_heads")
-        text_num_heads = int(heads) if heads is not None else None
+    recorded = _recorded_architecture(file_config).get("text", {}).get("num_heads")
+    if recorded is not None:
+        if text_num_heads and int(text_num_heads) != int(recorded):
+            raise CheckpointError(f"{path} records {int(recorded)} text attention heads, but text_num_heads="
+                                  f"{int(text_num_heads)} was given (config.init.text_num_heads / --text_num_heads): "
+                                  "leave it unset (0) to use the file's value")
+        text_num_heads = int(recorded)
     try:
         source_config = infer_model_config(checkpoint, text_num_heads, file_config)
         model_config = infer_model_config(checkpoint, text_num_heads, file_config, **overrides)
@@ -362,11 +371,21 @@ def _state_dict(model_config: ml_collections.ConfigDict, params: Mapping, layout
 
 def save(path: str | os.PathLike, model_config: ml_collections.ConfigDict, params: Mapping,
          layout: str = "pretrain", extra_config: Mapping | None = None) -> None:
-    """Write `{'model': state_dict, 'config': dict}` loadable by the official code with no key mismatch."""
+    """Write `{'model': state_dict, 'config': dict}` loadable by the official code with no key mismatch.
+
+    The file is written to `path + '.partial'` and renamed when complete: a failed or killed save leaves an
+    older file at `path` intact (and removes its partial file when it fails with an exception)."""
     config = {"cclm_jax_model": model_config.to_dict(), "architecture": architecture_dict(model_config),
               **(dict(extra_config) if extra_config else {})}
     config.setdefault("embed_dim", model_config.embed_dim)
     config.setdefault("temp", model_config.temp)
     config.setdefault("image_res", model_config.vision.image_res)
-    torch.save({"model": _state_dict(model_config, params, layout, share_memory=True), "config": config},
-               os.fspath(path))
+    path = os.fspath(path)
+    partial = path + ".partial"
+    try:
+        torch.save({"model": _state_dict(model_config, params, layout, share_memory=True), "config": config},
+                   partial)
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)

@@ -21,9 +21,9 @@
 
 `from_pretrained` is a pytree of Python bools with the structure of `params`: True where the value came
 from a checkpoint (the optimizer gives the others lr x2). Any key of either file that is neither mapped nor
-ignorable, a missing key, a wrong shape or a config.json mismatch raises `CheckpointError` naming the
-file and the first offending keys. Both files are memory-mapped and converted tensor by tensor, so the
-full-size model needs one copy of its parameters in memory.
+ignorable, a missing key, a non-float parameter, a wrong shape or a config.json mismatch raises
+`CheckpointError` naming the file and the first offending keys. Both files are memory-mapped and converted
+tensor by tensor, so the full-size model needs one copy of its parameters in memory.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ import ml_collections
 import numpy as np
 from flax import linen as nn
 
-from cclm_jax.interop.files import Checkpoint, CheckpointError, open_checkpoint
+from cclm_jax.interop.files import Checkpoint, CheckpointError, check_dtypes, open_checkpoint
 from cclm_jax.interop.layout import Entry, from_torch_array, get_path, official_layout, set_path
 from cclm_jax.interop.official import LISTED_KEYS, arrays_equal
 from cclm_jax.interop.relpos import resize_relative_position_table
@@ -207,6 +207,8 @@ def init_from_pretrained(model_config: ml_collections.ConfigDict, xlmr_dir: str 
     for name, keys in missing.items():
         if keys:
             raise CheckpointError(f"{files[name].path}: {len(keys)} missing key(s), first: {keys[:LISTED_KEYS]}")
+    for name, checkpoint in files.items():
+        check_dtypes(checkpoint, dict.fromkeys(used[name], "floating"), checkpoint.path)
     if errors:
         raise CheckpointError(f"{len(errors)} tensor(s) do not fit the model config, first: "
                               + "; ".join(errors[:LISTED_KEYS]))

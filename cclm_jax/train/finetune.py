@@ -68,7 +68,8 @@ def default_finetune_config(task: str) -> ml_collections.ConfigDict:
     model: the CCLM base model at 384 px, Swin window 12. Starting from a checkpoint, its architecture is used
       with this section's geometry and runtime fields (`finetune_init`); a 224-px checkpoint is converted.
     init: where the parameters come from, exactly one of: workdir (a pre-training or fine-tuning run directory;
-      step -1 = its latest checkpoint), checkpoint (an official CCLM file; text_num_heads), from_scratch
+      step -1 = its latest checkpoint), checkpoint (an official CCLM file; text_num_heads only for a file that
+      records no head count, 0 = not given, see `interop.official.load`), from_scratch
       (random parameters of `model`). Few-shot starts from the English-fine-tuned run or checkpoint.
     train: epochs; batch_size (global; the README's `--bs 128` over 8 GPUs); warmup_fraction of the steps
       (`finetune_schedule`); seed; checkpoint_every / keep_checkpoints (steps, checkpoints kept; the run
@@ -95,7 +96,7 @@ def default_finetune_config(task: str) -> ml_collections.ConfigDict:
         "name": task,
         "protocol": "zero_shot",
         "model": model,
-        "init": {"workdir": "", "step": -1, "checkpoint": "", "text_num_heads": 16, "from_scratch": False},
+        "init": {"workdir": "", "step": -1, "checkpoint": "", "text_num_heads": 0, "from_scratch": False},
         "train": {"epochs": 10, "batch_size": 128, "warmup_fraction": 0.1, "seed": 42, "checkpoint_every": 1000,
                   "keep_checkpoints": 2, "keep_every": 0, "log_every": 50, "nonfinite": "skip",
                   "max_consecutive_skips": 100, "profile_start": 10, "profile_steps": 0},
@@ -172,6 +173,10 @@ def validate_finetune_config(config: ml_collections.ConfigDict) -> None:
     optimizer_lib.validate_optimizer_config(config.optimizer, optimizer_lib.default_schedule_config())
     if config.task == "retrieval":
         objectives.validate_objectives_config(config.objectives)
+    positions = config.model.text.max_position_embeddings
+    if config.data.max_tokens > positions:
+        raise ValueError(f"config.data.max_tokens {config.data.max_tokens} exceeds "
+                         f"config.model.text.max_position_embeddings {positions}: lower max_tokens")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -101,11 +101,11 @@ def _require_dir(path: str, field: str) -> str:
 
 
 def _image_root(data: ml_collections.ConfigDict, field: str = "image_root"):
+    """The image folder, or for a mapping ({"flickr30k": dir, "coco": dir}) the folders that are set: an empty
+    entry is left out, and only a file that refers to its images fails (the reader names the file and key)."""
     root = data[field]
     if isinstance(root, ml_collections.ConfigDict):
-        for key, value in root.items():
-            _require_dir(value, f"{field}.{key}")
-        return {key: os.path.expanduser(value) for key, value in root.items()}
+        return {key: _require_dir(value, f"{field}.{key}") for key, value in root.items() if value}
     return _require_dir(root, field)
 
 
