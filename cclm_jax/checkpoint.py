@@ -41,6 +41,10 @@ ITEMS = ("params", "opt_state", "meta", "data")
 LEGACY_ITEM = "state"
 
 
+class UnreadableCheckpointsError(RuntimeError):
+    """No checkpoint of a run directory can be read (each step and its error are in the message)."""
+
+
 @flax.struct.dataclass
 class LegacyTrainState:
     """The single `state` item of checkpoints written before the state was split into items."""
@@ -185,7 +189,7 @@ class Checkpointer:
 
     def restore_newest_readable(self, abstract_state: TrainState) -> tuple[TrainState, dict, list[tuple[int, str]]]:
         """(state, data positions, [(step, reason)] of newer checkpoints that could not be read and were moved to
-        `workdir/corrupt_checkpoints/`). Raises RuntimeError naming every step if none can be read."""
+        `workdir/corrupt_checkpoints/`). Raises UnreadableCheckpointsError naming every step if none can be read."""
         failed: list[tuple[int, str]] = []
         for step in sorted(self.all_steps(), reverse=True):
             try:
@@ -203,7 +207,7 @@ class Checkpointer:
                             [s for s, _ in failed], os.path.join(self.workdir, "corrupt_checkpoints"))
             return state, data, failed
         steps = ", ".join(f"{s} ({r})" for s, r in failed)
-        raise RuntimeError(f"no readable checkpoint in {self.directory}: {steps}")
+        raise UnreadableCheckpointsError(f"no readable checkpoint in {self.directory}: {steps}")
 
     def _quarantine(self, step: int) -> None:
         """Move an unreadable checkpoint out of the manager's directory (kept for inspection, never deleted)."""

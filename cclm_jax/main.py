@@ -28,10 +28,14 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from cclm_jax.checkpoint import UnreadableCheckpointsError
+
 COMMANDS = ("train", "finetune", "evaluate", "info", "export", "import")
 # Exceptions that mean "the user's config or files are wrong", reported in one line (module docstring).
+# FloatingPointError: a diverged run stopped by the trainer (`train.nonfinite`, `train.max_consecutive_skips`);
+# UnreadableCheckpointsError: no checkpoint of a run directory can be read.
 USER_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
-               PermissionError)
+               PermissionError, FloatingPointError, UnreadableCheckpointsError)
 USER_ERROR_STATUS = 2
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config(arg)); path[:arg].",

@@ -86,7 +86,7 @@ def task_model_config(source: ml_collections.ConfigDict, requested: ml_collectio
 def load_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer:
     """`data.tokenizer`, else the tokenizer of the start workdir's config."""
     if config.data.tokenizer:
-        return Tokenizer(os.path.expanduser(config.data.tokenizer))
+        return Tokenizer(os.path.expanduser(config.data.tokenizer), key="config.data.tokenizer")
     if config.init.workdir:
         from cclm_jax.data.pipeline import load_tokenizer as run_tokenizer
 

@@ -89,7 +89,7 @@ def _resolve(config: ml_collections.ConfigDict, workdir: str, resuming: bool, rn
                              "fine-tune into a new directory")
         config.model = saved.model
         config.data.tokenizer = saved.data.tokenizer
-        return Tokenizer(saved.data.tokenizer), None
+        return Tokenizer(saved.data.tokenizer, key=f"{workdir}/config.json data.tokenizer"), None
     tokenizer = finetune_init.load_tokenizer(config)
     if config.init.from_scratch:
         if config.model.text.vocab_size == -1:
@@ -208,7 +208,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
     tokenizer_path = config.data.tokenizer or saved.data.get("tokenizer")
     if not tokenizer_path:
         raise ValueError(f"config.data.tokenizer is not set and {workdir}/config.json names no tokenizer")
-    tokenizer = Tokenizer(tokenizer_path)
+    tokenizer = Tokenizer(tokenizer_path, key="config.data.tokenizer")
     finetune_init.check_vocab(model_config, tokenizer)
     mesh = parallel.make_mesh(config.mesh)
     shardings = parallel.param_shardings(finetune_init.abstract_task_params(config.task, model_config), mesh)
