@@ -6,8 +6,10 @@ import json
 import os
 import pathlib
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -124,7 +126,7 @@ def _micro(fx, **overrides) -> dict:
 
 def _xvnli(fx) -> dict:
     return _micro(fx, **{"data.image_root": fx["images"], "data.languages": ("en", "fr"),
-                         "init.workdir": fx["pretrained"], "train.epochs": 2, "eval.start_epoch": 2})
+                         "init.workdir": fx["pretrained"], "train.epochs": 2, "eval.start_epoch": 0})
 
 
 def _retrieval(fx) -> dict:
@@ -190,7 +192,11 @@ def test_xvnli_finetunes_from_a_pretraining_run_and_reports(fixture, xvnli_run):
     train = [r for r in rows if "train/ce" in r]
     assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6] and all(np.isfinite(r["train/ce"]) for r in train)
     assert train[0]["train/ce"] == pytest.approx(np.log(3), abs=0.3)
-    assert [r["test/fr/accuracy"] for r in rows if "test/fr/accuracy" in r] == [results["xvnli"]["fr"]["accuracy"]]
+    # the test sets after epoch 0 (step 3, during the run) and at the end (step 6)
+    tested = [r for r in rows if "test/fr/accuracy" in r]
+    assert [r["step"] for r in tested] == [3, 6]
+    assert tested[-1]["test/fr/accuracy"] == results["xvnli"]["fr"]["accuracy"]
+    assert (workdir / "eval" / "epoch_0" / "results.json").is_file()
     # The pre-trained towers were the starting point: each weight moved by at most the summed learning rate.
     params = _params(workdir)
     assert sorted(params) == ["cls_head", "text_encoder", "vision_encoder"]
@@ -216,6 +222,47 @@ def test_resume_is_exact(fixture, xvnli_run, tmp_path):
     for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(_params(workdir))[0],
                             jax.tree.leaves(_params(copy))):
         np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+
+
+def _cli_process(name: str, workdir, overrides: dict) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONUNBUFFERED="1",
+               XLA_FLAGS="--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0")
+    cmd = [sys.executable, "-m", "cclm_jax", "finetune", f"--config={REPO}/configs/finetune/{name}.py",
+           f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in overrides.items()]
+    return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(predicate, proc, timeout=600):
+    start = time.time()
+    while not predicate():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() - start < timeout, "timed out"
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("how", ["sigterm", "sigkill"])
+def test_resume_after_a_signal_is_exact(fixture, xvnli_run, tmp_path, how):
+    """Fine-tuning runs through the pre-training trainer: SIGTERM saves and exits 0, SIGKILL loses only the steps
+    after the last checkpoint; either way the restarted run ends bit for bit where the uninterrupted one did."""
+    workdir, _ = xvnli_run
+    run = tmp_path / "run"
+    proc = _cli_process("xvnli", run, _xvnli(fixture))
+    if how == "sigterm":
+        _wait_for(lambda: (run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text().count("\n") >= 1,
+                  proc)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0 and "preemption requested: saved step" in err, err[-3000:]
+        assert Checkpointer(str(run), every=1, keep=9).latest_step() < 6
+    else:
+        _wait_for(lambda: (run / "checkpoints" / "4").is_dir(), proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    _cli("finetune", "xvnli", run, _xvnli(fixture))
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(_params(workdir))[0],
+                            jax.tree.leaves(_params(run))):
+        np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+    assert report.read_results(run) == report.read_results(workdir)
 
 
 def test_retrieval_finetunes_from_an_official_checkpoint_and_evaluates(fixture, tmp_path):

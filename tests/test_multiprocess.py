@@ -9,9 +9,12 @@ step); `CCLM_SLOW=1` adds the micro config with both batch kinds and dropout, re
 import json
 import os
 import pathlib
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -131,8 +134,10 @@ def _one_process(workdir, steps: int, options) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-def _two_processes(workdir, steps: int, options) -> None:
-    """Two `jax.distributed` processes on localhost, one CPU device and one input shard each."""
+def _two_processes(workdir, steps: int, options, signal_one_after: int | None = None) -> list[str]:
+    """Two `jax.distributed` processes on localhost, one CPU device and one input shard each; returns their logs.
+
+    `signal_one_after`: send SIGTERM to process 1 only, once `signal_one_after` steps are in metrics.jsonl."""
     address = f"localhost:{_free_port()}"
     logs = [pathlib.Path(f"{workdir}.process{i}.log") for i in range(2)]
     procs = []
@@ -143,6 +148,13 @@ def _two_processes(workdir, steps: int, options) -> None:
                     _train_cmd(workdir, steps, (*options, "--config.distributed=True")), cwd=REPO,
                     env=_env(1, JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)),
                     stdout=subprocess.DEVNULL, stderr=stderr))
+        if signal_one_after is not None:
+            metrics = pathlib.Path(workdir) / "metrics.jsonl"
+            start = time.time()
+            while not (metrics.exists() and metrics.read_text().count("\n") >= signal_one_after):
+                assert all(p.poll() is None for p in procs) and time.time() - start < 900, "no steps"
+                time.sleep(0.2)
+            procs[1].send_signal(signal.SIGTERM)
         for proc in procs:
             proc.wait(timeout=900)
     finally:
@@ -156,6 +168,7 @@ def _two_processes(workdir, steps: int, options) -> None:
     assert all(proc.returncode == 0 for proc in procs), report
     for i, err in enumerate(errors):
         assert f"process {i} of 2 reads input shards [{i}]" in err, report
+    return errors
 
 
 def _data_positions(workdir, step: int) -> dict:
@@ -177,6 +190,16 @@ def test_two_processes_train_like_one_process(tmp_path):
     _one_process(tmp_path / "one", 2, CHEAP)  # first: builds the demo data for the pair if needed
     _two_processes(tmp_path / "two", 2, CHEAP)
     _check_same_run(tmp_path / "one", tmp_path / "two", 2)
+
+
+def test_sigterm_to_one_host_stops_both_at_the_same_step(tmp_path):
+    """SIGTERM reaches process 1 only: the processes agree at the next step boundary, save one checkpoint together
+    and exit 0 (a flag of its own would send process 1 into the collective save alone, and hang)."""
+    steps = 200
+    errors = _two_processes(tmp_path / "two", steps, CHEAP, signal_one_after=2)
+    stopped = [int(re.search(r"saved step (\d+), exiting", err).group(1)) for err in errors]
+    assert stopped[0] == stopped[1] < steps
+    assert (tmp_path / "two" / "checkpoints" / str(stopped[0]) / "params").is_dir()
 
 
 @pytest.mark.skipif(not SLOW, reason="CCLM_SLOW=1: the micro config with both batch kinds (~4 compiles)")

@@ -21,6 +21,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from cclm_jax import flops, parallel
+from cclm_jax.data.config import resolve_host_shards
 from cclm_jax.data.mixture import Mixture
 from cclm_jax.data.pipeline import build_host_pipelines, load_tokenizer
 from cclm_jax.interop.shapes import abstract_params
@@ -84,6 +85,9 @@ def build_task(config: ml_collections.ConfigDict, workdir: str, resuming: bool) 
     """The pre-training task of `config` (see the module docstring)."""
     del workdir, resuming  # the trainer restores the state and the data positions
     validate_run_config(config)
+    # The input shards as a number (0 = one per process), so config.json says which batches the run draws and a
+    # restart on another number of processes reading the same shards is the same run.
+    config.data.host_shards = resolve_host_shards(config.data, jax.process_count())
     tokenizer = load_tokenizer(config.data)
     resolve_vocab(config, tokenizer.vocab_size, tokenizer.mask_id)
     iterators = build_host_pipelines(config.data, tokenizer, process_index=jax.process_index(),

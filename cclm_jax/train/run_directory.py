@@ -61,6 +61,8 @@ def check_same_run(config: ml_collections.ConfigDict, workdir: str) -> None:
         return
     with open(path) as f:
         saved = json.load(f)
+    if saved.get("data", {}).get("host_shards") == 0 and "host_shards" in config.get("data", {}):
+        saved["data"]["host_shards"] = config.data.host_shards  # written before it was resolved (one per process)
     differing = config_differences(saved, _as_json(config))
     refused = [k for k in differing if not _resumable(k)]
     if refused:
