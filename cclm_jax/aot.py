@@ -76,6 +76,7 @@ CHIPS: dict[str, Chip] = {
     # comparison (v5p: 4,800 Gbps), which the v5p page states as 1,200 GB/s bidirectional -> v4: 600 GB/s.
     "v4": Chip("TPU v4", 32 * GiB, 275e12, 600 * GB, "TPU v4", cores=2),
     # cloud.google.com/tpu/docs/v5e: 197 TFLOP/s bf16, HBM2 16 GB(iB), bidirectional ICI 400 GB/s per chip.
+    # (libtpu's compiler allows 15.75 GiB of it: "exceeds available HBM (15.75G)".)
     "v5e": Chip("TPU v5e", 16 * GiB, 197e12, 400 * GB, "TPU v5 lite"),
     # cloud.google.com/tpu/docs/v5p: 459 TFLOP/s bf16, 95 GiB user-allocatable HBM (96 GiB physical), 2 TensorCores,
     # bidirectional ICI 1,200 GB/s per chip.
@@ -510,7 +511,11 @@ def state_bytes_per_chip(state: Any) -> dict[str, float]:
             "opt_state_undersharded": undersharded}
 
 
-_OOM_NUMBERS = re.compile(r"(\d+(?:\.\d+)?[KMGT]?i?B?) of (\d+(?:\.\d+)?[KMGT]?i?B?) hbm", re.IGNORECASE)
+# libtpu 0.0.42: "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries
+# (357.69G) exceeds available HBM (15.75G)."; older ones: "Used 120.5G of 95.74G hbm".
+_OOM_NUMBERS = (re.compile(r"required[^(]*\(([\d.]+[KMGT]?)\) exceeds available HBM \(([\d.]+[KMGT]?)\)",
+                           re.IGNORECASE),
+                re.compile(r"Used ([\d.]+[KMGT]?) of ([\d.]+[KMGT]?) hbm", re.IGNORECASE))
 
 
 def compile_step(fn, args: tuple, chip: Chip, platform: str, num_devices: int,
@@ -529,10 +534,11 @@ def compile_step(fn, args: tuple, chip: Chip, platform: str, num_devices: int,
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
         message = str(e)
-        numbers = _OOM_NUMBERS.search(message)
+        numbers = next((m for m in (p.search(message) for p in _OOM_NUMBERS) if m), None)
         head = next((line.strip() for line in message.splitlines() if "RESOURCE_EXHAUSTED" in line), message[:300])
         return {"fits": False, "lower_s": t1 - t0, "compile_s": time.perf_counter() - t1,
-                "error": (f"used {numbers.group(1)} of {numbers.group(2)} HBM; " if numbers else "") + head[:400]}
+                "required": numbers.group(1) if numbers else None, "available": numbers.group(2) if numbers else None,
+                "error": head[:400]}
     t2 = time.perf_counter()
     m = compiled.memory_analysis()
     # Live bytes: arguments + outputs - donated (aliased) + temp; XLA's own peak where the backend reports one
@@ -693,17 +699,19 @@ def markdown(report: dict[str, Any]) -> str:
              f"{report['dtype']}, jax {report['jax']}",
              "",
              f"State per chip: params {_gib(st['params'])} GiB (of {_gib(st['params_global'])} GiB), opt_state "
-             f"{_gib(st['opt_state'])} GiB (of {_gib(st['opt_state_global'])} GiB; {_gib(st['opt_state_undersharded'])} "
-             f"GiB/chip of it sharded less than its parameter), other {_gib(st['other'])} GiB",
+             f"{_gib(st['opt_state'])} GiB (of {_gib(st['opt_state_global'])} GiB; "
+             f"{_gib(st['opt_state_undersharded'])} GiB/chip of it sharded less than its parameter), other "
+             f"{_gib(st['other'])} GiB",
              "",
              "| step | batch/chip | global | compile s | args GiB | temp GiB | out GiB | peak GiB | HBM % | fits | "
              "XLA GFLOP/chip | analytic GFLOP/chip | XLA/analytic | compute ms ≥ | ICI ms ≥ |",
              "|" + "---|" * 15]
     for r in report["steps"]:
         if "peak_bytes" not in r:
-            lines.append(f"| {r['step']} | {r['batch_per_chip']:g} | {r['global_batch']} | {r['compile_s']:.1f} | "
-                         f"— | — | — | — | — | **does not fit**: {r['error'][:160]} | — | "
-                         f"{r['analytic_flops'] / 1e9:,.1f} | — | — | — |")
+            lines.append(f"| {r['step']} | {r['batch_per_chip']:g} | {r['global_batch']} | "
+                         f"{r['compile_s']:.1f} | — | — | — | {r['required'] or '?'} (compiler's G) | — | "
+                         f"**no** (of {r['available'] or '?'}) | — | {r['analytic_flops'] / 1e9:,.1f} | "
+                         "— | — | — |")
             continue
         hbm = f"{100 * r['peak_bytes'] / chip['hbm_bytes']:.1f}" if chip["hbm_bytes"] else "—"
         ratio = f"{r['xla_flops'] / r['analytic_flops']:.3f}" if r["xla_flops"] and r["analytic_flops"] else "—"

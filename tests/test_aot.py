@@ -1,6 +1,7 @@
 """The ahead-of-time compile tool (`cclm_jax.aot`): topology names, the collective inventory of a compiled program,
 the batch search, per-chip state bytes; and (opt-in, `-m libtpu`, skipped without libtpu) a TPU compile of the
 micro config for a v5e:2x2 slice from this CPU."""
+import dataclasses
 import importlib.util
 import json
 import math
@@ -204,6 +205,61 @@ def test_state_bytes_show_moments_sharded_less_than_their_parameters():
     assert b["opt_state"] == kernel + kernel // 8 + 8 and b["opt_state_global"] == 2 * kernel + 8
     assert b["opt_state_undersharded"] == kernel
     assert b["other"] == 4 + 8 + 4
+
+
+# ------------------------------------------------------------------------------------------ reporting
+
+class _Refused:
+    """A jitted function whose compile fails as libtpu does for a program over HBM."""
+
+    def __init__(self, message):
+        self.message = message
+
+    def lower(self, *args):
+        return self
+
+    def compile(self):
+        raise RuntimeError(self.message)
+
+
+def test_out_of_memory_is_reported_with_the_compilers_numbers():
+    message = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+               "(357.69G) exceeds available HBM (15.75G).\nmore detail")
+    row = aot.compile_step(_Refused(message), (), aot.CHIPS["v5e"], "tpu", 4)
+    assert row["fits"] is False and (row["required"], row["available"]) == ("357.69G", "15.75G")
+    assert row["error"].startswith("RESOURCE_EXHAUSTED") and "\n" not in row["error"]
+    row = aot.compile_step(_Refused("RESOURCE_EXHAUSTED: Used 120.5G of 95.74G hbm."), (), aot.CHIPS["v5p"], "tpu", 8)
+    assert (row["required"], row["available"]) == ("120.5G", "95.74G")
+    with pytest.raises(RuntimeError, match="INVALID_ARGUMENT"):
+        aot.compile_step(_Refused("INVALID_ARGUMENT: something else"), (), aot.CHIPS["v5e"], "tpu", 4)
+
+
+def test_compile_step_and_markdown_on_cpu():
+    """A small sharded program compiled for the 8 CPU devices: memory, FLOPs, collectives; the Markdown report
+    renders a compiled row, a refused row and a search line."""
+    mesh = _mesh()
+    x = jax.ShapeDtypeStruct((64, 128), jnp.float32, sharding=NamedSharding(mesh, P("x")))
+    fn = jax.jit(lambda a: a @ a.T, out_shardings=NamedSharding(mesh, P()))
+    row = aot.compile_step(fn, (x,), aot.CHIPS["cpu"], "cpu", 8)
+    assert row["fits"] is None and row["argument_bytes"] == 64 * 128 * 4 // 8 and row["peak_bytes"] > 0
+    assert row["xla_flops"] > 0 and row["ici_s_lower_bound"] is None
+    assert sum(row["collectives"][k]["count"] for k in aot.COLLECTIVES) > 0
+    row.update(step="image_caption", global_batch=8, batch_per_chip=1.0, analytic_flops=2 * 64 * 64 * 128 / 8)
+    refused = aot.compile_step(_Refused("RESOURCE_EXHAUSTED: Used 20G of 15.75G hbm"), (), aot.CHIPS["v5e"], "tpu", 8)
+    refused.update(step="parallel_text", global_batch=1024, batch_per_chip=128.0, analytic_flops=1e12)
+    state = dict.fromkeys(("params", "opt_state", "other", "params_global", "opt_state_global",
+                           "opt_state_undersharded"), 2 ** 30)
+    report = {"topology": "cpu:8", "topology_name": "", "platform": "cpu", "chip": dataclasses.asdict(aot.CHIPS["cpu"]),
+              "chips": 8, "mesh": {"data": 8}, "jax": jax.__version__, "dtype": "float32", "state": state,
+              "steps": [row, refused],
+              "search": {"image_caption": {"largest_batch_per_chip": 3,
+                                           "probes": {3: {"fits": True}, 4: {"fits": False}}}}}
+    text = aot.markdown(report)
+    assert "params 1.000 GiB (of 1.000 GiB)" in text
+    lines = [line for line in text.splitlines() if line.startswith(("| image_caption", "| parallel_text"))]
+    assert len(lines) == 3  # two in the step table, the compiled one in the collectives table
+    assert all(line.count("|") == 16 for line in lines[:2])
+    assert "**no** (of 15.75G)" in lines[1] and "largest per-chip batch that fits: **3**" in text
 
 
 # -------------------------------------------------------------------------------------- opt-in: libtpu
