@@ -2,7 +2,7 @@
 
     python -m cclm_jax.aot --config configs/cclm_base.py --topology v5p-16 [--mesh.fsdp -1 --mesh.data 1 ...]
         [--set model.dtype=bfloat16 ...] [--kinds image_caption,parallel_text] [--batch-per-chip N]
-        [--search-batch] [--json out.json]
+        [--search-batch [--search-limit N]] [--json out.json] [--dump-hlo DIR]
     (also `python benchmarks/compile_aot.py ...`; the same options)
 
 For each batch kind it lowers and compiles the jitted, donated, sharded train step exactly as training builds it
@@ -628,10 +628,24 @@ def load_config(spec: str, overrides: Sequence[str], mesh: Mapping[str, int]) ->
 
 def run(config: ml_collections.ConfigDict, topology: Topology, devices: Sequence[jax.Device],
         kinds: Sequence[str] | None = None, batch_per_chip: int | None = None, search_batch: bool = False,
-        dump_hlo: str | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+        dump_hlo: str | None = None, search_limit: int = 1 << 14,
+        log: Callable[[str], None] = print) -> dict[str, Any]:
     """Compile every requested step for `devices`; the report dict (`steps`: one entry per step; `state`: bytes
-    per chip; `search`: the largest per-chip batch per step when `search_batch`). `dump_hlo`: a folder for the
+    per chip; `search`: the largest per-chip batch per step up to `search_limit` when `search_batch`, starting
+    from the first pass's batch). `dump_hlo`: a folder for the
     compiled HLO texts (`<step>_b<global batch>.hlo.txt`)."""
+    # A persistent compilation cache (the tests set one) cannot load executables built for a topology's devices:
+    # compile those without it.
+    cache = jax.config.jax_enable_compilation_cache
+    if topology.platform != "cpu":
+        jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        return _run(config, topology, devices, kinds, batch_per_chip, search_batch, dump_hlo, search_limit, log)
+    finally:
+        jax.config.update("jax_enable_compilation_cache", cache)
+
+
+def _run(config, topology, devices, kinds, batch_per_chip, search_batch, dump_hlo, search_limit, log):
     chips = len(devices)
     mesh = parallel.make_mesh(config.mesh, devices)
     t0 = time.perf_counter()
@@ -671,15 +685,19 @@ def run(config: ml_collections.ConfigDict, topology: Topology, devices: Sequence
     for step in names:
         report["steps"].append(one(step, batch_of(step, batch_per_chip)))
     if search_batch:
-        for step in names:
+        for first in report["steps"]:
+            step = first["step"]
             probes: dict[int, dict[str, Any]] = {}
+            if first["global_batch"] % chips == 0:  # the first pass is the search's first probe
+                probes[first["global_batch"] // chips] = first
 
             def fits(n: int, step=step, probes=probes) -> bool:
-                probes[n] = one(step, n * chips)
+                if n not in probes:
+                    probes[n] = one(step, n * chips)
                 return probes[n]["fits"] is not False
 
-            start = batch_per_chip or max(1, batch_of(step, None) // chips)
-            best = largest_fitting(fits, start=start)
+            start = max(1, first["global_batch"] // chips)
+            best = largest_fitting(fits, start=start, limit=max(search_limit, start))
             report["search"][step] = {"largest_batch_per_chip": best,
                                       "probes": {n: {"fits": r["fits"], "peak_bytes": r.get("peak_bytes"),
                                                      "compile_s": r["compile_s"]} for n, r in sorted(probes.items())}}
@@ -759,6 +777,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch-per-chip", type=int, default=None,
                         help="examples per chip (global batch = this x chips); default: the config's batch size")
     parser.add_argument("--search-batch", action="store_true", help="find the largest per-chip batch that fits")
+    parser.add_argument("--search-limit", type=int, default=1 << 14, help="largest per-chip batch to try")
     parser.add_argument("--gpu-target-config", default=None, help="GpuTargetConfigProto text file (GPU nodes)")
     parser.add_argument("--json", default=None, help="write the report here")
     parser.add_argument("--dump-hlo", default=None, metavar="DIR", help="write each compiled HLO text here")
@@ -779,7 +798,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.dump_hlo:
         os.makedirs(args.dump_hlo, exist_ok=True)
     report = run(config, topology, devices, kinds, args.batch_per_chip, args.search_batch, args.dump_hlo,
-                 log=lambda s: print(s, file=sys.stderr, flush=True))
+                 args.search_limit, log=lambda s: print(s, file=sys.stderr, flush=True))
     report["command"] = "cclm-jax compile " + " ".join(argv if argv is not None else sys.argv[1:])
     print(markdown(report))
     if args.json:

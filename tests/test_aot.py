@@ -281,3 +281,15 @@ def test_compile_micro_config_for_a_v5e_slice(tmp_path):
     assert row["peak_bytes"] < aot.CHIPS["v5e"].hbm_bytes
     assert report["state"]["params"] < report["state"]["params_global"]  # FSDP shards the parameters
     assert row["collectives"]["all-gather"]["count"] > 0  # ... and gathers them for the forward pass
+
+
+@pytest.mark.libtpu
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu: pip install 'jax[tpu]'")
+@pytest.mark.parametrize("name", ["v4-8", "v4-32", "v5p-8", "v5p-64", "v5e-4", "v5e-64", "v6e-64", "v6e-256"])
+def test_slice_names_resolve_in_libtpu(name, monkeypatch):
+    """libtpu builds each table entry with one device per chip, of the chip the table says."""
+    monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    topology = aot.parse_topology(name)
+    devices = aot.topology_devices(topology)
+    assert len(devices) == topology.num_chips
+    assert flops.peak_flops(devices[0].device_kind) == topology.spec.peak_flops
