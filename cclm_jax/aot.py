@@ -713,7 +713,7 @@ def markdown(report: dict[str, Any]) -> str:
     """The report as Markdown: a state line, one row per step, a collectives table, the batch search."""
     chip, st = report["chip"], report["state"]
     lines = [f"{report['topology']} ({report['topology_name'] or report['platform']}, {report['chips']} x "
-             f"{chip['name']}, HBM {_gib(chip['hbm_bytes'])} GiB/chip), mesh {report['mesh']}, dtype "
+             f"{chip['name']}, HBM {_gib(chip['hbm_bytes'] or None)} GiB/chip), mesh {report['mesh']}, dtype "
              f"{report['dtype']}, jax {report['jax']}",
              "",
              f"State per chip: params {_gib(st['params'])} GiB (of {_gib(st['params_global'])} GiB), opt_state "
