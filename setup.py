@@ -30,6 +30,9 @@ EXTRAS_REQUIRE = {
     "torch": ["torch>=2.4,<3", "safetensors>=0.4,<1"],
     "tpu": ["jax[tpu]>=0.10.2,<0.13"],
     "gpu": ["jax[cuda12]>=0.10.2,<0.13"],
+    # Ahead-of-time compiles for GPU nodes from a machine without a GPU or driver (`python -m cclm_jax.aot
+    # --topology 8xH100`): the CUDA PJRT plugin alone, against the system's (absent) CUDA; see cclm_jax/aot.py.
+    "gpu-aot": ["jax[cuda12-local]>=0.10.2,<0.13"],
 }
 
 setup(

@@ -26,6 +26,11 @@ GOLDEN = SHARED / "reference" / "golden"
 DATA = SHARED / "data"
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "libtpu: compiles for a TPU topology from this CPU; needs libtpu "
+                            "(pip install 'jax[tpu]'), skipped without it")
+
+
 @pytest.fixture(scope="session")
 def golden_dir():
     if not (GOLDEN / "ref_ckpt.th").exists():
