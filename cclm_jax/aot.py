@@ -1,9 +1,9 @@
 """Ahead-of-time compile of the train steps for a TPU slice or a GPU node, from a CPU machine with no accelerator.
 
-    python -m cclm_jax.aot --config configs/cclm_base.py --topology v5p-16 [--mesh.fsdp -1 --mesh.data 1 ...]
+    cclm-jax compile --config configs/cclm_base.py --topology v5p-16 [--mesh.fsdp -1 --mesh.data 1 ...]
         [--set model.dtype=bfloat16 ...] [--kinds image_caption,parallel_text] [--batch-per-chip N]
         [--search-batch [--search-limit N]] [--json out.json] [--dump-hlo DIR]
-    (also `python benchmarks/compile_aot.py ...`; the same options)
+    (also `python -m cclm_jax.aot` or `python benchmarks/compile_aot.py`; the same options)
 
 For each batch kind it lowers and compiles the jitted, donated, sharded train step exactly as training builds it
 (`build_program`: the one function that touches the trainer's APIs), with nothing allocated: the state and the
@@ -15,7 +15,7 @@ the compiled program (count, data bytes and ring link bytes per chip by kind, lo
 ICI-time lower bound, and the bytes per chip of the parameters and of the optimizer state. `--search-batch` finds
 the largest per-chip batch that fits by doubling then bisection (one compile per probe).
 
-Why a module of the package (wired later as `cclm-jax compile`) and not only a benchmark script: sizing a run
+Why a module of the package (`cclm-jax compile`) and not only a benchmark script: sizing a run
 (does cclm_base at 128 per chip fit a v5p-16? which mesh?) is a user's question before renting a slice, and the
 answer must follow the package's own trainer, so it lives with it; `benchmarks/compile_aot.py` is a thin wrapper.
 
@@ -411,34 +411,20 @@ class Program:
 
 
 def build_program(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Program:
-    """The train state and steps as `cclm_jax.train.loop` builds them, from abstract values only.
+    """The train state and steps as the trainer builds them (`train.trainer.make_state`: parameters by their
+    logical axes, AdamW moments like their parameters), from abstract values only.
 
-    The one place that touches the trainer's APIs (`make_optimizer`, `create_train_state`, `make_train_steps`):
-    parameters get `parallel.param_shardings`; the state's shardings are what the trainer's
-    `jax.jit(create_train_state)` gives them on this mesh (read from that jit compiled for the topology, so a
-    missing `out_shardings` shows as replicated optimizer moments, as in training).
+    The one place that touches the trainer's APIs (`trainer.make_state`, `make_train_steps`).
     """
-    from flax import linen as nn
-
-    from cclm_jax.models import build_model
+    from cclm_jax.interop.shapes import abstract_params
+    from cclm_jax.train import trainer
     from cclm_jax.train.optimizer import make_optimizer
-    from cclm_jax.train.state import create_train_state
     from cclm_jax.train.steps import StepConfig, make_train_steps
 
-    model = build_model(config.model)
-    res = config.model.vision.image_res
-    ids = jnp.zeros((1, 8), jnp.int32)
-    boxed = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, res, res, 3)), ids, ids)["params"],
-                           jax.random.PRNGKey(0))
-    shardings = parallel.param_shardings(boxed, mesh)
-    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          nn.meta.unbox(boxed), shardings)
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=parallel.replicated(mesh))
-    optimizer = make_optimizer(config.optimizer, config.schedule, params, config.model)
-    init = jax.jit(lambda p, r: create_train_state(p, optimizer, r))
-    state_shardings = init.lower(params, rng).compile().output_shardings
-    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                         jax.eval_shape(init, params, rng), state_shardings)
+    state, state_shardings, optimizer = trainer.make_state(
+        abstract_params(config.model, "pretrain"),
+        lambda p: make_optimizer(config.optimizer, config.schedule, p, config.model), mesh, rng)
     step_config = StepConfig(config.model, config.objectives, config.optimizer, config.schedule, 2, mesh,
                              config.train.dropout)
     steps = make_train_steps(step_config, optimizer, config.train.mode, state_shardings,

@@ -7,6 +7,8 @@
   cclm-jax info     --config C                        parameter counts (tied weights once), per module
   cclm-jax export   --workdir DIR --out F.th [--step N] [--format th|safetensors]
   cclm-jax import   --checkpoint F.th --workdir DIR [--text_num_heads N]   (N only for files recording none)
+  cclm-jax compile  --config C --topology v5p-16 [...]   ahead-of-time compile for a TPU slice / GPU node from a
+                                                      CPU: memory per chip, fit, FLOPs, collectives (cclm_jax.aot)
 
 `--config` takes a config file with `get_config(arg)`; `configs/X.py:arg` passes `arg`, and
 `--config.a.b=value` overrides any field (the config is locked: unknown fields are an error).
@@ -206,6 +208,13 @@ def main(argv) -> None:
 
 
 def run() -> None:
-    """Console-script entry point (the command line is `sys.argv`, which `--config.x=y` overrides are read from)."""
+    """Console-script entry point (the command line is `sys.argv`, which `--config.x=y` overrides are read from).
+
+    `cclm-jax compile ...` goes to `cclm_jax.aot.main` (its own options: `cclm-jax compile --help`)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if len(sys.argv) > 1 and sys.argv[1] == "compile":
+        from cclm_jax import aot
+
+        aot.main(sys.argv[2:])
+        return
     app.run(main, argv=sys.argv)

@@ -112,3 +112,17 @@ def test_metrics_count_the_flops_that_info_describes(tmp_path):
         per_example = writer.step_model_flop({kind: batch}) / batch
         assert f"{per_example / 1e9:.1f}" == gflops
     writer.close()
+
+
+def test_evaluation_time_is_left_out_of_the_step_times(tmp_path):
+    """Step 1 ends at t=2, an evaluation runs 2..7, step 2 ends at 8: steps took 2 s and 1 s, not 2 s and 6 s."""
+    config = _config()
+    writer = MetricsWriter(str(tmp_path), config.train.num_steps, flops.run_model_flops(config),
+                           device_kind="cpu", clock=Clock(0.0, 2.0, 2.0, 7.0, 8.0, 8.0))
+    writer.record("parallel_text", _metrics(1.0), {"parallel_text": ROWS}, input_seconds=0.0)
+    assert writer.exclude(lambda: "evaluated") == "evaluated"
+    writer.record("parallel_text", _metrics(1.0), {"parallel_text": ROWS}, input_seconds=0.0)
+    scalars = writer.flush(2, STATE, {})
+    writer.close()
+    assert scalars["train/parallel_text/step_seconds"] == pytest.approx(1.5)
+    assert scalars["train/seconds_per_step"] == pytest.approx(1.5)

@@ -53,7 +53,8 @@ def fsdp_state():
     config = _micro()
     task = _task(config)
     mesh = parallel.make_mesh({"fsdp": 4, "tensor": 2})
-    abstract, shardings, optimizer = trainer.make_state(task, mesh, jax.random.PRNGKey(1))
+    abstract, shardings, optimizer = trainer.make_state(task.abstract_params, task.make_optimizer, mesh,
+                                                        jax.random.PRNGKey(1))
     params = task.initial_params(mesh, shardings.params, jax.random.PRNGKey(0))
     state = jax.jit(lambda p, r: create_train_state(p, optimizer, r), out_shardings=shardings)(
         params, jax.random.PRNGKey(1))

@@ -18,7 +18,7 @@ import logging
 import os
 import time
 from collections import defaultdict
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
@@ -117,6 +117,18 @@ class MetricsWriter:
             now = self.clock()
             self.pending[-1][4] = now - self.t_done
             self.t_done = now
+
+    def exclude(self, work: Callable[[], Any]) -> Any:
+        """Run `work` (an evaluation, a checkpoint wait) outside the step timing: the step in flight is timed
+        first, and the wall time of `work` is left out of the next step's time and of the interval rates."""
+        self._finish_previous()
+        start = self.clock()
+        try:
+            return work()
+        finally:
+            spent = self.clock() - start
+            self.t_done += spent
+            self.t_last += spent
 
     def step_model_flop(self, sizes: Mapping[str, int]) -> float:
         """Model FLOPs of one step: per-example FLOPs x global rows of each batch kind it trained on."""

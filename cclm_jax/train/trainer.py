@@ -121,13 +121,15 @@ def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
     jax.distributed.initialize(**kwargs)
 
 
-def make_state(task: Task, mesh: Mesh, rng: jax.Array) -> tuple[Any, Any, optax.GradientTransformationExtraArgs]:
-    """(abstract state with shardings, state shardings, optimizer); nothing is allocated."""
+def make_state(boxed_params: Any, make_optimizer: Callable[[Any], optax.GradientTransformationExtraArgs],
+               mesh: Mesh, rng: jax.Array) -> tuple[Any, Any, optax.GradientTransformationExtraArgs]:
+    """(abstract state with shardings, state shardings, optimizer) of a run whose parameters are `boxed_params`
+    (`nn.LogicallyPartitioned` ShapeDtypeStructs); nothing is allocated (also used by `cclm_jax.aot`)."""
     from flax import linen as nn
 
-    params_shardings = parallel.param_shardings(task.abstract_params, mesh)
-    abstract_params = nn.meta.unbox(task.abstract_params)
-    optimizer = task.make_optimizer(abstract_params)
+    params_shardings = parallel.param_shardings(boxed_params, mesh)
+    abstract_params = nn.meta.unbox(boxed_params)
+    optimizer = make_optimizer(abstract_params)
     abstract = jax.eval_shape(lambda p, r: create_train_state(p, optimizer, r), abstract_params, rng)
     shardings = parallel.state_shardings(abstract, params_shardings, mesh)
     return abstract_like(abstract, shardings), shardings, optimizer
@@ -155,7 +157,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
 
     mesh = parallel.make_mesh(config.mesh)
     init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.train.seed))
-    abstract, shardings, optimizer = make_state(task, mesh, state_rng)
+    abstract, shardings, optimizer = make_state(task.abstract_params, task.make_optimizer, mesh, state_rng)
     restored_data, fallbacks = None, []
     if resuming:
         state, restored_data, fallbacks = checkpointer.restore_newest_readable(abstract)
@@ -257,7 +259,8 @@ def _check_skips(config, checkpointer: Checkpointer, task: Task, state: TrainSta
 
 
 def _evaluate(evaluator: Evaluator, params, step: int, writer: metrics_lib.MetricsWriter) -> dict[str, float]:
-    scalars = {k: float(v) for k, v in evaluator.fn(params, step).items() if np.isscalar(v)}
+    results = writer.exclude(lambda: evaluator.fn(params, step))
+    scalars = {k: float(v) for k, v in results.items() if np.isscalar(v)}
     if scalars:
         writer.sink.write(step, scalars)
         if writer.is_writer:
