@@ -20,9 +20,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from benchmarks.linear_baseline import cca_retrieval_baseline  # noqa: E402
+from cclm_jax.data.finetune_input import load_images  # noqa: E402
+from cclm_jax.data.retrieval_sets import read_flickr8k  # noqa: E402
 from cclm_jax.data.tokenizer import Tokenizer  # noqa: E402
-from cclm_jax.evaluation import readers  # noqa: E402
-from cclm_jax.train.finetune import load_images  # noqa: E402
 
 LANGUAGES = ("en", "de", "fr", "cs", "zh")
 
@@ -36,10 +36,10 @@ def main() -> None:
     args = parser.parse_args()
     root = os.path.join(args.data, "flickr8k")
     tokenizer = Tokenizer(os.path.join(args.data, "xlmr_spm", "sentencepiece.bpe.model"))
-    train = {lang: readers.read_flickr8k(os.path.join(root, "train.jsonl"), root, lang) for lang in LANGUAGES}
-    test = {lang: readers.read_flickr8k(os.path.join(root, "val.jsonl"), root, lang) for lang in LANGUAGES}
-    train_images = load_images(train["en"].image_paths, args.res)
-    test_images = load_images(test["en"].image_paths, args.res)
+    train = {lang: read_flickr8k(os.path.join(root, "train.jsonl"), root, lang) for lang in LANGUAGES}
+    test = {lang: read_flickr8k(os.path.join(root, "val.jsonl"), root, lang) for lang in LANGUAGES}
+    train_images = load_images([(path, False) for path in train["en"].image_paths], args.res)
+    test_images = load_images([(path, False) for path in test["en"].image_paths], args.res)
     print(f"| language | R@1 i2t / t2i | R@10 i2t / t2i |  (res {args.res}, dims {args.dims}, reg {args.reg})")
     r1, r10 = [], []
     for lang in LANGUAGES:

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from cclm_jax.evaluation import metrics
-from cclm_jax.evaluation.readers import RetrievalSet
+from cclm_jax.data.retrieval_sets import RetrievalSet
 
 
 def image_statistics(images: np.ndarray) -> np.ndarray:

@@ -48,7 +48,7 @@ sys.path.insert(0, REPO)
 
 from cclm_jax import flops, parallel  # noqa: E402
 from cclm_jax.models import build_model  # noqa: E402
-from cclm_jax.train.optimizer import make_optimizer  # noqa: E402
+from cclm_jax.optimizer import make_optimizer  # noqa: E402
 from cclm_jax.train_state import create_train_state  # noqa: E402
 from cclm_jax.train.steps import StepConfig, make_train_steps  # noqa: E402
 

@@ -418,7 +418,7 @@ def build_program(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) ->
     """
     from cclm_jax.interop.shapes import abstract_params
     from cclm_jax.train import trainer
-    from cclm_jax.train.optimizer import make_optimizer
+    from cclm_jax.optimizer import make_optimizer
     from cclm_jax.train.steps import StepConfig, make_train_steps
 
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=parallel.replicated(mesh))

@@ -155,12 +155,9 @@ def cmd_evaluate() -> None:
     config, workdir = _require(_CONFIG, "evaluate"), _require(_WORKDIR, "evaluate")
     if "task" in config:  # a fine-tuning config (configs/finetune/*.py)
         from cclm_jax.train.finetuning import evaluate
-
-        results = evaluate(config, workdir, _STEP.value)
     else:
-        from cclm_jax.evaluation.dev import evaluate_workdir
-
-        results = evaluate_workdir(config, workdir, _STEP.value)
+        from cclm_jax.train.pretraining import evaluate
+    results = evaluate(config, workdir, _STEP.value)
     print(json.dumps(results, indent=1, sort_keys=True, default=float))
 
 
@@ -173,7 +170,7 @@ def cmd_export() -> None:
 
 
 def cmd_import() -> None:
-    from cclm_jax.interop.workdir import import_to_workdir
+    from cclm_jax.train.import_run import import_to_workdir
 
     step = import_to_workdir(_require(_CHECKPOINT, "import"), _require(_WORKDIR, "import"),
                              text_num_heads=_TEXT_HEADS.value)

@@ -4,7 +4,7 @@ Sections (each documented where its defaults live):
 - `model`: `cclm_jax.models.config` (architecture, dtype, remat).
 - `data`: `cclm_jax.data.config` (sources, tokenizer, batch sizes per host, mixture ratios).
 - `objectives`: `cclm_jax.objectives.default_objectives_config` (loss weights, negatives, variants).
-- `optimizer`, `schedule`: `cclm_jax.train.optimizer` (reference AdamW, lr groups, warmup/decay).
+- `optimizer`, `schedule`: `cclm_jax.optimizer` (reference AdamW, lr groups, warmup/decay).
 - `train`: below. `mesh`: `cclm_jax.parallel` ({data, fsdp, tensor}; -1 = remaining devices).
 - `init`: where the first parameters come from (below).
 - `distributed`: call `jax.distributed.initialize()` first (multi-host TPU pod slices, SLURM, or the
@@ -45,8 +45,7 @@ import ml_collections
 from cclm_jax.data.config import KINDS, default_data_config, resolve_host_shards, validate_data_config
 from cclm_jax.models.config import base_model_config, validate_model_config
 from cclm_jax.objectives import default_objectives_config, validate_objectives_config
-from cclm_jax.train.optimizer import (default_optimizer_config, default_schedule_config,
-                                      validate_optimizer_config)
+from cclm_jax.optimizer import default_optimizer_config, default_schedule_config, validate_optimizer_config
 
 TRAIN_MODES = ("alternate", "joint")
 

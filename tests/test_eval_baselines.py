@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from benchmarks import linear_baseline as baselines
-from cclm_jax.evaluation.readers import RetrievalImage, RetrievalSet
+from cclm_jax.data.retrieval_sets import RetrievalImage, RetrievalSet
 
 
 def test_image_statistics_equal_per_pixel_loops():

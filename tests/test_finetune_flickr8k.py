@@ -20,16 +20,20 @@ import time
 
 import jax
 import numpy as np
+import task_batches  # tests/task_batches.py
 from flax import linen as nn
 
 from benchmarks.linear_baseline import cca_retrieval_baseline
+from cclm_jax.data import retrieval_sets
+from cclm_jax.data.finetune_input import encode_texts
 from cclm_jax.data.tokenizer import Tokenizer
-from cclm_jax.evaluation import metrics, readers
+from cclm_jax.evaluation import metrics
 from cclm_jax.evaluation.retrieval import RetrievalEvaluator
 from cclm_jax.models import build_model
 from cclm_jax.models.tasks import init_retrieval_params
 from cclm_jax.run_config import load_config_file
-from cclm_jax.train import finetune
+from cclm_jax.tasks import definitions
+from cclm_jax.train import finetuning
 from cclm_jax.train_state import create_train_state
 
 LANGUAGES = ("en", "de", "fr", "cs", "zh")
@@ -41,14 +45,14 @@ def _tiny_config(tokenizer):
     """`configs/finetune/flickr8k.py:tiny` with the tokenizer's vocabulary."""
     config = load_config_file(CONFIG, "tiny")
     config.model.text.update(vocab_size=tokenizer.vocab_size, mask_token_id=tokenizer.mask_id)
-    finetune.validate_finetune_config(config)
+    definitions.validate_finetune_config(config)
     return config
 
 
 def test_flickr8k_multilingual_retrieval_finetuning(shared_data_dir, tmp_path, capsys):
     root = shared_data_dir / "flickr8k"
-    train = {lang: readers.read_flickr8k(root / "train.jsonl", root, lang) for lang in LANGUAGES}
-    val = {lang: readers.read_flickr8k(root / "val.jsonl", root, lang, check_images=True) for lang in LANGUAGES}
+    train = {lang: retrieval_sets.read_flickr8k(root / "train.jsonl", root, lang) for lang in LANGUAGES}
+    val = {lang: retrieval_sets.read_flickr8k(root / "val.jsonl", root, lang, check_images=True) for lang in LANGUAGES}
     tokenizer = Tokenizer.train([t for lang in LANGUAGES for t in train[lang].texts], tmp_path / "spm",
                                 vocab_size=4000)
     config = _tiny_config(tokenizer)
@@ -61,14 +65,14 @@ def test_flickr8k_multilingual_retrieval_finetuning(shared_data_dir, tmp_path, c
     params = init_retrieval_params(jax.tree.map(np.asarray, init(jax.random.PRNGKey(0))))
 
     # Training pool: every (image, caption) of every language; a batch draws pairs at random.
-    images = finetune.load_images(train["en"].image_paths, res)
+    images = task_batches.load_images(train["en"].image_paths, res)
     pool_image = np.concatenate([train[lang].txt2img for lang in LANGUAGES]).astype(np.int32)
-    pool_ids, pool_atts = finetune.encode_texts(tokenizer, [t for lang in LANGUAGES for t in train[lang].texts],
-                                                max_tokens=max_tokens, max_words=max_tokens)
-    schedule = finetune.finetune_schedule(config.train, STEPS * batch_size // config.train.epochs)
-    optimizer = finetune.make_task_optimizer(config, schedule, params)
+    pool_ids, pool_atts = encode_texts(tokenizer, [t for lang in LANGUAGES for t in train[lang].texts],
+                                       max_tokens=max_tokens, max_words=max_tokens)
+    schedule = finetuning.finetune_schedule(config.train, STEPS * batch_size // config.train.epochs)
+    optimizer = finetuning.make_task_optimizer(config, schedule, params)
     state = jax.jit(lambda p, key: create_train_state(p, optimizer, key))(params, jax.random.PRNGKey(1))
-    step = finetune.make_train_step(config, optimizer, schedule)
+    step = finetuning.make_train_step(config, optimizer, schedule)
     rng = np.random.default_rng(0)
     start, history = time.time(), []
     for _ in range(STEPS):
@@ -85,11 +89,11 @@ def test_flickr8k_multilingual_retrieval_finetuning(shared_data_dir, tmp_path, c
 
     evaluator = RetrievalEvaluator(build_model(cfg), batch_size=config.eval.batch_size,
                                    pairs_per_block=config.eval.pairs_per_block)
-    val_images = finetune.load_images(val["en"].image_paths, res)
+    val_images = task_batches.load_images(val["en"].image_paths, res)
     chance = 100.0 / len(val_images)
     results = {}
     for lang in LANGUAGES:
-        ids, atts = finetune.encode_texts(tokenizer, val[lang].texts, max_tokens=max_tokens, max_words=max_tokens)
+        ids, atts = encode_texts(tokenizer, val[lang].texts, max_tokens=max_tokens, max_words=max_tokens)
         for mode, rerank in (("itm", True), ("itc", False)):
             scores = evaluator.image_text_scores(state.params, val_images, ids, atts, k_test=k_test, rerank=rerank)
             results[lang, mode] = metrics.retrieval_metrics(scores.score_i2t, scores.score_t2i, val[lang].txt2img,

@@ -14,19 +14,23 @@ import time
 import jax
 import numpy as np
 import pytest
+import task_batches  # tests/task_batches.py
 import tensorflow as tf
 from flax import linen as nn
 
 from cclm_jax.checkpoint import Checkpointer
+from cclm_jax.data.finetune_data import load_task_data
+from cclm_jax.data.finetune_input import TrainBatches
 from cclm_jax.data.tokenizer import Tokenizer
 from cclm_jax.evaluation import metrics, report
 from cclm_jax.interop import official
 from cclm_jax.interop.shapes import param_shapes
-from cclm_jax.interop.workdir import import_to_workdir, read_run_config, restore_params
+from cclm_jax.interop.workdir import read_run_config, restore_params
 from cclm_jax.run_config import load_config_file
-from cclm_jax.train import finetune, finetune_init, finetuning
-from cclm_jax.train.finetune_data import load_task_data
-from cclm_jax.train.finetune_input import TrainBatches
+from cclm_jax.tasks import definitions
+from cclm_jax.tasks import start as task_start
+from cclm_jax.train import finetuning
+from cclm_jax.train.import_run import import_to_workdir
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SENTENCES = ["a dog runs on the grass", "two dogs play with a red ball", "the man sits at the table",
@@ -318,8 +322,8 @@ def test_geometry_conversion_of_a_run_matches_the_official_import(fixture):
     """A 32-px / window-4 run fine-tuned at 64 px / window 8 gets the tables `official.load` would give."""
     config = _config("xvnli", _xvnli(fixture))
     config.model.vision.update(image_res=64, window_size=8)
-    model_config = finetune_init.task_model_config(fixture["model"], config.model)
-    converted = finetune_init.resize_geometry(fixture["params"], model_config)
+    model_config = task_start.task_model_config(fixture["model"], config.model)
+    converted = task_start.resize_geometry(fixture["params"], model_config)
     _, imported = official.load(fixture["checkpoint"], text_num_heads=fixture["model"].text.num_heads,
                                 vision__image_res=64, vision__window_size=8)
     table = ("vision_encoder", "layers_0", "blocks_0", "attn", "relative_position_bias_table")
@@ -328,19 +332,19 @@ def test_geometry_conversion_of_a_run_matches_the_official_import(fixture):
         got, want = got[part], want[part]
     assert got.shape == (15 * 15, 2)
     np.testing.assert_allclose(got, np.asarray(want), rtol=1e-6)
-    abstract = finetune_init.abstract_task_params("xvnli", model_config)
-    finetune_init.check_tree(finetune.init_task_params("xvnli", converted, jax.random.PRNGKey(0)),
-                             nn.meta.unbox(abstract), "converted")
+    abstract = task_start.abstract_task_params("xvnli", model_config)
+    task_start.check_tree(definitions.init_task_params("xvnli", converted, jax.random.PRNGKey(0)),
+                          nn.meta.unbox(abstract), "converted")
 
 
 def test_abstract_task_params_match_the_initialised_trees(fixture):
     cfg = fixture["model"]
-    for task in finetune.TASKS:
-        params = finetune.init_task_params(task, fixture["params"], jax.random.PRNGKey(0))
-        finetune_init.check_tree(params, nn.meta.unbox(finetune_init.abstract_task_params(task, cfg)), task)
+    for task in definitions.TASKS:
+        params = definitions.init_task_params(task, fixture["params"], jax.random.PRNGKey(0))
+        task_start.check_tree(params, nn.meta.unbox(task_start.abstract_task_params(task, cfg)), task)
     with pytest.raises(ValueError, match="do not fit the task model: missing: .*cls_head"):
-        finetune_init.check_tree(finetune.init_task_params("retrieval", fixture["params"], None),
-                                 nn.meta.unbox(finetune_init.abstract_task_params("xvnli", cfg)), "x")
+        task_start.check_tree(definitions.init_task_params("retrieval", fixture["params"], None),
+                              nn.meta.unbox(task_start.abstract_task_params("xvnli", cfg)), "x")
 
 
 def test_protocols_and_two_image_and_vqa_data(fixture):
@@ -360,7 +364,7 @@ def test_protocols_and_two_image_and_vqa_data(fixture):
     order = TrainBatches("marvl", data.train, fixture["tokenizer"], global_batch=4, image_res=32,
                          seed=0).epoch_order(0)[0]
     for key, side in (("image", 0), ("image_2", 1)):
-        np.testing.assert_array_equal(batch[key], finetune.load_images(
+        np.testing.assert_array_equal(batch[key], task_batches.load_images(
             [data.train[i].image_paths[side] for i in order], 32))
     assert batch["valid"].tolist() == [True, True, True, False]
     np.testing.assert_array_equal(batch["label"], [data.train[i].label for i in order])

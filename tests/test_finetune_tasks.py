@@ -7,15 +7,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import task_batches  # tests/task_batches.py
 import tensorflow as tf
 
 from cclm_jax import objectives
+from cclm_jax import optimizer as optimizer_lib
+from cclm_jax.data.finetune_input import answer_candidates
+from cclm_jax.data.iglue import VQAExample, read_answer_list, read_gqa_json, read_iglue
+from cclm_jax.data.image import prepare_batch
+from cclm_jax.data.text import pre_question
 from cclm_jax.data.tokenizer import Tokenizer
-from cclm_jax.evaluation import metrics, readers
+from cclm_jax.evaluation import metrics
 from cclm_jax.models import build_model, tasks
 from cclm_jax.run_config import load_config_file
-from cclm_jax.train import finetune
-from cclm_jax.train import optimizer as optimizer_lib
+from cclm_jax.tasks import definitions
+from cclm_jax.train import finetuning
 from cclm_jax.train_state import create_train_state
 
 LR = 1e-3
@@ -117,19 +123,19 @@ def iglue(tmp_path_factory):
 
 
 def _config(task, model_config):
-    config = finetune.default_finetune_config(task)
+    config = definitions.default_finetune_config(task)
     config.model = model_config
     config.optimizer.lr = LR
     config.train.update(epochs=1, batch_size=4, warmup_fraction=0.0)
-    finetune.validate_finetune_config(config)
+    definitions.validate_finetune_config(config)
     return config
 
 
 def _train(config, params, batch, steps):
-    schedule = finetune.finetune_schedule(config.train, 4 * steps)
-    optimizer = finetune.make_task_optimizer(config, schedule, params)
+    schedule = finetuning.finetune_schedule(config.train, 4 * steps)
+    optimizer = finetuning.make_task_optimizer(config, schedule, params)
     state = jax.jit(lambda p, key: create_train_state(p, optimizer, key))(params, jax.random.PRNGKey(1))
-    step = finetune.make_train_step(config, optimizer, schedule)
+    step = finetuning.make_train_step(config, optimizer, schedule)
     history = []
     for _ in range(steps):
         state, out = step(state, batch)
@@ -255,30 +261,30 @@ def test_task_optimizer_groups(deep_pretrained):
 
 def test_xvnli_step_and_evaluation(micro_params, tokenizer, iglue):
     cfg, pretrained = micro_params
-    examples = readers.read_iglue(iglue.root, "xvnli", "en", iglue.images, split="train", check_images=True)
+    examples = read_iglue(iglue.root, "xvnli", "en", iglue.images, split="train", check_images=True)
     assert [e.label for e in examples] == [1, 0, 2, 1]  # the '-' pair is skipped
-    batch = finetune.nli_batch(examples, tokenizer, image_res=cfg.vision.image_res, max_tokens=MAX_TOKENS,
-                               max_words=MAX_TOKENS)
-    params = finetune.init_task_params("xvnli", pretrained, jax.random.PRNGKey(0))
+    batch = task_batches.nli_batch(examples, tokenizer, image_res=cfg.vision.image_res, max_tokens=MAX_TOKENS,
+                                   max_words=MAX_TOKENS)
+    params = definitions.init_task_params("xvnli", pretrained, jax.random.PRNGKey(0))
     state, history = _train(_config("xvnli", cfg), params, batch, steps=10)
     assert history[0]["ce"] == pytest.approx(np.log(3), abs=0.3) and history[0]["lr"] == pytest.approx(LR)
     assert history[-1]["ce"] < 0.5 * history[0]["ce"]
-    logits = np.asarray(finetune.make_predict_fn("xvnli", cfg)(state.params, batch))
+    logits = np.asarray(definitions.make_predict_fn("xvnli", cfg)(state.params, batch))
     assert logits.shape == (4, 3) and metrics.accuracy(logits.argmax(axis=1), batch["label"]) == 100.0
 
 
 def test_marvl_step_evaluation_and_image_routing(micro_params, tokenizer, iglue):
     cfg, pretrained = micro_params
-    examples = readers.read_iglue(iglue.root, "marvl", "id", iglue.images, check_images=True)
-    batch = finetune.image_pair_batch(examples, tokenizer, image_res=cfg.vision.image_res, max_tokens=MAX_TOKENS,
-                                      max_words=MAX_TOKENS)
-    params = finetune.init_task_params("marvl", pretrained, jax.random.PRNGKey(0))
+    examples = read_iglue(iglue.root, "marvl", "id", iglue.images, check_images=True)
+    batch = task_batches.image_pair_batch(examples, tokenizer, image_res=cfg.vision.image_res,
+                                          max_tokens=MAX_TOKENS, max_words=MAX_TOKENS)
+    params = definitions.init_task_params("marvl", pretrained, jax.random.PRNGKey(0))
     state, history = _train(_config("marvl", cfg), params, batch, steps=1)
     assert np.isfinite(history[0]["ce"]) and history[0]["skipped_nonfinite"] == 0
     _assert_head_lr_doubled(params, state.params, ("cls_head", "fc1", "kernel"),
                             ("text_encoder", "layer_0", "attention", "self", "query", "kernel"))
     assert "key" not in state.params["text_encoder"]["layer_2"]["crossattention"]["self"]
-    logits = finetune.make_predict_fn("marvl", cfg)
+    logits = definitions.make_predict_fn("marvl", cfg)
     predictions = np.asarray(logits(state.params, batch)).argmax(axis=1)
     assert metrics.accuracy(predictions, batch["label"]) == 100.0 * np.mean(predictions == batch["label"])
 
@@ -299,34 +305,34 @@ def test_marvl_step_evaluation_and_image_routing(micro_params, tokenizer, iglue)
 
 def test_xgqa_step_and_ranked_evaluation(micro_params, tokenizer, iglue):
     cfg, pretrained = micro_params
-    train = readers.read_gqa_json(iglue.root / "gqa" / "annotations" / "train.json", iglue.images)
-    answers = readers.read_answer_list(iglue.root / "gqa" / "annotations" / "trainval_ans2label.json")
-    batch = finetune.vqa_batch(train, tokenizer, image_res=cfg.vision.image_res, max_tokens=MAX_TOKENS,
-                               max_words=30, max_answers=2, answer_tokens=ANSWER_TOKENS)
+    train = read_gqa_json(iglue.root / "gqa" / "annotations" / "train.json", iglue.images)
+    answers = read_answer_list(iglue.root / "gqa" / "annotations" / "trainval_ans2label.json")
+    batch = task_batches.vqa_batch(train, tokenizer, image_res=cfg.vision.image_res, max_tokens=MAX_TOKENS,
+                                   max_words=30, max_answers=2, answer_tokens=ANSWER_TOKENS)
     np.testing.assert_allclose(batch["answer_weights"], [[1, 0], [0.5, 0.5], [1, 0], [1, 0]])
-    params = finetune.init_task_params("xgqa", pretrained, jax.random.PRNGKey(0))
+    params = definitions.init_task_params("xgqa", pretrained, jax.random.PRNGKey(0))
     state, history = _train(_config("xgqa", cfg), params, batch, steps=1)
     assert np.isfinite(history[0]["answer"]) and history[0]["answer"] > 0
     _assert_head_lr_doubled(params, state.params, ("text_decoder", "layer_0", "attention", "self", "query", "kernel"),
                             ("text_encoder", "layer_0", "attention", "self", "query", "kernel"))
 
-    test = readers.read_iglue(iglue.root, "xgqa", "de", iglue.images, check_images=True)
-    test_batch = finetune.vqa_batch(test, tokenizer, image_res=cfg.vision.image_res, max_tokens=MAX_TOKENS,
-                                    max_words=50, max_answers=1, answer_tokens=ANSWER_TOKENS)
-    answer_ids, answer_atts = finetune.answer_candidates(answers, tokenizer, ANSWER_TOKENS)
+    test = read_iglue(iglue.root, "xgqa", "de", iglue.images, check_images=True)
+    test_batch = task_batches.vqa_batch(test, tokenizer, image_res=cfg.vision.image_res, max_tokens=MAX_TOKENS,
+                                        max_words=50, max_answers=1, answer_tokens=ANSWER_TOKENS)
+    answer_ids, answer_atts = answer_candidates(answers, tokenizer, ANSWER_TOKENS)
     k = 3
-    best = np.asarray(finetune.make_predict_fn("xgqa", cfg, k_test=k)(state.params, test_batch, answer_ids,
-                                                                      answer_atts))
+    best = np.asarray(definitions.make_predict_fn("xgqa", cfg, k_test=k)(state.params, test_batch, answer_ids,
+                                                                         answer_atts))
     predictions = {e.question_id: answers[i] for e, i in zip(test, best)}
     accuracy = metrics.vqa_accuracy(predictions, {e.question_id: e.answer for e in test})
     assert accuracy == 100.0 * np.mean([predictions[e.question_id] == e.answer for e in test])
 
     # Independent ranking: every answer scored, numpy top-k by first-token probability, re-ranked.
-    model = finetune.build_task_model("xgqa", cfg)
+    model = definitions.build_task_model("xgqa", cfg)
 
     @jax.jit
     def all_scores(p, b):
-        b = finetune.prepare_batch(b)
+        b = prepare_batch(b)
         apply = lambda m, *a: model.apply({"params": p}, *a, method=getattr(model, m))  # noqa: E731
         states = apply("question_states", b["image"], b["text_ids"], b["text_atts"])
         nq, na = states.shape[0], answer_ids.shape[0]
@@ -349,7 +355,7 @@ def test_retrieval_losses_are_image_text_itc_and_itm_with_ids(micro_params):
     b, res = 4, cfg.vision.image_res
     ids = rng.integers(4, 999, (b, 8)).astype(np.int32)
     images = rng.integers(0, 256, (b, res, res, 3), np.uint8)
-    batch = {"image": finetune.prepare_batch({"image": jnp.asarray(images)})["image"],
+    batch = {"image": prepare_batch({"image": jnp.asarray(images)})["image"],
              "text_ids": ids, "text_atts": np.ones_like(ids), "idx": np.array([7, 7, 3, 5]),
              "text_ids_masked": ids, "masked_pos": np.ones((b, 2), np.int32), "masked_ids": ids[:, 1:3]}
     negatives = np.array([2, 3, 0, 1, 3, 2, 1, 0])  # never a same-id example
@@ -358,7 +364,7 @@ def test_retrieval_losses_are_image_text_itc_and_itm_with_ids(micro_params):
     @jax.jit
     def both(p, full):  # one compilation for both (the shared encoders are computed once)
         key = jax.random.PRNGKey(0)
-        return (finetune.retrieval_losses(model, p, batch, key, negatives=negatives),
+        return (definitions.retrieval_losses(model, p, batch, key, negatives=negatives),
                 objectives.image_text_losses(model, full, batch, key, negatives))
 
     (total, losses), reference = both(params, pretrained)
@@ -370,34 +376,34 @@ def test_retrieval_losses_are_image_text_itc_and_itm_with_ids(micro_params):
 # ------------------------------------------------------------------------------------------------ helpers
 
 def test_schedule_protocols_and_config_errors(micro_params):
-    train = finetune.default_finetune_config("xvnli").train
-    assert finetune.finetune_schedule(train, 1000).to_dict() == {"kind": "linear", "warmup_steps": 8,
-                                                                 "total_steps": 80}  # 10 x ceil(1000/128)
-    config = finetune.apply_protocol(finetune.default_finetune_config("xgqa"), "few_shot")
+    train = definitions.default_finetune_config("xvnli").train
+    assert finetuning.finetune_schedule(train, 1000).to_dict() == {"kind": "linear", "warmup_steps": 8,
+                                                                   "total_steps": 80}  # 10 x ceil(1000/128)
+    config = definitions.apply_protocol(definitions.default_finetune_config("xgqa"), "few_shot")
     assert (config.optimizer.lr, config.train.epochs, config.protocol) == (1e-5, 60, "few_shot")
     with pytest.raises(ValueError, match="protocol must be one of"):
-        finetune.apply_protocol(config, "zero-shot")
+        definitions.apply_protocol(config, "zero-shot")
     with pytest.raises(ValueError, match="config.task must be one of"):
-        finetune.default_finetune_config("nlvr")
+        definitions.default_finetune_config("nlvr")
     config.eval.k_test = 0
     with pytest.raises(ValueError, match="config.eval.k_test must be a positive integer, got 0"):
-        finetune.validate_finetune_config(config)
-    config = finetune.default_finetune_config("xvnli")
+        definitions.validate_finetune_config(config)
+    config = definitions.default_finetune_config("xvnli")
     config.data.max_tokens = 600
     with pytest.raises(ValueError, match="config.data.max_tokens 600 exceeds config.model.text.max_position_embeddings"
                                          " 514"):
-        finetune.validate_finetune_config(config)
+        definitions.validate_finetune_config(config)
 
 
 def test_question_cleaning_and_answer_errors(tokenizer):
-    assert finetune.pre_question("Is the ball red? (left-side)", 30) == "is the ball red left side"
-    assert finetune.pre_question("one two three four", 2) == "one two"
+    assert pre_question("Is the ball red? (left-side)", 30) == "is the ball red left side"
+    assert pre_question("one two three four", 2) == "one two"
     with pytest.raises(ValueError, match="answer 'two dogs play with a red ball' needs .* answer_tokens is 4"):
-        finetune.answer_candidates(["yes", "two dogs play with a red ball"], tokenizer, 4)
-    example = readers.VQAExample("q9", "1", "/nonexistent.jpg", "q", None, (), None)
+        answer_candidates(["yes", "two dogs play with a red ball"], tokenizer, 4)
+    example = VQAExample("q9", "1", "/nonexistent.jpg", "q", None, (), None)
     with pytest.raises(ValueError, match="question 'q9' has no answer to train on"):
-        finetune.vqa_batch([example], tokenizer, image_res=64, max_tokens=8, max_words=8, max_answers=1,
-                           answer_tokens=4)
+        task_batches.vqa_batch([example], tokenizer, image_res=64, max_tokens=8, max_words=8, max_answers=1,
+                               answer_tokens=4)
 
 
 REFERENCE_SETTINGS = {  # config file: (task, epochs, k_test, max_tokens), spec §4.2
@@ -412,29 +418,29 @@ def test_finetune_configs_carry_the_reference_hyper_parameters(name):
     import pathlib
 
     config = load_config_file(pathlib.Path(__file__).resolve().parents[1] / "configs" / "finetune" / f"{name}.py")
-    finetune.validate_finetune_config(config)
+    definitions.validate_finetune_config(config)
     task, epochs, k_test, max_tokens = REFERENCE_SETTINGS[name]
     assert (config.task, config.train.epochs, config.data.max_tokens) == (task, epochs, max_tokens)
     assert config.optimizer.lr == 3e-5 and config.optimizer.weight_decay == 0.01
     assert (config.model.vision.image_res, config.model.vision.window_size) == (384, 12)
-    assert tuple(config.optimizer.new_param_patterns) == finetune.TASK_HEADS[task]
+    assert tuple(config.optimizer.new_param_patterns) == definitions.TASK_HEADS[task]
     if k_test is not None:
         assert config.eval.k_test == k_test
 
 
 def test_head_count_recorded_in_an_export_wins_and_a_conflicting_flag_is_an_error(micro_params, tmp_path):
     from cclm_jax.interop import official
-    from cclm_jax.train import finetune_init
+    from cclm_jax.tasks import start as task_start
 
     cfg, params = micro_params
     assert cfg.text.num_heads == 4
     path = tmp_path / "four_heads.th"
     official.save(path, cfg, params)  # records num_heads=4
-    config = finetune.default_finetune_config("retrieval")
+    config = definitions.default_finetune_config("retrieval")
     config.model.vision.update(image_res=cfg.vision.image_res, window_size=cfg.vision.window_size)
     config.init.checkpoint = str(path)
-    model_config, _ = finetune_init.initial_task_params(config, jax.random.PRNGKey(0))
+    model_config, _ = task_start.initial_task_params(config, jax.random.PRNGKey(0))
     assert model_config.text.num_heads == 4
     config.init.text_num_heads = 8
     with pytest.raises(ValueError, match=r"four_heads\.th records 4 text attention heads.*text_num_heads=8"):
-        finetune_init.initial_task_params(config, jax.random.PRNGKey(0))
+        task_start.initial_task_params(config, jax.random.PRNGKey(0))

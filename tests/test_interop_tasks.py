@@ -17,8 +17,9 @@ from cclm_jax.interop import official
 from cclm_jax.interop.export import export_safetensors
 from cclm_jax.interop.files import CheckpointError, open_checkpoint
 from cclm_jax.interop.shapes import official_shapes, param_shapes
-from cclm_jax.interop.workdir import export_workdir, import_to_workdir, read_run_config, restore_params
+from cclm_jax.interop.workdir import export_workdir, read_run_config, restore_params
 from cclm_jax.models import tasks, tiny_model_config
+from cclm_jax.train.import_run import import_to_workdir
 
 F = 2  # fusion layer of the test architecture (4 text layers: 2 text + 2 fusion)
 CLASSES = {"xvnli": 3, "nlvr": 2}

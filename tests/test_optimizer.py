@@ -1,7 +1,7 @@
 """The reference AdamW, parameter groups and schedule against an independent numpy implementation.
 
 The numpy reference below is written from the formulas of transformers-4.12.5 AdamW, torch LambdaLR and
-torch.nn.utils.clip_grad_norm_ (CCLM_SPEC §4.1), in float64, without calling cclm_jax.train.optimizer.
+torch.nn.utils.clip_grad_norm_ (CCLM_SPEC §4.1), in float64, without calling cclm_jax.optimizer.
 """
 import math
 
@@ -14,10 +14,10 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import linen as nn
 
+from cclm_jax import optimizer as opt
 from cclm_jax.interop.layout import torch_names
 from cclm_jax.interop.shapes import param_shapes
 from cclm_jax.models import tiny_model_config
-from cclm_jax.train import optimizer as opt
 
 NO_DECAY = ["bias", "LayerNorm.bias", "LayerNorm.weight", "norm.bias", "norm.weight",
             "norm1.bias", "norm1.weight", "norm2.bias", "norm2.weight"]

@@ -11,7 +11,7 @@ import numpy as np
 from cclm_jax import parallel
 from cclm_jax.models import build_model
 from cclm_jax.models.config import tiny_model_config
-from cclm_jax.train.optimizer import make_optimizer
+from cclm_jax.optimizer import make_optimizer
 from cclm_jax.train_state import create_train_state
 from cclm_jax.train.steps import StepConfig, make_train_steps
 

@@ -137,7 +137,7 @@ def test_export_of_a_run_loads_in_pytorch(uninterrupted, tmp_path):
 def test_checkpoint_restores_onto_another_mesh(tmp_path):
     """A state saved from an (8,) data mesh restores onto (data 4, fsdp 2) with the new shardings."""
     from cclm_jax.models import build_model
-    from cclm_jax.train.optimizer import make_optimizer
+    from cclm_jax.optimizer import make_optimizer
     from cclm_jax.train_state import create_train_state
 
     config = tiny.get_config("micro")
@@ -207,7 +207,7 @@ def test_config_files_load_as_on_the_command_line(tmp_path):
 
 def test_nan_batch_skips_the_update_and_is_counted():
     from cclm_jax.models import build_model
-    from cclm_jax.train.optimizer import make_optimizer
+    from cclm_jax.optimizer import make_optimizer
     from cclm_jax.train_state import create_train_state
     from cclm_jax.train.steps import StepConfig, make_train_steps
 

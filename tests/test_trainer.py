@@ -19,9 +19,9 @@ from cclm_jax import parallel
 from cclm_jax.checkpoint import ITEMS, Checkpointer, LegacyTrainState, abstract_like
 from cclm_jax.interop.shapes import abstract_params
 from cclm_jax.models import build_model
+from cclm_jax.optimizer import make_optimizer
 from cclm_jax.train import run_directory, trainer
 from cclm_jax.train.metrics import ScalarSink
-from cclm_jax.train.optimizer import make_optimizer
 from cclm_jax.train.steps import make_update_fn
 from cclm_jax.train_state import TrainState, create_train_state
 

@@ -1,4 +1,5 @@
-"""Input data for CCLM: tokenizer, text and image preprocessing, sources, pipelines, mixture, demo.
+"""Input data for CCLM: tokenizer, text and image preprocessing, sources, pipelines, mixture, demo, and the
+downstream (fine-tuning and evaluation) data.
 
 Entry points (import the modules for the rest):
     default_data_config(), validate_data_config(cfg)   -- ``config.data`` keys (config.py)
@@ -6,7 +7,12 @@ Entry points (import the modules for the rest):
     pipeline.build_host_pipelines(cfg, tokenizer, ...)  -- one process's input shards (data.host_shards)
     pipeline.build_retrieval_eval(cfg, tokenizer)       -- tf.data pipelines (import TensorFlow)
     mixture.Mixture(ratios).kind_at(step)               -- batch-kind schedule
-    image.normalize(images)                             -- on-device CLIP normalisation
+    image.normalize(images), image.prepare_batch(batch) -- on-device CLIP normalisation
+Downstream data:
+    retrieval_sets.read_*, iglue.read_*, iglue.read_iglue -- annotation readers per benchmark family
+                                                           (records and errors in annotations.py)
+    finetune_data.load_task_data(config)                -- a fine-tuning config's training rows and test sets
+    finetune_input.TrainBatches, finetune_input.load_images, encode_texts, vqa_targets -- host batches
 """
 from cclm_jax.data.config import default_data_config, validate_data_config
 

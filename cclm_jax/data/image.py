@@ -18,7 +18,7 @@ int32/int64 tensors of shape (2,), so the same seed gives the same pixels):
   draws per example and runs the ops once per batch (one host call instead of one per image).
 
 Device side (JAX): ``normalize(images)``: uint8 (N, H, W, 3) -> float32 (N, H, W, 3) as
-``(x / 255 - mean) / std`` with the CLIP statistics.
+``(x / 255 - mean) / std`` with the CLIP statistics; ``prepare_batch(batch)`` normalises a batch's uint8 images.
 
 ``is_decodable(data)`` runs the same decoder eagerly; builders use it to skip and count
 undecodable images at build time, so training never meets one.
@@ -41,6 +41,19 @@ def normalize(images):
 
     x = jnp.asarray(images).astype(jnp.float32) / 255.0
     return (x - jnp.asarray(CLIP_MEAN, jnp.float32)) / jnp.asarray(CLIP_STD, jnp.float32)
+
+
+IMAGE_KEYS = ("image", "image_2")  # image_2: the right image of an NLVR / MaRVL pair
+
+
+def prepare_batch(batch):
+    """A device batch with its uint8 images (`IMAGE_KEYS`) normalised to float32 (`normalize`); everything
+    else, float images included, unchanged. Used inside the jitted losses and predictions."""
+    out = dict(batch)
+    for key in IMAGE_KEYS:
+        if key in out and out[key].dtype == np.uint8:
+            out[key] = normalize(out[key])
+    return out
 
 
 # ----------------------------------------------------------------------------- decoding

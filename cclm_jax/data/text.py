@@ -1,11 +1,12 @@
-"""Text preprocessing: ``pre_caption``, ``<s> ... </s>`` padding and the reference masking.
+"""Text preprocessing: ``pre_caption`` / ``pre_question``, ``<s> ... </s>`` padding and the reference masking.
 
 All batch functions are numpy, vectorised over the batch, with static output shapes:
 
 * ``pre_caption(text, max_words)`` -- the reference caption cleaning (lowercase, punctuation
   ``, . ' ! ? " ( ) * # : ; ~ - /`` to spaces, ``<person>`` -> ``person``, runs of 2+ whitespace
   characters -> one space, strip, keep the first ``max_words`` space-separated words). Raises
-  ``ValueError`` when nothing is left.
+  ``ValueError`` when nothing is left. ``pre_question(question, max_words)`` -- the reference VQA
+  question cleaning (fine-tuning on xGQA).
 * ``pad_batch(id_lists, max_tokens)`` -> ``text_ids``, ``text_atts`` int32 (B, max_tokens): each
   row is ``<s> ids </s>`` cut to ``max_tokens`` (``</s>`` kept), padded with ``<pad>`` = 1.
 * ``mask_batch(text_ids, text_atts, rng, ...)`` -> ``text_ids_masked`` int32 (B, max_tokens),
@@ -28,6 +29,7 @@ from cclm_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 _PUNCTUATION = re.compile(r"[,.'!?\"()*#:;~\-/]")
 _WHITESPACE_RUN = re.compile(r"\s{2,}")
+_QUESTION_PUNCTUATION = re.compile(r"[,.'!?\"()*#:;~]")
 IGNORE_ID = -100
 
 
@@ -41,6 +43,14 @@ def pre_caption(text: str, max_words: int) -> str:
     if not cleaned:
         raise ValueError(f"caption is empty after cleaning: {text!r}")
     return cleaned
+
+
+def pre_question(question: str, max_words: int) -> str:
+    """The reference VQA question cleaning: lowercase, punctuation `, . ' ! ? " ( ) * # : ; ~` removed,
+    `-` and `/` to spaces, trailing spaces stripped, the first `max_words` space-separated words kept."""
+    text = _QUESTION_PUNCTUATION.sub("", question.lower()).replace("-", " ").replace("/", " ").rstrip(" ")
+    words = text.split(" ")
+    return " ".join(words[:max_words]) if len(words) > max_words else text
 
 
 def pad_batch(id_lists: Sequence[Sequence[int]], max_tokens: int):

@@ -1,19 +1,19 @@
 """Dev-set retrieval of a training run: image->text and text->image per language, and cross-lingual
 text->text between the captions of the same images (`config.data.eval` names the set).
 
-Used at the end of training (and every `train.eval_every` steps) and by `cclm-jax evaluate`, which also
-writes `results.json`, `results.md` and a recall chart under `workdir/eval/step_<N>/`.
+Used at the end of training (and every `train.eval_every` steps) and by `cclm-jax evaluate`
+(`train.pretraining.evaluate`), which also writes `results.json`, `results.md` and a recall chart under
+`workdir/eval/step_<N>/`.
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import ml_collections
 import numpy as np
 
-from cclm_jax.data.pipeline import build_retrieval_eval, load_tokenizer
-from cclm_jax.evaluation import metrics, report
+from cclm_jax.data.pipeline import build_retrieval_eval
+from cclm_jax.evaluation import metrics
 from cclm_jax.evaluation.retrieval import RetrievalEvaluator, parallel_text_metrics
 from cclm_jax.models import build_model
 
@@ -70,26 +70,4 @@ def dev_retrieval(config: ml_collections.ConfigDict, params: Any, mesh, tokenize
                                                 k_test=max(k_test, 1), rerank=k_test > 0)
             r = parallel_text_metrics(scores)
             results[f"{PIVOT_LANGUAGE}-{lang}/t2t_r1"] = 0.5 * (r["a2b_r1"] + r["b2a_r1"])
-    return results
-
-
-def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, step: int | None = None) -> dict:
-    """Dev retrieval of a run's checkpoint (latest by default), written under `workdir/eval/step_<N>/`."""
-    from cclm_jax import parallel
-    from cclm_jax.interop.workdir import restore_params
-    from cclm_jax.run_config import resolve_vocab
-
-    run_config, params = restore_params(workdir, step)
-    config.model = run_config.model
-    tokenizer = load_tokenizer(config.data)
-    resolve_vocab(config, tokenizer.vocab_size, tokenizer.mask_id)
-    mesh = parallel.make_mesh(config.mesh)
-    results = dev_retrieval(config, params, mesh, tokenizer)
-    by_language: dict[str, dict[str, float]] = {}
-    for key, value in results.items():
-        if "/" in key:
-            lang, name = key.split("/", 1)
-            by_language.setdefault(lang, {})[name] = value
-    out_dir = os.path.join(os.path.abspath(os.path.expanduser(workdir)), "eval", f"step_{step if step is not None else 'latest'}")
-    report.write_results({"dev_retrieval": by_language}, out_dir)
     return results

@@ -23,14 +23,17 @@ import numpy as np
 from jax.sharding import Mesh
 
 from cclm_jax import parallel
+from cclm_jax.data.finetune_data import report_name
+from cclm_jax.data.finetune_input import (answer_candidates, encode_texts, eval_image_batches, image_source,
+                                          load_images, text_fields)
+from cclm_jax.data.iglue import ImagePairExample
+from cclm_jax.data.retrieval_sets import RetrievalSet
+from cclm_jax.data.text import pre_question
 from cclm_jax.data.tokenizer import Tokenizer
 from cclm_jax.evaluation import metrics
-from cclm_jax.evaluation.readers import ImagePairExample, RetrievalSet
 from cclm_jax.evaluation.retrieval import RetrievalEvaluator
 from cclm_jax.models import build_model
-from cclm_jax.train import finetune
-from cclm_jax.train.finetune_data import report_name
-from cclm_jax.train.finetune_input import eval_image_batches, image_source, load_images, text_fields
+from cclm_jax.tasks import make_predict_fn
 
 Results = dict[str, dict[str, float]]
 
@@ -38,9 +41,9 @@ Results = dict[str, dict[str, float]]
 class TaskEvaluator:
     """`evaluator(params) -> {table: {language: {metric: value}}}` over the test sets of a fine-tuning run.
 
-    Tables: `finetune_data.report_name(config)`, and for re-ranked retrieval also its dual-encoder `<name>_itc`.
+    Tables: `data.finetune_data.report_name(config)`, and for re-ranked retrieval also its dual-encoder `<name>_itc`.
     config: the fine-tuning config (task, eval, data sections); model_config: the run's resolved model config;
-    tests: language -> `RetrievalSet` or list of examples (`finetune_data.TaskData.tests`); answers: the xGQA
+    tests: language -> `RetrievalSet` or list of examples (`data.finetune_data.TaskData.tests`); answers: the xGQA
     answer list.
     """
 
@@ -65,12 +68,11 @@ class TaskEvaluator:
             if not answers:
                 raise ValueError("xgqa evaluation needs the answer list (config.data.answer_list)")
             self.answers = list(answers)
-            self.answer_ids, self.answer_atts = finetune.answer_candidates(answers, tokenizer,
-                                                                           int(config.data.answer_tokens))
+            self.answer_ids, self.answer_atts = answer_candidates(answers, tokenizer, int(config.data.answer_tokens))
             k = min(int(config.eval.k_test), len(answers))
-            self.predict = jax.jit(finetune.make_predict_fn("xgqa", model_config, k_test=k), **out)
+            self.predict = jax.jit(make_predict_fn("xgqa", model_config, k_test=k), **out)
         else:
-            self.predict = jax.jit(finetune.make_predict_fn(self.task, model_config), **out)
+            self.predict = jax.jit(make_predict_fn(self.task, model_config), **out)
 
     def __call__(self, params) -> dict[str, Results]:
         tables: dict[str, Results] = {}
@@ -92,8 +94,8 @@ class TaskEvaluator:
 
     def _retrieval(self, params, test: RetrievalSet) -> dict[str, dict[str, float]]:
         images = load_images([image_source(image) for image in test.images], self.image_res)
-        ids, atts = finetune.encode_texts(self.tokenizer, test.texts, max_tokens=self.data.max_tokens,
-                                          max_words=self.data.max_words)
+        ids, atts = encode_texts(self.tokenizer, test.texts, max_tokens=self.data.max_tokens,
+                                 max_words=self.data.max_words)
         scores = self.retrieval.image_text_scores(params, images, ids, atts, k_test=int(self.eval.k_test),
                                                   rerank=self.rerank)
         recalls = metrics.retrieval_metrics(scores.score_i2t, scores.score_t2i, test.txt2img, test.img2txt)
@@ -114,10 +116,9 @@ class TaskEvaluator:
         for j, pixels in enumerate(eval_image_batches(sources, self.image_res, self.batch_size * per)):
             rows = padded[j * self.batch_size:(j + 1) * self.batch_size]
             if self.task == "xgqa":
-                ids, atts = finetune.encode_texts(self.tokenizer, [e.question for e in rows],
-                                                  max_tokens=self.data.max_tokens,
-                                                  max_words=self.data.get("test_max_words", self.data.max_words),
-                                                  clean=finetune.pre_question)
+                ids, atts = encode_texts(self.tokenizer, [e.question for e in rows], max_tokens=self.data.max_tokens,
+                                         max_words=self.data.get("test_max_words", self.data.max_words),
+                                         clean=pre_question)
                 batch = {"text_ids": ids, "text_atts": atts}
             else:
                 batch = text_fields(self.task, rows, self.tokenizer, max_tokens=self.data.max_tokens,

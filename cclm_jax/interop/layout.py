@@ -34,7 +34,7 @@ import numpy as np
 from cclm_jax.models.swin import relative_position_index, shifted_window_mask, stage_geometry
 from cclm_jax.models.tasks import nlvr_num_layers
 
-# Official checkpoint layout -> the fine-tuning task (`train.finetune.TASKS`) whose model holds its parameters
+# Official checkpoint layout -> the fine-tuning task (`tasks.TASKS`) whose model holds its parameters
 # (None: the pre-training model).
 LAYOUT_TASKS = {"pretrain": None, "retrieval": "retrieval", "xvnli": "xvnli", "nlvr": "marvl", "vqa": "xgqa"}
 LAYOUTS = tuple(LAYOUT_TASKS)

@@ -2,18 +2,21 @@
 
 `finetune(config, workdir)` runs (or resumes) one fine-tuning run of `config.task` through the one trainer
 (`train.trainer.run`, which also runs pre-training) with the task `build_task` makes:
-1. validates the config, reads and checks every annotation file and image (`finetune_data`), loads the
-   tokenizer and the starting parameters (`finetune_init`) -- all before anything compiles;
+1. validates the config, reads and checks every annotation file and image (`data.finetune_data`), loads the
+   tokenizer and the starting parameters (`tasks.start`) -- all before anything compiles;
 2. the trainer writes the resolved config (the run's model config and tokenizer included) to
    `workdir/config.json` and trains `train.epochs` x ceil(N / train.batch_size) steps of the task loss
-   (`finetune.make_loss_fn`) on the batches of `finetune_input.TrainBatches` (a function of the step, so a
+   (`tasks.make_loss_fn`) on the batches of `data.finetune_input.TrainBatches` (a function of the step, so a
    restarted run resumes from its latest checkpoint and sees the same batches), with checkpoints, metrics,
    preemption and non-finite handling as for pre-training;
 3. evaluates the test sets after every epoch from `eval.start_epoch` on (`workdir/eval/epoch_<e>/`) and, at the
    end, writes the report (`results.json`, `results.md`, a PNG chart per task; `evaluation.report`) into the
-   workdir. The report's task key is `finetune_data.report_name` (e.g. `xvnli`, `xflickrco_translate_test`);
+   workdir. The report's task key is `data.finetune_data.report_name` (e.g. `xvnli`, `xflickrco_translate_test`);
    re-ranked retrieval adds its dual-encoder recalls under `<key>_itc`; results of other keys already in
    `workdir/results.json` are kept.
+
+The schedule (`finetune_schedule`), the optimizer (`make_task_optimizer`) and the standalone jitted update
+(`make_train_step`) of a task are here; the task itself (config, model, loss, prediction) is in `cclm_jax.tasks`.
 
 `evaluate(config, workdir, step=None)` evaluates a fine-tuned run's checkpoint (latest by default) on the test
 sets `config` names (e.g. the translate-test files after zero-shot fine-tuning) and adds them to its report.
@@ -24,23 +27,27 @@ examples/s, input wait; `eval/test/test/<lang>/<metric>` after each epoch).
 from __future__ import annotations
 
 import logging
+import math
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import ml_collections
+import optax
+from jax.sharding import Mesh
 
+from cclm_jax import optimizer as optimizer_lib
 from cclm_jax import parallel
 from cclm_jax.checkpoint import Checkpointer
+from cclm_jax.data.finetune_data import load_task_data, report_name
+from cclm_jax.data.finetune_input import TrainBatches
 from cclm_jax.data.tokenizer import Tokenizer
 from cclm_jax.evaluation import report
 from cclm_jax.evaluation.finetune_eval import TaskEvaluator
 from cclm_jax.interop.workdir import read_run_config, restore_params
-from cclm_jax.train import finetune as finetune_lib
-from cclm_jax.train import finetune_init, trainer
-from cclm_jax.train import optimizer as optimizer_lib
-from cclm_jax.train.finetune_data import load_task_data, report_name
-from cclm_jax.train.finetune_input import TrainBatches
+from cclm_jax.tasks import definitions as task_lib
+from cclm_jax.tasks import start as task_start
+from cclm_jax.train import steps, trainer
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +56,8 @@ TEXT_FIELDS = ("max_answers", "answer_tokens")  # xGQA training fields besides m
 
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
     """Everything about the config that can be checked without reading data or compiling."""
-    finetune_lib.validate_finetune_config(config)
-    finetune_init.validate_init(config.init)
+    task_lib.validate_finetune_config(config)
+    task_start.validate_init(config.init)
     n = num_devices if num_devices is not None else jax.device_count()
     data, fsdp, _ = parallel.mesh_shape(config.mesh, n)
     shards = data * fsdp
@@ -62,6 +69,35 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
             and config.train.batch_size // shards < 2):
         raise ValueError(f"config.train.batch_size: ITM negatives are drawn within each of the {shards} batch "
                          f"shards, which needs >= 2 examples per shard (or config.objectives.negatives='global')")
+
+
+def finetune_schedule(train_config: ml_collections.ConfigDict, num_train_examples: int) -> ml_collections.ConfigDict:
+    """The `schedule` section for a run: epochs x ceil(N / global batch) steps, the first
+    `train.warmup_fraction` of them warm-up (the reference's `num_warmup_steps: 0.1`), then linear decay."""
+    if num_train_examples <= 0:
+        raise ValueError(f"fine-tuning needs training examples, got {num_train_examples}")
+    total = int(train_config.epochs) * math.ceil(num_train_examples / int(train_config.batch_size))
+    warmup = int(float(train_config.warmup_fraction) * total)
+    return ml_collections.ConfigDict({"kind": "linear", "warmup_steps": warmup, "total_steps": total})
+
+
+def make_task_optimizer(config: ml_collections.ConfigDict, schedule: ml_collections.ConfigDict,
+                        params) -> optax.GradientTransformationExtraArgs:
+    """`optimizer.make_optimizer` with the run's `optimizer` section (lr 3e-5, lr_mult for the task head)."""
+    return optimizer_lib.make_optimizer(config.optimizer, schedule, params, config.model)
+
+
+def make_train_step(config: ml_collections.ConfigDict, optimizer: optax.GradientTransformationExtraArgs,
+                    schedule: ml_collections.ConfigDict, *, mesh: Mesh | None = None, state_shardings=None,
+                    batch_sharding=None) -> Callable:
+    """Jitted `step(state, batch) -> (state, metrics)` of `config.task`: `steps.make_update_fn` (the one update
+    of every run) with the task loss; the state donated, kept in `state_shardings` when given."""
+    lr_fn = optimizer_lib.linear_warmup_linear_decay(float(config.optimizer.lr), schedule.warmup_steps,
+                                                     schedule.total_steps)
+    update = steps.make_update_fn(task_lib.make_loss_fn(config, mesh), optimizer, lr_fn)
+    if state_shardings is None:
+        return jax.jit(update, donate_argnums=(0,))
+    return steps.jit_step(update, state_shardings, batch_sharding)
 
 
 def write_report(tables: dict[str, dict[str, dict[str, float]]], out_dir: str) -> None:
@@ -90,13 +126,13 @@ def _resolve(config: ml_collections.ConfigDict, workdir: str, resuming: bool, rn
         config.model = saved.model
         config.data.tokenizer = saved.data.tokenizer
         return Tokenizer(saved.data.tokenizer, key=f"{workdir}/config.json data.tokenizer"), None
-    tokenizer = finetune_init.load_tokenizer(config)
+    tokenizer = task_start.load_tokenizer(config)
     if config.init.from_scratch:
         if config.model.text.vocab_size == -1:
             config.model.text.update(vocab_size=tokenizer.vocab_size, mask_token_id=tokenizer.mask_id)
-        finetune_init.check_vocab(config.model, tokenizer)  # before the random init compiles
-    model_config, params = finetune_init.initial_task_params(config, rng)
-    finetune_init.check_vocab(model_config, tokenizer)
+        task_start.check_vocab(config.model, tokenizer)  # before the random init compiles
+    model_config, params = task_start.initial_task_params(config, rng)
+    task_start.check_vocab(model_config, tokenizer)
     config.model = model_config
     config.data.tokenizer = str(tokenizer.model_path)
     return tokenizer, params
@@ -124,7 +160,7 @@ def build_task(config: ml_collections.ConfigDict, workdir: str, resuming: bool) 
     data = load_task_data(config)
     init_rng, _ = jax.random.split(jax.random.PRNGKey(config.train.seed))
     tokenizer, host_params = _resolve(config, workdir, resuming, init_rng)
-    schedule = finetune_lib.finetune_schedule(config.train, len(data.train))
+    schedule = finetune_schedule(config.train, len(data.train))
     inputs = TrainBatches(config.task, data.train, tokenizer, global_batch=config.train.batch_size,
                           image_res=config.model.vision.image_res, seed=config.train.seed,
                           augment=config.data.augment, process_index=jax.process_index(),
@@ -141,7 +177,7 @@ def build_task(config: ml_collections.ConfigDict, workdir: str, resuming: bool) 
         return parallel.shard_params(host_params, shardings)
 
     def losses(mesh):
-        loss_fn = finetune_lib.make_loss_fn(config, mesh)
+        loss_fn = task_lib.make_loss_fn(config, mesh)
         return {task: lambda params, batches, rng: loss_fn(params, batches[task], rng)}
 
     def start_inputs(step: int, saved: dict | None) -> None:
@@ -172,9 +208,9 @@ def build_task(config: ml_collections.ConfigDict, workdir: str, resuming: bool) 
     return trainer.Task(
         name=report_name(config),
         model_config=config.model,
-        abstract_params=finetune_init.abstract_task_params(config.task, config.model),
+        abstract_params=task_start.abstract_task_params(config.task, config.model),
         initial_params=initial_params,
-        make_optimizer=lambda params: finetune_lib.make_task_optimizer(config, schedule, params),
+        make_optimizer=lambda params: make_task_optimizer(config, schedule, params),
         losses=losses,
         lr_fn=optimizer_lib.linear_warmup_linear_decay(float(config.optimizer.lr), schedule.warmup_steps,
                                                        schedule.total_steps),
@@ -201,7 +237,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
     if saved.get("task") != config.task:
         raise ValueError(f"{workdir} holds {_run_kind(saved)} (config.json), not a {config.task!r} fine-tuning "
                          "run: evaluate it with its own task's config")
-    finetune_lib.validate_finetune_config(config)
+    task_lib.validate_finetune_config(config)
     data = load_task_data(config, train=False)
     model_config = saved.model
     config.model = model_config
@@ -209,9 +245,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
     if not tokenizer_path:
         raise ValueError(f"config.data.tokenizer is not set and {workdir}/config.json names no tokenizer")
     tokenizer = Tokenizer(tokenizer_path, key="config.data.tokenizer")
-    finetune_init.check_vocab(model_config, tokenizer)
+    task_start.check_vocab(model_config, tokenizer)
     mesh = parallel.make_mesh(config.mesh)
-    shardings = parallel.param_shardings(finetune_init.abstract_task_params(config.task, model_config), mesh)
+    shardings = parallel.param_shardings(task_start.abstract_task_params(config.task, model_config), mesh)
     checkpointer = Checkpointer(workdir, every=1, keep=1_000_000)
     step = checkpointer.latest_step() if step is None else step
     checkpointer.close()

@@ -9,10 +9,14 @@ batches, one optimizer update per batch kind ('alternate', the reference) or one
 - initial parameters: an official checkpoint (`init.checkpoint`), the XLM-R + Swin towers (`init.xlmr_dir`,
   `init.swin_path`), else random -- each placed straight into the run's shardings;
 - evaluators: dev retrieval (`train.eval_every`: 0 = at the end, N = every N steps and at the end, -1 = never).
+
+`evaluate(config, workdir, step=None)` (`cclm-jax evaluate` with a pre-training config): the dev retrieval of a
+run's checkpoint, as `finetuning.evaluate` is for a fine-tuned run.
 """
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import jax
@@ -25,10 +29,11 @@ from cclm_jax.data.config import resolve_host_shards
 from cclm_jax.data.mixture import Mixture
 from cclm_jax.data.pipeline import build_host_pipelines, load_tokenizer
 from cclm_jax.interop.shapes import abstract_params
+from cclm_jax.interop.workdir import restore_params
 from cclm_jax.models import build_model
+from cclm_jax.optimizer import make_optimizer
 from cclm_jax.run_config import resolve_vocab, validate_run_config
 from cclm_jax.train import trainer
-from cclm_jax.train.optimizer import make_optimizer
 from cclm_jax.train.steps import KINDS, StepConfig, view_loss_fn, clamp_temperature, pretraining_lr_fn
 
 log = logging.getLogger(__name__)
@@ -143,7 +148,6 @@ def build_task(config: ml_collections.ConfigDict, workdir: str, resuming: bool) 
         kind_prefix=True,
         evaluators=evaluators,
     )
-    return task
 
 
 def _dev_retrieval(config: ml_collections.ConfigDict, params: Any, tokenizer) -> dict[str, float]:
@@ -157,3 +161,25 @@ def _dev_retrieval(config: ml_collections.ConfigDict, params: Any, tokenizer) ->
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Run or resume pre-training (`cclm-jax train`); returns the final metrics."""
     return trainer.run(config, workdir, build_task)
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None = None) -> dict[str, float]:
+    """Dev retrieval of a run's checkpoint (latest by default), written under `workdir/eval/step_<N>/`."""
+    from cclm_jax.evaluation import report
+    from cclm_jax.evaluation.dev import dev_retrieval
+
+    run_config, params = restore_params(workdir, step)
+    config.model = run_config.model
+    tokenizer = load_tokenizer(config.data)
+    resolve_vocab(config, tokenizer.vocab_size, tokenizer.mask_id)
+    mesh = parallel.make_mesh(config.mesh)
+    results = dev_retrieval(config, params, mesh, tokenizer)
+    by_language: dict[str, dict[str, float]] = {}
+    for key, value in results.items():
+        if "/" in key:
+            lang, name = key.split("/", 1)
+            by_language.setdefault(lang, {})[name] = value
+    out_dir = os.path.join(os.path.abspath(os.path.expanduser(workdir)), "eval",
+                           f"step_{step if step is not None else 'latest'}")
+    report.write_results({"dev_retrieval": by_language}, out_dir)
+    return results

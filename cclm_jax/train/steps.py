@@ -11,7 +11,7 @@ updates_per_cycle`, e.g. one image–caption and one parallel-text update share 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +21,7 @@ from jax.sharding import Mesh
 
 from cclm_jax import objectives
 from cclm_jax.models.cclm import TEMP_MAX, TEMP_MIN, build_model
-from cclm_jax.train.optimizer import linear_warmup_linear_decay
+from cclm_jax.optimizer import linear_warmup_linear_decay
 from cclm_jax.train_state import TrainState, all_finite, global_norm
 
 KINDS = ("image_caption", "parallel_text")
@@ -41,22 +41,14 @@ class StepConfig:
     dropout: bool = True
 
 
-def prepare_batch(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-    """uint8 images -> normalised float32 (on device); everything else unchanged."""
-    out = dict(batch)
-    if "image" in out and out["image"].dtype == jnp.uint8:
-        from cclm_jax.data.image import normalize  # imports tensorflow: only when uint8 images arrive
-
-        out["image"] = normalize(out["image"])
-    return out
-
-
 def clamp_temperature(params):
     """Write the clamp into the parameter, as the reference's in-place `temp.clamp_` does."""
     return {**params, "temp": jnp.clip(params["temp"], TEMP_MIN, TEMP_MAX)}
 
 
 def view_loss_fn(cfg: StepConfig, kinds: tuple[str, ...]) -> Callable:
+    from cclm_jax.data.image import prepare_batch  # imports tensorflow: when a loss is built, not with the module
+
     model = build_model(cfg.model_config, deterministic=not cfg.dropout)
 
     def loss_fn(params, batches, rng):

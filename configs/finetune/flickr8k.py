@@ -17,7 +17,7 @@ fine-tuning (ITC + ITM with image ids, ITM re-ranking of the top `k_test` in eva
     --config.data.flickr8k_root=../shared/data/flickr8k --config.data.tokenizer=/tmp/f8k_spm.model
 """
 from cclm_jax.models.config import tiny_model_config
-from cclm_jax.train import finetune
+from cclm_jax import tasks
 
 LANGUAGES = ("en", "de", "fr", "cs", "zh")
 
@@ -29,7 +29,7 @@ def get_config(arg: str = ""):
         raise ValueError(f"configs/finetune/flickr8k.py: unknown options {unknown}; use a language of "
                          f"{LANGUAGES}, 'all' and/or 'tiny'")
     languages = [a for a in options if a in LANGUAGES]
-    config = finetune.default_finetune_config("retrieval")
+    config = tasks.default_finetune_config("retrieval")
     config.name = "flickr8k"
     config.train.epochs = 10
     config.eval.update(batch_size=96, k_test=128)
@@ -47,4 +47,4 @@ def get_config(arg: str = ""):
         config.train.update(epochs=2, batch_size=32, log_every=20, checkpoint_every=400)
         config.eval.update(batch_size=64, k_test=16, pairs_per_block=512)
         config.data.update(max_tokens=32, max_words=32, augment=False)
-    return finetune.apply_protocol(config, "zero_shot" if languages else "all_languages")
+    return tasks.apply_protocol(config, "zero_shot" if languages else "all_languages")

@@ -4,16 +4,16 @@ as 'en'); lr 3e-5 (2x for `cls_head`), 10 epochs.
 
 The spec's table gives no max_tokens for NLVR; 40 (the caption tasks' value) is used.
 `get_config(protocol)`: 'zero_shot' (default), 'translate_test', 'few_shot' (`marvl-<lang>_train<shots>`),
-'all_languages'. NLVR2 training data: ALBEF/CCLM json lists (`readers.read_nlvr_json`) in `data.train_files`.
+'all_languages'. NLVR2 training data: ALBEF/CCLM json lists (`data.iglue.read_nlvr_json`) in `data.train_files`.
 """
 from cclm_jax.evaluation.metrics import IGLUE_LANGUAGES
-from cclm_jax.train import finetune
+from cclm_jax import tasks
 
 
 def get_config(arg: str = ""):
-    config = finetune.default_finetune_config("marvl")
+    config = tasks.default_finetune_config("marvl")
     config.train.epochs = 10
     config.eval.update(batch_size=80)
     config.data.update(max_tokens=40, max_words=40, iglue_task="marvl", iglue_root="", image_root="",
                        nlvr_image_root="", train_files=(), languages=IGLUE_LANGUAGES["marvl"], shots="10x2")
-    return finetune.apply_protocol(config, arg or "zero_shot")
+    return tasks.apply_protocol(config, arg or "zero_shot")

@@ -3,10 +3,10 @@ tokens, k_test 256; test on `en.1k_test`, `ja.1k_test`, `zh.test` (CCLM retrieva
 
 `get_config(lang)`: 'en' (default), 'ja', 'zh' or 'all' (training languages).
 """
-from cclm_jax.train import finetune
+from cclm_jax import tasks
 
 LANGUAGES = ("en", "ja", "zh")
 
 
 def get_config(arg: str = ""):
-    return finetune.json_retrieval_config("mscoco", LANGUAGES, arg, k_test=256)
+    return tasks.json_retrieval_config("mscoco", LANGUAGES, arg, k_test=256)

@@ -5,14 +5,14 @@ tr/vi; lr 3e-5, 5 epochs, max 80 tokens, k_test 128, evaluation from epoch 3.
 files). Images are the WIT test images (`data.image_root`) or embedded in the annotation lines.
 """
 from cclm_jax.evaluation.metrics import IGLUE_LANGUAGES
-from cclm_jax.train import finetune
+from cclm_jax import tasks
 
 
 def get_config(arg: str = ""):
     protocol = arg or "zero_shot"
     if protocol == "few_shot":
         raise ValueError("configs/finetune/wit.py: IGLUE has no few-shot WIT files")
-    config = finetune.default_finetune_config("retrieval")
+    config = tasks.default_finetune_config("retrieval")
     config.name = "wit"
     config.train.epochs = 5
     config.eval.update(batch_size=96, k_test=128, start_epoch=3)
@@ -20,4 +20,4 @@ def get_config(arg: str = ""):
         max_tokens=80, max_words=80, iglue_task="wit", iglue_root="", image_root="",
         train_file="wit/annotations/train_en.jsonl",  # relative to iglue_root
         languages=("en", *IGLUE_LANGUAGES["wit"]))
-    return finetune.apply_protocol(config, protocol)
+    return tasks.apply_protocol(config, protocol)

@@ -10,11 +10,11 @@ de/en/es/id/ja/ru/tr/zh; lr 3e-5, 10 epochs, max 80 tokens, k_test 128, evaluati
   --config.data.tokenizer=/data/xlm-roberta-large/sentencepiece.bpe.model
 """
 from cclm_jax.evaluation.metrics import IGLUE_LANGUAGES
-from cclm_jax.train import finetune
+from cclm_jax import tasks
 
 
 def get_config(arg: str = ""):
-    config = finetune.default_finetune_config("retrieval")
+    config = tasks.default_finetune_config("retrieval")
     config.name = "xflickrco"
     config.train.epochs = 10
     config.eval.update(batch_size=96, k_test=128, start_epoch=7)
@@ -23,4 +23,4 @@ def get_config(arg: str = ""):
         image_root={"flickr30k": "", "coco": ""},
         train_file="flickr30k/annotations/train_ann.jsonl",  # relative to iglue_root (English Flickr30K)
         languages=("en", *IGLUE_LANGUAGES["xflickrco"]), shots=100)
-    return finetune.apply_protocol(config, arg or "zero_shot")
+    return tasks.apply_protocol(config, arg or "zero_shot")

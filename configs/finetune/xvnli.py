@@ -5,13 +5,13 @@
 'all_languages'. Images: Flickr30K (`data.image_root/<Flikr30kID>.jpg`).
 """
 from cclm_jax.evaluation.metrics import IGLUE_LANGUAGES
-from cclm_jax.train import finetune
+from cclm_jax import tasks
 
 
 def get_config(arg: str = ""):
-    config = finetune.default_finetune_config("xvnli")
+    config = tasks.default_finetune_config("xvnli")
     config.train.epochs = 10
     config.eval.update(batch_size=96)
     config.data.update(max_tokens=80, max_words=80, iglue_task="xvnli", iglue_root="", image_root="",
                        languages=("en", *IGLUE_LANGUAGES["xvnli"]), shots=48)
-    return finetune.apply_protocol(config, arg or "zero_shot")
+    return tasks.apply_protocol(config, arg or "zero_shot")

@@ -1,4 +1,4 @@
-"""Fine-tuning: task models, losses, jitted update and prediction steps, host batch builders (spec §4.2, §5).
+"""The fine-tuning tasks: their configs, models, new parameters, losses and predictions (spec §4.2, §5).
 
 Tasks (`config.task`):
 - `retrieval` (xFlickr&CO, WIT, Multi30K, MSCOCO): the CCLM module itself; loss = index-aware ITC + ITM with
@@ -8,7 +8,8 @@ Tasks (`config.task`):
 - `xgqa`: `tasks.VQAModel`, answer cross-entropy: each answer's summed next-token NLL times its weight,
   summed and divided by the number of questions; prediction by `VQAModel.rank_answers`.
 
-Batches (host numpy; images uint8 NHWC are normalised on device):
+Batches (host numpy, built by `data.finetune_input`; images uint8 NHWC are normalised on device by
+`data.image.prepare_batch`):
 - retrieval: `image` (B, H, W, 3), `text_ids`, `text_atts` (B, L), `idx` (B,) image id (same id = positive).
 - xvnli: `image`, `text_ids`, `text_atts` (the hypothesis), `label` (B,).
 - marvl: `image` (left), `image_2` (right), `text_ids`, `text_atts`, `label` (B,) (1 = true).
@@ -16,32 +17,24 @@ Batches (host numpy; images uint8 NHWC are normalised on device):
   </s>` rows), `answer_weights` (B, A) float (0 for padding rows).
 Any batch may carry `valid` (B,) bool: padded examples are left out of the loss.
 
-The update step is `steps.make_update_fn` (the one update of every run: value_and_grad, the reference AdamW with
-`schedule_step` = the update count, non-finite updates skipped) with a task loss instead of a pre-training view.
-Fine-tuning does not clamp the temperature (the reference's `RetrievalModel` does not).
+Training (`train.finetuning`: the schedule, the optimizer and the jitted update `train.steps.make_update_fn`)
+uses `make_loss_fn`; evaluation (`evaluation.finetune_eval`) uses `make_predict_fn`. Fine-tuning does not clamp
+the temperature (the reference's `RetrievalModel` does not).
 """
 from __future__ import annotations
 
-import math
-import re
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
-import optax
 from jax.sharding import Mesh
 
 from cclm_jax import objectives
-from cclm_jax.data.text import pad_batch, pre_caption
-from cclm_jax.data.tokenizer import Tokenizer
-from cclm_jax.evaluation.readers import ImagePairExample, NLIExample, VQAExample
+from cclm_jax import optimizer as optimizer_lib
 from cclm_jax.models import tasks
 from cclm_jax.models.cclm import CCLM
 from cclm_jax.models.config import base_model_config, validate_model_config
-from cclm_jax.train import optimizer as optimizer_lib
-from cclm_jax.train import steps
 
 TASKS = ("retrieval", "xvnli", "marvl", "xgqa")
 
@@ -66,7 +59,7 @@ def default_finetune_config(task: str) -> ml_collections.ConfigDict:
     task: one of TASKS. name: the data set's name in result tables (the config files set it).
     protocol: one of PROTOCOLS (see `apply_protocol`).
     model: the CCLM base model at 384 px, Swin window 12. Starting from a checkpoint, its architecture is used
-      with this section's geometry and runtime fields (`finetune_init`); a 224-px checkpoint is converted.
+      with this section's geometry and runtime fields (`tasks.start`); a 224-px checkpoint is converted.
     init: where the parameters come from, exactly one of: workdir (a pre-training or fine-tuning run directory;
       step -1 = its latest checkpoint), checkpoint (an official CCLM file; text_num_heads only for a file that
       records no head count, 0 = not given, see `interop.official.load`), from_scratch
@@ -75,14 +68,14 @@ def default_finetune_config(task: str) -> ml_collections.ConfigDict:
       (`finetune_schedule`); seed; checkpoint_every / keep_checkpoints (steps, checkpoints kept; the run
       resumes from the latest one in its workdir); log_every (steps); nonfinite, max_consecutive_skips,
       profile_start, profile_steps: as in pre-training (`run_config`).
-    optimizer: `train.optimizer` section: lr 3e-5, wd 0.01, lr_mult 2 for `TASK_HEADS[task]`; the no-decay list
+    optimizer: `cclm_jax.optimizer` section: lr 3e-5, wd 0.01, lr_mult 2 for `TASK_HEADS[task]`; the no-decay list
       adds `LayerNorm.scale` so that layers outside the pre-training layout (the NLVR copies, the VQA decoder)
       keep their LayerNorm weights undecayed, as the reference's `LayerNorm.weight` rule does.
     eval: batch_size (global), k_test (candidates re-ranked per query: retrieval texts/images, xGQA answers),
       start_epoch (first epoch evaluated on the test sets).
     data: tokenizer (SentencePiece model; default: the init workdir's), max_tokens, max_words, languages
       (evaluated), train_language, augment (the reference's training image transform; False: resize only);
-      the task configs add their annotation and image locations (`finetune_data`).
+      the task configs add their annotation and image locations (`data.finetune_data`).
     mesh: `parallel.make_mesh` sizes. distributed: call `jax.distributed.initialize()` first (multi-host).
     """
     _check_task(task)
@@ -281,39 +274,10 @@ def vqa_losses(model: tasks.VQAModel, params, batch, rng, *, config=None, mesh=N
 TASK_LOSSES: dict[str, Callable] = {"retrieval": retrieval_losses, "xvnli": classification_losses,
                                     "marvl": classification_losses, "xgqa": vqa_losses}
 
-
-# ----------------------------------------------------------------------------------------------------------
-# Optimizer, schedule and the jitted update
-# ----------------------------------------------------------------------------------------------------------
-
-def finetune_schedule(train_config: ml_collections.ConfigDict, num_train_examples: int) -> ml_collections.ConfigDict:
-    """The `schedule` section for a run: epochs x ceil(N / global batch) steps, the first
-    `train.warmup_fraction` of them warm-up (the reference's `num_warmup_steps: 0.1`), then linear decay."""
-    if num_train_examples <= 0:
-        raise ValueError(f"fine-tuning needs training examples, got {num_train_examples}")
-    total = int(train_config.epochs) * math.ceil(num_train_examples / int(train_config.batch_size))
-    warmup = int(float(train_config.warmup_fraction) * total)
-    return ml_collections.ConfigDict({"kind": "linear", "warmup_steps": warmup, "total_steps": total})
-
-
-def make_task_optimizer(config: ml_collections.ConfigDict, schedule: ml_collections.ConfigDict,
-                        params) -> optax.GradientTransformationExtraArgs:
-    """`optimizer.make_optimizer` with the run's `optimizer` section (lr 3e-5, lr_mult for the task head)."""
-    return optimizer_lib.make_optimizer(config.optimizer, schedule, params, config.model)
-
-
-def prepare_batch(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-    """`steps.prepare_batch` (uint8 `image` -> normalised float32 on device), also for NLVR's `image_2`."""
-    out = steps.prepare_batch(batch)
-    if "image_2" in out and out["image_2"].dtype == jnp.uint8:
-        from cclm_jax.data.image import normalize  # imports tensorflow: only when uint8 images arrive
-
-        out["image_2"] = normalize(out["image_2"])
-    return out
-
-
 def make_loss_fn(config: ml_collections.ConfigDict, mesh: Mesh | None = None, dropout: bool = True) -> Callable:
     """`loss_fn(params, batch, rng) -> (total, measurements)` of `config.task` (model built with dropout)."""
+    from cclm_jax.data.image import prepare_batch  # imports tensorflow: when a loss is built, not with the configs
+
     model = build_task_model(config.task, config.model, deterministic=not dropout)
     task_loss = TASK_LOSSES[config.task]
     objectives_config = config.get("objectives")
@@ -323,19 +287,6 @@ def make_loss_fn(config: ml_collections.ConfigDict, mesh: Mesh | None = None, dr
                          dropout=dropout)
 
     return loss_fn
-
-
-def make_train_step(config: ml_collections.ConfigDict, optimizer: optax.GradientTransformationExtraArgs,
-                    schedule: ml_collections.ConfigDict, *, mesh: Mesh | None = None, state_shardings=None,
-                    batch_sharding=None) -> Callable:
-    """Jitted `step(state, batch) -> (state, metrics)` of `config.task`: `steps.make_update_fn` (the one update
-    of every run) with the task loss; the state donated, kept in `state_shardings` when given."""
-    lr_fn = optimizer_lib.linear_warmup_linear_decay(float(config.optimizer.lr), schedule.warmup_steps,
-                                                     schedule.total_steps)
-    update = steps.make_update_fn(make_loss_fn(config, mesh), optimizer, lr_fn)
-    if state_shardings is None:
-        return jax.jit(update, donate_argnums=(0,))
-    return steps.jit_step(update, state_shardings, batch_sharding)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -352,6 +303,8 @@ def make_predict_fn(task: str, model_config: ml_collections.ConfigDict, *, k_tes
     if task not in ("xvnli", "marvl", "xgqa"):
         raise ValueError(f"make_predict_fn covers xvnli, marvl and xgqa (retrieval: evaluation.retrieval), "
                          f"got {task!r}")
+    from cclm_jax.data.image import prepare_batch  # imports tensorflow: when a step is built, not with the configs
+
     model = build_task_model(task, model_config, deterministic=True)
     if task != "xgqa":
         return jax.jit(lambda params, batch: classifier_logits(model, params, prepare_batch(batch)))
@@ -365,102 +318,3 @@ def make_predict_fn(task: str, model_config: ml_collections.ConfigDict, *, k_tes
         return ranked[:, 0]
 
     return jax.jit(predict)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Host batch builders (evaluation transform: resize to the model resolution, no augmentation)
-# ----------------------------------------------------------------------------------------------------------
-
-_QUESTION_PUNCTUATION = re.compile(r"[,.'!?\"()*#:;~]")
-
-
-def pre_question(question: str, max_words: int) -> str:
-    """The reference VQA question cleaning: lowercase, punctuation `, . ' ! ? " ( ) * # : ; ~` removed,
-    `-` and `/` to spaces, trailing spaces stripped, the first `max_words` space-separated words kept."""
-    text = _QUESTION_PUNCTUATION.sub("", question.lower()).replace("-", " ").replace("/", " ").rstrip(" ")
-    words = text.split(" ")
-    return " ".join(words[:max_words]) if len(words) > max_words else text
-
-
-def encode_texts(tokenizer: Tokenizer, texts: Sequence[str], *, max_tokens: int, max_words: int,
-                 clean: Callable[[str, int], str] = pre_caption) -> tuple[np.ndarray, np.ndarray]:
-    """Texts -> (ids, atts) int32 (N, max_tokens): `clean`ed, `<s> ... </s>`, padded with `<pad>`."""
-    return pad_batch(tokenizer.encode_batch([clean(t, max_words) for t in texts]), max_tokens)
-
-
-def load_images(paths: Sequence[str], image_res: int) -> np.ndarray:
-    """Image files -> uint8 (N, image_res, image_res, 3), bicubic resize (the reference's test transform)."""
-    import tensorflow as tf
-
-    from cclm_jax.data.image import eval_image
-
-    out = np.empty((len(paths), image_res, image_res, 3), np.uint8)
-    for i, path in enumerate(paths):
-        try:
-            data = tf.io.read_file(path)
-        except tf.errors.NotFoundError:
-            raise FileNotFoundError(f"image {path!r} does not exist") from None
-        out[i] = eval_image(data, image_res).numpy()
-    return out
-
-
-def nli_batch(examples: Sequence[NLIExample], tokenizer: Tokenizer, *, image_res: int, max_tokens: int,
-              max_words: int) -> dict[str, np.ndarray]:
-    """XVNLI batch: image, hypothesis ids/atts, label."""
-    ids, atts = encode_texts(tokenizer, [e.hypothesis for e in examples], max_tokens=max_tokens,
-                             max_words=max_words)
-    return {"image": load_images([e.image_path for e in examples], image_res), "text_ids": ids,
-            "text_atts": atts, "label": np.array([e.label for e in examples], np.int32)}
-
-
-def image_pair_batch(examples: Sequence[ImagePairExample], tokenizer: Tokenizer, *, image_res: int,
-                     max_tokens: int, max_words: int) -> dict[str, np.ndarray]:
-    """MaRVL / NLVR2 batch: left and right images, statement ids/atts, label."""
-    ids, atts = encode_texts(tokenizer, [e.sentence for e in examples], max_tokens=max_tokens,
-                             max_words=max_words)
-    return {"image": load_images([e.image_paths[0] for e in examples], image_res),
-            "image_2": load_images([e.image_paths[1] for e in examples], image_res),
-            "text_ids": ids, "text_atts": atts, "label": np.array([e.label for e in examples], np.int32)}
-
-
-def answer_candidates(answers: Sequence[str], tokenizer: Tokenizer,
-                      answer_tokens: int) -> tuple[np.ndarray, np.ndarray]:
-    """Answers -> `<s> answer </s>` (ids, atts) int32 (A, answer_tokens); an answer that does not fit is an
-    error (it would be scored on a truncated sequence)."""
-    pieces = tokenizer.encode_batch(list(answers))
-    for answer, ids in zip(answers, pieces):
-        if len(ids) + 2 > answer_tokens:
-            raise ValueError(f"answer {answer!r} needs {len(ids) + 2} tokens with <s> </s>; "
-                             f"answer_tokens is {answer_tokens}")
-    return pad_batch(pieces, answer_tokens)
-
-
-def vqa_targets(examples: Sequence[VQAExample], tokenizer: Tokenizer, *, max_tokens: int, max_words: int,
-                max_answers: int, answer_tokens: int) -> dict[str, np.ndarray]:
-    """xGQA training fields without the image: question ids/atts, up to `max_answers` answers per question,
-    each weighted 1 / (number of answers of the question) as the reference; padding answers get weight 0."""
-    ids, atts = encode_texts(tokenizer, [e.question for e in examples], max_tokens=max_tokens,
-                             max_words=max_words, clean=pre_question)
-    b = len(examples)
-    answer_ids = np.zeros((b, max_answers, answer_tokens), np.int32)
-    answer_atts = np.zeros((b, max_answers, answer_tokens), np.int32)
-    weights = np.zeros((b, max_answers), np.float32)
-    for i, example in enumerate(examples):
-        if not example.answers:
-            raise ValueError(f"question {example.question_id!r} has no answer to train on")
-        if len(example.answers) > max_answers:
-            raise ValueError(f"question {example.question_id!r} has {len(example.answers)} answers; "
-                             f"max_answers is {max_answers}")
-        n = len(example.answers)
-        answer_ids[i, :n], answer_atts[i, :n] = answer_candidates(example.answers, tokenizer, answer_tokens)
-        weights[i, :n] = 1.0 / n
-    return {"text_ids": ids, "text_atts": atts, "answer_ids": answer_ids, "answer_atts": answer_atts,
-            "answer_weights": weights}
-
-
-def vqa_batch(examples: Sequence[VQAExample], tokenizer: Tokenizer, *, image_res: int, max_tokens: int,
-              max_words: int, max_answers: int, answer_tokens: int) -> dict[str, np.ndarray]:
-    """xGQA training batch: `vqa_targets` and the images."""
-    targets = vqa_targets(examples, tokenizer, max_tokens=max_tokens, max_words=max_words,
-                          max_answers=max_answers, answer_tokens=answer_tokens)
-    return {"image": load_images([e.image_path for e in examples], image_res), **targets}

@@ -13,20 +13,23 @@ bicubic), horizontal flip (p 0.5), RandomAugment(2, 7); xGQA flips only question
 random numbers of a row come from the stateless seed (train.seed, row position in the run), so a resumed run
 sees the same pixels. Evaluation images: Resize((res, res), bicubic).
 
-Batches are host numpy dicts in the layout of `cclm_jax.train.finetune` (uint8 NHWC images), plus `valid`.
+Batches are host numpy dicts in the layout of `cclm_jax.tasks.definitions` (uint8 NHWC images), plus `valid`.
 Image sources are files or, for WIT lines carrying the reference's preprocessed `image_content`, base64 text.
+Texts: `encode_texts` (captions, hypotheses, statements; questions with `text.pre_question`), and for xGQA
+`vqa_targets` / `answer_candidates`.
 """
 from __future__ import annotations
 
 import math
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from cclm_jax.data.finetune_data import RetrievalPair
+from cclm_jax.data.iglue import ImagePairExample, NLIExample, VQAExample
+from cclm_jax.data.retrieval_sets import RetrievalImage
+from cclm_jax.data.text import pad_batch, pre_caption, pre_question
 from cclm_jax.data.tokenizer import Tokenizer
-from cclm_jax.evaluation.readers import ImagePairExample, NLIExample, RetrievalImage, VQAExample
-from cclm_jax.train.finetune import encode_texts, vqa_targets
-from cclm_jax.train.finetune_data import RetrievalPair
 
 FINETUNE_CROP_SCALE = (0.5, 1.0)
 _NO_FLIP_WORDS = ("left", "right")
@@ -94,6 +97,49 @@ def eval_image_batches(sources: Sequence[tuple[str, bool]], res: int, batch: int
     yield from _image_dataset(sources, res).batch(batch).prefetch(2).as_numpy_iterator()
 
 
+# ------------------------------------------------------------------------------------------------ texts
+
+def encode_texts(tokenizer: Tokenizer, texts: Sequence[str], *, max_tokens: int, max_words: int,
+                 clean: Callable[[str, int], str] = pre_caption) -> tuple[np.ndarray, np.ndarray]:
+    """Texts -> (ids, atts) int32 (N, max_tokens): `clean`ed, `<s> ... </s>`, padded with `<pad>`."""
+    return pad_batch(tokenizer.encode_batch([clean(t, max_words) for t in texts]), max_tokens)
+
+
+def answer_candidates(answers: Sequence[str], tokenizer: Tokenizer,
+                      answer_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """Answers -> `<s> answer </s>` (ids, atts) int32 (A, answer_tokens); an answer that does not fit is an
+    error (it would be scored on a truncated sequence)."""
+    pieces = tokenizer.encode_batch(list(answers))
+    for answer, ids in zip(answers, pieces):
+        if len(ids) + 2 > answer_tokens:
+            raise ValueError(f"answer {answer!r} needs {len(ids) + 2} tokens with <s> </s>; "
+                             f"answer_tokens is {answer_tokens}")
+    return pad_batch(pieces, answer_tokens)
+
+
+def vqa_targets(examples: Sequence[VQAExample], tokenizer: Tokenizer, *, max_tokens: int, max_words: int,
+                max_answers: int, answer_tokens: int) -> dict[str, np.ndarray]:
+    """xGQA training fields without the image: question ids/atts, up to `max_answers` answers per question,
+    each weighted 1 / (number of answers of the question) as the reference; padding answers get weight 0."""
+    ids, atts = encode_texts(tokenizer, [e.question for e in examples], max_tokens=max_tokens,
+                             max_words=max_words, clean=pre_question)
+    b = len(examples)
+    answer_ids = np.zeros((b, max_answers, answer_tokens), np.int32)
+    answer_atts = np.zeros((b, max_answers, answer_tokens), np.int32)
+    weights = np.zeros((b, max_answers), np.float32)
+    for i, example in enumerate(examples):
+        if not example.answers:
+            raise ValueError(f"question {example.question_id!r} has no answer to train on")
+        if len(example.answers) > max_answers:
+            raise ValueError(f"question {example.question_id!r} has {len(example.answers)} answers; "
+                             f"max_answers is {max_answers}")
+        n = len(example.answers)
+        answer_ids[i, :n], answer_atts[i, :n] = answer_candidates(example.answers, tokenizer, answer_tokens)
+        weights[i, :n] = 1.0 / n
+    return {"text_ids": ids, "text_atts": atts, "answer_ids": answer_ids, "answer_atts": answer_atts,
+            "answer_weights": weights}
+
+
 # ------------------------------------------------------------------------------------------------ rows
 
 def _allows_flip(example: VQAExample) -> bool:
@@ -114,7 +160,7 @@ def row_images(task: str, row) -> list[tuple[str, bool]]:
 
 def text_fields(task: str, rows: Sequence, tokenizer: Tokenizer, *, max_tokens: int, max_words: int,
                 max_answers: int = 0, answer_tokens: int = 0) -> dict[str, np.ndarray]:
-    """The non-image fields of a batch of training rows (see `cclm_jax.train.finetune` for the layout)."""
+    """The non-image fields of a batch of training rows (see `cclm_jax.tasks.definitions` for the layout)."""
     if task == "retrieval":
         ids, atts = encode_texts(tokenizer, [r.caption for r in rows], max_tokens=max_tokens, max_words=max_words)
         return {"text_ids": ids, "text_atts": atts, "idx": np.array([r.image_index for r in rows], np.int32)}

@@ -3,7 +3,7 @@
 `config.init` names exactly one start:
 - `workdir`: a run directory (its checkpoint `init.step`, -1 = the latest). A pre-training run (`cclm-jax train`,
   or `cclm-jax import`) gives the CCLM parameters, from which the task's are built
-  (`finetune.init_task_params`: new heads drawn from `train.seed`); a fine-tuning run of the same task gives
+  (`definitions.init_task_params`: new heads drawn from `train.seed`); a fine-tuning run of the same task gives
   the task's parameters as they are (few-shot training continues from the English-fine-tuned run).
 - `checkpoint`: an official CCLM `.th` / `.pth` / `.safetensors` file (`interop.official.load`, `text_num_heads`),
   pre-training or fine-tuned (the task's own heads are then kept).
@@ -34,7 +34,7 @@ from cclm_jax.interop.shapes import abstract_params
 from cclm_jax.interop.workdir import read_run_config, restore_params
 from cclm_jax.models import build_model
 from cclm_jax.models.config import validate_model_config
-from cclm_jax.train import finetune
+from cclm_jax.tasks import definitions
 
 log = logging.getLogger(__name__)
 
@@ -175,9 +175,9 @@ def initial_task_params(config: ml_collections.ConfigDict, rng: jax.Array) -> tu
                                               vision__window_size=config.model.vision.window_size)
         model_config = task_model_config(loaded_config, config.model)
         source = jax.tree.map(np.asarray, source)
-        heads = finetune.TASK_HEADS[task]
+        heads = definitions.TASK_HEADS[task]
         source_task = task if heads and all(h in source for h in heads) else None
-    params = source if source_task == task else finetune.init_task_params(task, source, rng)
+    params = source if source_task == task else definitions.init_task_params(task, source, rng)
     check_tree(params, nn.meta.unbox(abstract_task_params(task, model_config)),
                f"the parameters from config.init ({init.workdir or init.checkpoint or 'from_scratch'})")
     return model_config, params

@@ -1,6 +1,7 @@
 """What a fine-tuning run trains and tests on: the task's annotation files, located from `config.data` and
-`config.protocol` and read with `cclm_jax.evaluation.readers`, every file and image checked before anything
-compiles (a missing one is an error naming its path and the config field that leads to it).
+`config.protocol` and read with the readers of `data.iglue` and `data.retrieval_sets`, every file and image
+checked before anything compiles (a missing one is an error naming its path and the config field that leads to
+it).
 
 Sources, chosen by the fields a config's `data` section has:
 - IGLUE (`data.iglue_task`, `data.iglue_root` = the IGLUE `datasets/` folder, `data.image_root`):
@@ -12,7 +13,7 @@ Sources, chosen by the fields a config's `data` section has:
 - Flickr8k (`data.flickr8k_root`, the folder of `../shared/data/flickr8k`): train on `train.jsonl`, test on
   `val.jsonl`, captions of `data.languages`.
 
-Protocols (`finetune.apply_protocol`): zero_shot trains on `data.train_language` (IGLUE: English) and tests every
+Protocols (`tasks.apply_protocol`): zero_shot trains on `data.train_language` (IGLUE: English) and tests every
 language; translate_test tests the IGLUE machine-translated English files (English keeps its own test);
 few_shot trains on the IGLUE few-shot file `data.shots` of `data.train_language` and tests that language;
 all_languages trains on every language of `data.languages` (xvnli, Flickr8k; Multi30K/MSCOCO take the files
@@ -26,8 +27,8 @@ from typing import Any, Sequence
 
 import ml_collections
 
-from cclm_jax.evaluation import readers
-from cclm_jax.evaluation.readers import RetrievalImage, RetrievalSet
+from cclm_jax.data import iglue, retrieval_sets
+from cclm_jax.data.retrieval_sets import RetrievalImage, RetrievalSet
 
 SOURCES = ("iglue", "cclm_json", "flickr8k")
 FLICKR8K_SPLITS = {"train": "train.jsonl", "test": "val.jsonl"}
@@ -45,7 +46,7 @@ class RetrievalPair:
 
 @dataclasses.dataclass(frozen=True)
 class TaskData:
-    """train: training rows (`RetrievalPair`, `readers.NLIExample`, `ImagePairExample` or `VQAExample`; empty
+    """train: training rows (`RetrievalPair`, `iglue.NLIExample`, `ImagePairExample` or `VQAExample`; empty
     when not read); tests: language -> `RetrievalSet` (retrieval) or list of examples; answers: xGQA candidates."""
 
     train: tuple
@@ -113,7 +114,7 @@ def _image_root(data: ml_collections.ConfigDict, field: str = "image_root"):
 
 def _iglue_file(config, language: str, split: str = "test", *, shots=None, translate_test=False) -> str:
     data = config.data
-    path = readers.iglue_annotation_path(data.iglue_root, data.iglue_task, language, split, shots=shots,
+    path = iglue.iglue_annotation_path(data.iglue_root, data.iglue_task, language, split, shots=shots,
                                          translate_test=translate_test)
     if not os.path.isfile(path):
         what = (f"the {data.iglue_task} {'translate-test' if translate_test else split} file of language "
@@ -126,7 +127,7 @@ def _iglue_file(config, language: str, split: str = "test", *, shots=None, trans
 def _read_iglue(config, language: str, split: str = "test", *, shots=None, translate_test=False):
     data = config.data
     _iglue_file(config, language, split, shots=shots, translate_test=translate_test)
-    return readers.read_iglue(os.path.expanduser(data.iglue_root), data.iglue_task, language, _image_root(data),
+    return iglue.read_iglue(os.path.expanduser(data.iglue_root), data.iglue_task, language, _image_root(data),
                               split, shots=shots, translate_test=translate_test, check_images=True)
 
 
@@ -148,11 +149,11 @@ def _iglue_train(config) -> list:
                              "config.data.nlvr_image_root)")
         root = _require_dir(data.nlvr_image_root, "nlvr_image_root")
         return [e for i, path in enumerate(data.train_files)
-                for e in readers.read_nlvr_json(_require_file(path, f"train_files[{i}]"), root, check_images=True)]
+                for e in iglue.read_nlvr_json(_require_file(path, f"train_files[{i}]"), root, check_images=True)]
     path = _require_file(os.path.join(os.path.expanduser(data.iglue_root), data.train_file), "train_file")
     if task == "xgqa":
-        return readers.read_gqa_json(path, _image_root(data), check_images=True)
-    reader = readers.read_wit_jsonl if task == "wit" else readers.read_retrieval_jsonl
+        return iglue.read_gqa_json(path, _image_root(data), check_images=True)
+    reader = retrieval_sets.read_wit_jsonl if task == "wit" else retrieval_sets.read_retrieval_jsonl
     return _as_rows(config, [reader(path, _image_root(data), language=data.train_language, check_images=True)])
 
 
@@ -171,7 +172,7 @@ def _cclm_json(config, train: bool) -> tuple[list, dict[str, Any]]:
     if train:
         if not data.train_files:
             raise ValueError("config.data.train_files is empty: list the CCLM retrieval json training files")
-        rows = _as_rows(config, [readers.read_cclm_retrieval_json(_require_file(path, f"train_files[{i}]"), root,
+        rows = _as_rows(config, [retrieval_sets.read_cclm_retrieval_json(_require_file(path, f"train_files[{i}]"), root,
                                                                   check_images=True)
                                  for i, path in enumerate(data.train_files)])
     tests = {}
@@ -180,7 +181,7 @@ def _cclm_json(config, train: bool) -> tuple[list, dict[str, Any]]:
             raise ValueError(f"config.data.test_files has no entry for language {lang!r} "
                              f"(has {sorted(data.test_files)})")
         path = _require_file(data.test_files[lang], f"test_files.{lang}")
-        tests[lang] = readers.read_cclm_retrieval_json(path, root, language=lang, check_images=True)
+        tests[lang] = retrieval_sets.read_cclm_retrieval_json(path, root, language=lang, check_images=True)
     return rows, tests
 
 
@@ -190,7 +191,7 @@ def _flickr8k(config, train: bool) -> tuple[list, dict[str, Any]]:
 
     def read(split: str, lang: str) -> RetrievalSet:
         path = _require_file(os.path.join(root, FLICKR8K_SPLITS[split]), "flickr8k_root")
-        return readers.read_flickr8k(path, root, lang, check_images=True)
+        return retrieval_sets.read_flickr8k(path, root, lang, check_images=True)
 
     rows = []
     if train:
@@ -223,7 +224,7 @@ def load_task_data(config: ml_collections.ConfigDict, *, train: bool = True) -> 
         tests = _iglue_tests(config)
         if config.task == "xgqa":
             path = os.path.join(os.path.expanduser(config.data.iglue_root), config.data.answer_list)
-            answers = tuple(readers.read_answer_list(_require_file(path, "answer_list")))
+            answers = tuple(iglue.read_answer_list(_require_file(path, "answer_list")))
     elif source == "cclm_json":
         rows, tests = _cclm_json(config, train)
     else:

@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from cclm_jax.evaluation import readers as R
+from cclm_jax.data import annotations, iglue, retrieval_sets
 
 
 def write_jsonl(path, records):
@@ -29,7 +29,7 @@ def test_xflickrco_jsonl_layout_coco_routing_and_empty_skip(tmp_path):
         {"sentences": ["eine Katze"], "id": 333, "img_path": "COCO_val2014_000000000333.jpg"},
     ])
     roots = {"flickr30k": str(tmp_path / "f30k"), "coco": str(tmp_path / "coco")}
-    got = R.read_retrieval_jsonl(path, roots, language="de")
+    got = retrieval_sets.read_retrieval_jsonl(path, roots, language="de")
     assert got.language == "de" and got.source == str(path)
     assert [i.image_id for i in got.images] == ["111", "333"]
     assert got.image_paths == [os.path.join(roots["flickr30k"], "111.jpg"),
@@ -37,8 +37,8 @@ def test_xflickrco_jsonl_layout_coco_routing_and_empty_skip(tmp_path):
     assert got.texts == ["ein Hund", "zwei Hunde", "eine Katze"]
     assert got.txt2img.tolist() == [0, 0, 1]
     assert [a.tolist() for a in got.img2txt] == [[0, 1], [2]]
-    with pytest.raises(R.AnnotationError, match=r"needs image_root\['coco'\]"):
-        R.read_retrieval_jsonl(path, {"flickr30k": "x"})
+    with pytest.raises(annotations.AnnotationError, match=r"needs image_root\['coco'\]"):
+        retrieval_sets.read_retrieval_jsonl(path, {"flickr30k": "x"})
 
 
 def test_missing_images_are_reported_with_their_paths(tmp_path):
@@ -48,15 +48,16 @@ def test_missing_images_are_reported_with_their_paths(tmp_path):
         {"sentences": ["c"], "id": "3", "img_path": "3.jpg"},
     ])
     touch(str(tmp_path / "img" / "2.jpg"))
-    R.read_retrieval_jsonl(path, tmp_path / "img")  # not checked by default
+    retrieval_sets.read_retrieval_jsonl(path, tmp_path / "img")  # not checked by default
     with pytest.raises(FileNotFoundError) as err:
-        R.read_retrieval_jsonl(path, tmp_path / "img", check_images=True)
+        retrieval_sets.read_retrieval_jsonl(path, tmp_path / "img", check_images=True)
     message = str(err.value)
     assert "2 of 3 images" in message and str(path) in message
     assert str(tmp_path / "img" / "1.jpg") in message and str(tmp_path / "img" / "3.jpg") in message
-    assert R.missing_images([str(tmp_path / "img" / "2.jpg"), "/no/such.jpg", "/no/such.jpg"]) == ["/no/such.jpg"]
+    paths = [str(tmp_path / "img" / "2.jpg"), "/no/such.jpg", "/no/such.jpg"]
+    assert annotations.missing_images(paths) == ["/no/such.jpg"]
     touch(str(tmp_path / "img" / "1.jpg"), str(tmp_path / "img" / "3.jpg"))
-    assert len(R.read_retrieval_jsonl(path, tmp_path / "img", check_images=True).images) == 3
+    assert len(retrieval_sets.read_retrieval_jsonl(path, tmp_path / "img", check_images=True).images) == 3
 
 
 @pytest.mark.parametrize("line,where,field,problem", [
@@ -70,8 +71,8 @@ def test_missing_images_are_reported_with_their_paths(tmp_path):
 def test_malformed_jsonl_names_file_line_and_field(tmp_path, line, where, field, problem):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"sentences": ["ok"], "id": "0", "img_path": "0.jpg"}\n' + line + "\n")
-    with pytest.raises(R.AnnotationError, match=problem) as err:
-        R.read_retrieval_jsonl(path, tmp_path)
+    with pytest.raises(annotations.AnnotationError, match=problem) as err:
+        retrieval_sets.read_retrieval_jsonl(path, tmp_path)
     assert err.value.path == str(path) and err.value.where == where and err.value.field == field
     assert str(path) in str(err.value) and where in str(err.value)
 
@@ -85,7 +86,7 @@ def test_wit_groups_captions_by_url(tmp_path):
         {"image_url": url_b, "caption_reference_description": "anden", "language": "da", "image_content": "QUJD"},
         {"image_url": url_a, "caption_reference_description": "tredje", "language": "da"},
     ])
-    got = R.read_wit_jsonl(path, tmp_path)
+    got = retrieval_sets.read_wit_jsonl(path, tmp_path)
     assert got.language == "da"
     assert [i.image_id for i in got.images] == [url_a, url_b]
     assert [i.captions for i in got.images] == [("første", "tredje"), ("anden",)]
@@ -93,34 +94,34 @@ def test_wit_groups_captions_by_url(tmp_path):
     assert got.images[1].image_b64 == "QUJD"
     assert got.txt2img.tolist() == [0, 0, 1]
     with pytest.raises(FileNotFoundError, match=r"1 of 1 images"):  # the embedded image is not looked up
-        R.read_wit_jsonl(path, tmp_path, check_images=True)
+        retrieval_sets.read_wit_jsonl(path, tmp_path, check_images=True)
     mixed = write_jsonl(tmp_path / "mixed.jsonl", [
         {"image_url": url_a, "caption_reference_description": "a", "language": "da"},
         {"image_url": url_b, "caption_reference_description": "b", "language": "et"}])
-    with pytest.raises(R.AnnotationError, match=r"mixes languages \['da', 'et'\]"):
-        R.read_wit_jsonl(mixed, tmp_path)
+    with pytest.raises(annotations.AnnotationError, match=r"mixes languages \['da', 'et'\]"):
+        retrieval_sets.read_wit_jsonl(mixed, tmp_path)
 
 
 def test_cclm_retrieval_json_eval_and_train_layouts(tmp_path):
     evaluation = tmp_path / "test_2016_flickr.fr.json"
     evaluation.write_text(json.dumps([{"image": "flickr30k-images/1.jpg", "caption": ["un chien", "le chien"]},
                                       {"image": "flickr30k-images/2.jpg", "caption": ["un chat"]}]))
-    got = R.read_cclm_retrieval_json(evaluation, "/data/images", language="fr")
+    got = retrieval_sets.read_cclm_retrieval_json(evaluation, "/data/images", language="fr")
     assert got.image_paths == ["/data/images/flickr30k-images/1.jpg", "/data/images/flickr30k-images/2.jpg"]
     assert [a.tolist() for a in got.img2txt] == [[0, 1], [2]]
     train = tmp_path / "train.fr.json"
     train.write_text(json.dumps([{"image": "a.jpg", "caption": "x", "image_id": 0},
                                  {"image": "b.jpg", "caption": "y", "image_id": 1},
                                  {"image": "a.jpg", "caption": "z", "image_id": 0}]))
-    got = R.read_cclm_retrieval_json(train, "/r")
+    got = retrieval_sets.read_cclm_retrieval_json(train, "/r")
     assert [i.captions for i in got.images] == [("x", "z"), ("y",)]
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"image": "a.jpg", "caption": ["x"]}, {"image": "b.jpg", "caption": 3}]))
-    with pytest.raises(R.AnnotationError, match=r"bad.json, record 1, field 'caption': expected str or list"):
-        R.read_cclm_retrieval_json(bad, "/r")
+    with pytest.raises(annotations.AnnotationError, match=r"bad.json, record 1, field 'caption': expected str or list"):
+        retrieval_sets.read_cclm_retrieval_json(bad, "/r")
     (tmp_path / "broken.json").write_text('[{"image": "a.jpg",\n "caption": ]')
-    with pytest.raises(R.AnnotationError, match=r"broken.json, line 2.*invalid JSON"):
-        R.read_cclm_retrieval_json(tmp_path / "broken.json", "/r")
+    with pytest.raises(annotations.AnnotationError, match=r"broken.json, line 2.*invalid JSON"):
+        retrieval_sets.read_cclm_retrieval_json(tmp_path / "broken.json", "/r")
 
 
 def flickr8k_record(flickr_id):
@@ -132,16 +133,16 @@ def flickr8k_record(flickr_id):
 
 def test_flickr8k_languages_and_fields(tmp_path):
     path = write_jsonl(tmp_path / "val.jsonl", [flickr8k_record("1"), flickr8k_record("2")])
-    de = R.read_flickr8k(path, tmp_path, "de")
+    de = retrieval_sets.read_flickr8k(path, tmp_path, "de")
     assert de.texts == ["Hund 1", "Hund 2"] and de.language == "de"
     assert de.image_paths[0] == str(tmp_path / "images" / "1_x.jpg")
-    assert R.read_flickr8k(path, tmp_path, "zh").texts == ["狗", "小狗", "狗", "小狗"]
-    assert R.read_flickr8k(path, tmp_path, "de", field="multi30k_task2").txt2img.tolist() == [0, 0, 1, 1]
-    assert len(R.read_flickr8k(path, tmp_path, "en", field="flickr8k_en").texts) == 6
+    assert retrieval_sets.read_flickr8k(path, tmp_path, "zh").texts == ["狗", "小狗", "狗", "小狗"]
+    assert retrieval_sets.read_flickr8k(path, tmp_path, "de", field="multi30k_task2").txt2img.tolist() == [0, 0, 1, 1]
+    assert len(retrieval_sets.read_flickr8k(path, tmp_path, "en", field="flickr8k_en").texts) == 6
     with pytest.raises(ValueError, match="holds only 'en' captions"):
-        R.read_flickr8k(path, tmp_path, "de", field="flickr8k_en")
-    with pytest.raises(R.AnnotationError, match=r"line 1, field 'multi30k_task2': no 'fr' captions"):
-        R.read_flickr8k(path, tmp_path, "fr", field="multi30k_task2")
+        retrieval_sets.read_flickr8k(path, tmp_path, "de", field="flickr8k_en")
+    with pytest.raises(annotations.AnnotationError, match=r"line 1, field 'multi30k_task2': no 'fr' captions"):
+        retrieval_sets.read_flickr8k(path, tmp_path, "fr", field="multi30k_task2")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -152,16 +153,16 @@ def test_xvnli_labels_and_no_consensus_skip(tmp_path):
     path = write_jsonl(tmp_path / "test.jsonl", [
         {"gold_label": g, "sentence1": "p", "sentence2": h, "Flikr30kID": "42", "pairID": f"42#{i}"}
         for i, (g, h) in enumerate(rows)])
-    got = R.read_xvnli_jsonl(path, tmp_path, language="fr")
+    got = iglue.read_xvnli_jsonl(path, tmp_path, language="fr")
     assert [(e.hypothesis, e.label) for e in got] == [("c", 0), ("e", 1), ("n", 2)]
     assert got[0].image_path == str(tmp_path / "42.jpg") and got[2].pair_id == "42#3"
     assert got[0].language == "fr" and got[0].premise == "p"
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"gold_label": "entailed", "sentence2": "h", "Flikr30kID": "1"}])
-    with pytest.raises(R.AnnotationError, match=r"line 1, field 'gold_label': 'entailed' is not one of"):
-        R.read_xvnli_jsonl(bad, tmp_path)
+    with pytest.raises(annotations.AnnotationError, match=r"line 1, field 'gold_label': 'entailed' is not one of"):
+        iglue.read_xvnli_jsonl(bad, tmp_path)
     no_hyp = write_jsonl(tmp_path / "nohyp.jsonl", [{"gold_label": "neutral", "Flikr30kID": "1"}])
-    with pytest.raises(R.AnnotationError, match=r"field 'sentence2': missing"):
-        R.read_xvnli_jsonl(no_hyp, tmp_path)
+    with pytest.raises(annotations.AnnotationError, match=r"field 'sentence2': missing"):
+        iglue.read_xvnli_jsonl(no_hyp, tmp_path)
 
 
 def marvl_record(i, label, left="39-Panci/39-n-5.jpg"):
@@ -171,28 +172,28 @@ def marvl_record(i, label, left="39-Panci/39-n-5.jpg"):
 
 def test_marvl_layouts_and_labels(tmp_path):
     path = write_jsonl(tmp_path / "marvl-id.jsonl", [marvl_record(0, True), marvl_record(1, False)])
-    zero = R.read_marvl_jsonl(path, "/m")
+    zero = iglue.read_marvl_jsonl(path, "/m")
     assert [e.label for e in zero] == [1, 0] and zero[1].example_id == "id-1"
     assert zero[0].image_paths == ("/m/id/images/39-Panci/39-Panci/39-n-5.jpg", "/m/id/images/39-Panci/39-2.jpg")
-    few = R.read_marvl_jsonl(path, "/m", layout="few_shot")
+    few = iglue.read_marvl_jsonl(path, "/m", layout="few_shot")
     assert few[0].image_paths == ("/m/id/all/39-n-5.jpg", "/m/id/all/39-2.jpg")
     bad = write_jsonl(tmp_path / "bad.jsonl", [marvl_record(0, True), marvl_record(1, 1)])
-    with pytest.raises(R.AnnotationError, match=r"line 2, field 'label'"):
-        R.read_marvl_jsonl(bad, "/m")
+    with pytest.raises(annotations.AnnotationError, match=r"line 2, field 'label'"):
+        iglue.read_marvl_jsonl(bad, "/m")
     with pytest.raises(ValueError, match="unknown MaRVL image layout"):
-        R.read_marvl_jsonl(path, "/m", layout="flat")
+        iglue.read_marvl_jsonl(path, "/m", layout="flat")
 
 
 def test_nlvr_json(tmp_path):
     path = tmp_path / "nlvr_dev.json"
     path.write_text(json.dumps([{"images": ["dev/a-img0.png", "dev/a-img1.png"], "sentence": "s", "label": "True"},
                                 {"images": ["dev/b-img0.png", "dev/b-img1.png"], "sentence": "t", "label": False}]))
-    got = R.read_nlvr_json(path, "/nlvr2", language="en")
+    got = iglue.read_nlvr_json(path, "/nlvr2", language="en")
     assert [e.label for e in got] == [1, 0]
     assert got[0].image_paths == ("/nlvr2/dev/a-img0.png", "/nlvr2/dev/a-img1.png")
     path.write_text(json.dumps([{"images": ["only-one.png"], "sentence": "s", "label": "True"}]))
-    with pytest.raises(R.AnnotationError, match=r"record 0, field 'images': expected 2 image paths, got 1"):
-        R.read_nlvr_json(path, "/nlvr2")
+    with pytest.raises(annotations.AnnotationError, match=r"record 0, field 'images': expected 2 image paths, got 1"):
+        iglue.read_nlvr_json(path, "/nlvr2")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -202,7 +203,7 @@ def test_gqa_object_and_list_layouts(tmp_path):
     xgqa = tmp_path / "test.json"
     xgqa.write_text(json.dumps({"201640614": {"imageId": "n235859", "question": "Wer?", "answer": "women"},
                                 "7": {"imageId": "n1", "question": "Was?"}}))
-    got = R.read_gqa_json(xgqa, "/gqa", language="de")
+    got = iglue.read_gqa_json(xgqa, "/gqa", language="de")
     assert [(e.question_id, e.image_path, e.answer) for e in got] == [
         ("201640614", "/gqa/n235859.jpg", "women"), ("7", "/gqa/n1.jpg", None)]
     assert got[0].answers == ("women",) and got[1].answers == ()
@@ -210,41 +211,41 @@ def test_gqa_object_and_list_layouts(tmp_path):
     gqa.write_text(json.dumps([{"question_id": "07333408", "img_id": "2375429", "sent": "What?",
                                 "label": {"pipe": 0.3, "tube": 1.0}},
                                {"question_id": "1", "img_id": "2", "sent": "Why?", "label": {}}]))
-    got = R.read_gqa_json(gqa, "/gqa")
+    got = iglue.read_gqa_json(gqa, "/gqa")
     assert got[0].answer == "tube" and got[0].answers == ("pipe", "tube") and got[1].answer is None
     gqa.write_text(json.dumps([{"question_id": "1", "img_id": "2", "sent": "Why?", "label": {"x": "high"}}]))
-    with pytest.raises(R.AnnotationError, match=r"record 0, field 'label.x': score must be a number"):
-        R.read_gqa_json(gqa, "/gqa")
+    with pytest.raises(annotations.AnnotationError, match=r"record 0, field 'label.x': score must be a number"):
+        iglue.read_gqa_json(gqa, "/gqa")
     xgqa.write_text(json.dumps({"5": {"imageId": "n1", "answer": "no"}}))
-    with pytest.raises(R.AnnotationError, match=r"question '5', field 'question': missing"):
-        R.read_gqa_json(xgqa, "/gqa")
+    with pytest.raises(annotations.AnnotationError, match=r"question '5', field 'question': missing"):
+        iglue.read_gqa_json(xgqa, "/gqa")
 
 
 def test_answer_list_keeps_file_order(tmp_path):
     path = tmp_path / "ans2label.json"
     path.write_text('{"puddle": 1, "soap": 0, "water glass": 2}')
-    assert R.read_answer_list(path) == ["puddle", "soap", "water glass"]
+    assert iglue.read_answer_list(path) == ["puddle", "soap", "water glass"]
     path.write_text('{"a": 0, "b": 0}')
-    with pytest.raises(R.AnnotationError, match="label id 0 already used by 'a'"):
-        R.read_answer_list(path)
+    with pytest.raises(annotations.AnnotationError, match="label id 0 already used by 'a'"):
+        iglue.read_answer_list(path)
 
 
 def test_iglue_paths():
     root = "/iglue"
-    assert R.iglue_annotation_path(root, "xFlickrCO", "ja", shots="100x5") == \
+    assert iglue.iglue_annotation_path(root, "xFlickrCO", "ja", shots="100x5") == \
         "/iglue/xFlickrCO/annotations/ja/train_100x5.jsonl"
-    assert R.iglue_annotation_path(root, "wit", "ko", translate_test=True) == \
+    assert iglue.iglue_annotation_path(root, "wit", "ko", translate_test=True) == \
         "/iglue/wit/annotations_machine-translate/test_ko_gmt.jsonl"
-    assert R.iglue_annotation_path(root, "xvnli", "ru") == "/iglue/XVNLI/annotations/ru/test.jsonl"
-    assert R.iglue_annotation_path(root, "marvl", "ta", translate_test=True) == \
+    assert iglue.iglue_annotation_path(root, "xvnli", "ru") == "/iglue/XVNLI/annotations/ru/test.jsonl"
+    assert iglue.iglue_annotation_path(root, "marvl", "ta", translate_test=True) == \
         "/iglue/marvl/zero_shot/annotations_machine-translate/marvl-ta_gmt.jsonl"
-    assert R.iglue_annotation_path(root, "xgqa", "pt", "dev") == "/iglue/xGQA/annotations/few_shot/pt/dev.json"
+    assert iglue.iglue_annotation_path(root, "xgqa", "pt", "dev") == "/iglue/xGQA/annotations/few_shot/pt/dev.json"
     with pytest.raises(ValueError, match="no translate-test layout is known for xGQA"):
-        R.iglue_annotation_path(root, "xgqa", "pt", translate_test=True)
+        iglue.iglue_annotation_path(root, "xgqa", "pt", translate_test=True)
     with pytest.raises(ValueError, match="has no split 'dev'"):
-        R.iglue_annotation_path(root, "marvl", "id", "dev")
+        iglue.iglue_annotation_path(root, "marvl", "id", "dev")
     with pytest.raises(ValueError, match="unknown IGLUE task 'vqa'"):
-        R.iglue_annotation_path(root, "vqa", "id")
+        iglue.iglue_annotation_path(root, "vqa", "id")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -256,72 +257,72 @@ def count_lines(path, keep=lambda record: True):
 
 
 def test_real_wit(shared_data_dir):
-    iglue = shared_data_dir / "iglue"
+    iglue_root = shared_data_dir / "iglue"
     expected_images = {"ar": 792, "bg": 806, "da": 814, "el": 541, "en": 685, "et": 780, "id": 854,
                        "ja": 842, "ko": 889, "tr": 681, "vi": 869}
     for lang, n_images in expected_images.items():
-        got = R.read_iglue(iglue, "wit", lang, "/wit-images")
+        got = iglue.read_iglue(iglue_root, "wit", lang, "/wit-images")
         assert got.language == lang and len(got.images) == n_images
-        assert len(got.texts) == count_lines(R.iglue_annotation_path(iglue, "wit", lang))
-    assert len(R.read_iglue(iglue, "wit", "en", "/w", "valid").images) == 4632
+        assert len(got.texts) == count_lines(iglue.iglue_annotation_path(iglue_root, "wit", lang))
+    assert len(iglue.read_iglue(iglue_root, "wit", "en", "/w", "valid").images) == 4632
 
 
 def test_real_xflickrco_and_flickr30k(shared_data_dir):
-    iglue = shared_data_dir / "iglue"
-    valid = R.read_iglue(iglue, "xflickrco", "en", "/f30k", "valid")
+    iglue_root = shared_data_dir / "iglue"
+    valid = iglue.read_iglue(iglue_root, "xflickrco", "en", "/f30k", "valid")
     assert len(valid.images) == 1014 and len(valid.texts) == 5070
     for lang in ("de", "es", "id", "ja", "ru", "tr", "zh"):
         for shots in (1, 5, 10, 25, 50, 100):
-            got = R.read_iglue(iglue, "xflickrco", lang, "/f30k", shots=shots)
+            got = iglue.read_iglue(iglue_root, "xflickrco", lang, "/f30k", shots=shots)
             assert len(got.images) == shots and len(got.texts) == shots and got.language == lang
-    five = R.read_iglue(iglue, "xflickrco", "de", "/f30k", shots="100x5")
+    five = iglue.read_iglue(iglue_root, "xflickrco", "de", "/f30k", shots="100x5")
     assert len(five.images) == 100 and len(five.texts) == 500
 
 
 def test_real_xvnli(shared_data_dir):
-    iglue = shared_data_dir / "iglue"
+    iglue_root = shared_data_dir / "iglue"
     for lang in ("ar", "en", "es", "fr", "ru"):
         for shots in (1, 5, 10, 20, 25, 48):
-            got = R.read_iglue(iglue, "xvnli", lang, "/f30k", shots=shots)
-            path = R.iglue_annotation_path(iglue, "xvnli", lang, shots=shots)
+            got = iglue.read_iglue(iglue_root, "xvnli", lang, "/f30k", shots=shots)
+            path = iglue.iglue_annotation_path(iglue_root, "xvnli", lang, shots=shots)
             assert len(got) == count_lines(path, lambda r: r["gold_label"] != "-")
             assert {e.label for e in got} <= {0, 1, 2}
-    assert {e.label for e in R.read_iglue(iglue, "xvnli", "en", "/f", shots=48)} == {0, 1, 2}
+    assert {e.label for e in iglue.read_iglue(iglue_root, "xvnli", "en", "/f", shots=48)} == {0, 1, 2}
 
 
 def test_real_marvl(shared_data_dir):
-    iglue = shared_data_dir / "iglue"
+    iglue_root = shared_data_dir / "iglue"
     sizes = {"id": 1128, "sw": 1108, "ta": 1242, "tr": 1180, "zh": 1012}
     for lang, size in sizes.items():
-        native = R.read_iglue(iglue, "marvl", lang, "/marvl")
-        translated = R.read_iglue(iglue, "marvl", lang, "/marvl", translate_test=True)
+        native = iglue.read_iglue(iglue_root, "marvl", lang, "/marvl")
+        translated = iglue.read_iglue(iglue_root, "marvl", lang, "/marvl", translate_test=True)
         assert len(native) == len(translated) == size
         assert {e.language for e in native} == {lang} and {e.label for e in native} == {0, 1}
         assert [(e.image_paths, e.label) for e in native] == [(e.image_paths, e.label) for e in translated]
         assert native[0].sentence != translated[0].sentence
     for lang in ("id", "tr", "zh"):
         for shots, size in (("1", 4), ("2", 8), ("4", 16), ("10", 40), ("10x2", 80)):
-            few = R.read_iglue(iglue, "marvl", lang, "/marvl", shots=shots)
+            few = iglue.read_iglue(iglue_root, "marvl", lang, "/marvl", shots=shots)
             assert len(few) == size and few[0].image_paths[0].startswith(f"/marvl/{lang}/all/")
 
 
 def test_real_xgqa_and_answer_list(shared_data_dir):
-    iglue = shared_data_dir / "iglue"
-    answers = R.read_answer_list(iglue / "gqa" / "annotations" / "trainval_ans2label.json")
+    iglue_root = shared_data_dir / "iglue"
+    answers = iglue.read_answer_list(iglue_root / "gqa" / "annotations" / "trainval_ans2label.json")
     assert len(answers) == len(set(answers)) == 1842
-    with open(iglue / "gqa" / "annotations" / "trainval_label2ans.json") as f:
+    with open(iglue_root / "gqa" / "annotations" / "trainval_label2ans.json") as f:
         assert set(json.load(f)) == set(answers)
     known = set(answers)
     for lang in ("bn", "de", "en", "id", "ko", "pt", "ru", "zh"):
-        dev = R.read_iglue(iglue, "xgqa", lang, "/gqa", "dev")
+        dev = iglue.read_iglue(iglue_root, "xgqa", lang, "/gqa", "dev")
         assert len(dev) == 1422 and all(e.answer in known for e in dev)
-        assert len(R.read_iglue(iglue, "xgqa", lang, "/gqa", shots=1)) == 27
+        assert len(iglue.read_iglue(iglue_root, "xgqa", lang, "/gqa", shots=1)) == 27
 
 
 def test_real_flickr8k_images_exist(shared_data_dir):
     root = shared_data_dir / "flickr8k"
     for lang, n_texts in (("en", 237), ("de", 237), ("fr", 237), ("cs", 237), ("zh", 1185)):
-        got = R.read_flickr8k(root / "val.jsonl", root, lang, check_images=True)
+        got = retrieval_sets.read_flickr8k(root / "val.jsonl", root, lang, check_images=True)
         assert len(got.images) == 237 and len(got.texts) == n_texts
-    five_each = R.read_flickr8k(root / "val.jsonl", root, "en", field="flickr8k_en")
+    five_each = retrieval_sets.read_flickr8k(root / "val.jsonl", root, "en", field="flickr8k_en")
     assert np.bincount(five_each.txt2img).tolist() == [5] * 237
