@@ -40,13 +40,14 @@ import os
 import re
 import sys
 import time
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
 from cclm_jax import flops, parallel
 
@@ -417,8 +418,8 @@ def build_program(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) ->
     The one place that touches the trainer's APIs (`trainer.make_state`, `make_train_steps`).
     """
     from cclm_jax.interop.shapes import abstract_params
-    from cclm_jax.train import trainer
     from cclm_jax.optimizer import make_optimizer
+    from cclm_jax.train import trainer
     from cclm_jax.train.steps import StepConfig, make_train_steps
 
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=parallel.replicated(mesh))

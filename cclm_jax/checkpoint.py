@@ -26,7 +26,8 @@ import os
 import shutil
 import signal
 import threading
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import flax
 import jax

@@ -53,7 +53,8 @@ def _jsonl(path, records):
 @pytest.fixture(scope="module")
 def fixture(tmp_path_factory, micro_params):
     """An IGLUE `datasets` folder (XVNLI train/test/translate-test/few-shot, Flickr30K train + xFlickr&CO test,
-    MaRVL test + an NLVR2 training list, GQA train + answers + xGQA test), generated images, a tokenizer, and a micro CCLM as an official `.th` file and as an imported pre-training run directory."""
+    MaRVL test + an NLVR2 training list, GQA train + answers + xGQA test), generated images, a tokenizer, and a
+    micro CCLM as an official `.th` file and as an imported pre-training run directory."""
     root = tmp_path_factory.mktemp("finetune")
     iglue, images = root / "iglue", root / "images"
     rng = np.random.default_rng(0)

@@ -85,8 +85,8 @@ def test_diverged_weights_stop_the_run_with_a_clear_error(tmp_path):
 def test_resume_after_sigterm_is_exact(uninterrupted, tmp_path):
     proc = subprocess.Popen(_train_cmd(tmp_path), env=_env(), cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    _wait_for(lambda: (tmp_path / "metrics.jsonl").exists() and (tmp_path / "metrics.jsonl").read_text().count("\n") >= 2,
-              proc)
+    metrics = tmp_path / "metrics.jsonl"
+    _wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 2, proc)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
@@ -208,8 +208,8 @@ def test_config_files_load_as_on_the_command_line(tmp_path):
 def test_nan_batch_skips_the_update_and_is_counted():
     from cclm_jax.models import build_model
     from cclm_jax.optimizer import make_optimizer
-    from cclm_jax.train_state import create_train_state
     from cclm_jax.train.steps import StepConfig, make_train_steps
+    from cclm_jax.train_state import create_train_state
 
     config = tiny.get_config("micro")
     config.model.text.update(vocab_size=100, mask_token_id=99)

@@ -34,7 +34,7 @@ from cclm_jax.models import build_model
 from cclm_jax.optimizer import make_optimizer
 from cclm_jax.run_config import resolve_vocab, validate_run_config
 from cclm_jax.train import trainer
-from cclm_jax.train.steps import KINDS, StepConfig, view_loss_fn, clamp_temperature, pretraining_lr_fn
+from cclm_jax.train.steps import KINDS, StepConfig, clamp_temperature, pretraining_lr_fn, view_loss_fn
 
 log = logging.getLogger(__name__)
 

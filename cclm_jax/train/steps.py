@@ -11,7 +11,8 @@ updates_per_cycle`, e.g. one image–caption and one parallel-text update share 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

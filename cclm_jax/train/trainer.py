@@ -29,7 +29,8 @@ import dataclasses
 import logging
 import os
 import time
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import ml_collections
