@@ -6,6 +6,8 @@ dependency). A part is a subpackage (`models`, `data`, ...) or a top-level modul
 """
 import ast
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -132,3 +134,21 @@ if __name__ == "__main__":  # python tests/test_layout.py: the allowed graph and
         allowed = "anything" if rule == ANYTHING else ", ".join(sorted(rule)) or "nothing"
         imported = ", ".join(sorted(actual.get(name, ()))) or "nothing"
         print(f"{name:12} may import {allowed:60} imports {imported}")
+
+
+def test_the_train_step_path_imports_no_tensorflow():
+    """Accelerator images may lack TensorFlow (the lent GPU's has none): the modules `benchmarks/train_step.py` and
+    the jitted losses need (steps, objectives, models, optimizer, on-device normalisation) must not import it."""
+    code = """
+import sys
+import cclm_jax.evaluation.retrieval, cclm_jax.parallel, cclm_jax.tasks.definitions, cclm_jax.train_state
+from cclm_jax.models import tiny_model_config
+from cclm_jax.objectives import default_objectives_config
+from cclm_jax.optimizer import default_optimizer_config, default_schedule_config
+from cclm_jax.train.steps import StepConfig, view_loss_fn
+view_loss_fn(StepConfig(tiny_model_config(), default_objectives_config(), default_optimizer_config(),
+                        default_schedule_config(), 1), ("image_caption",))
+print("tensorflow" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
+    assert out.stdout.strip() == "False"

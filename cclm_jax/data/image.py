@@ -17,8 +17,9 @@ int32/int64 tensors of shape (2,), so the same seed gives the same pixels):
   OpenCV on the host (``randaugment.random_augment_numpy``). The training pipeline makes the
   draws per example and runs the ops once per batch (one host call instead of one per image).
 
-Device side (JAX): ``normalize(images)``: uint8 (N, H, W, 3) -> float32 (N, H, W, 3) as
-``(x / 255 - mean) / std`` with the CLIP statistics; ``prepare_batch(batch)`` normalises a batch's uint8 images.
+Device side (JAX, `cclm_jax.data.normalize`, re-exported here): ``normalize(images)``: uint8 (N, H, W, 3) ->
+float32 (N, H, W, 3) as ``(x / 255 - mean) / std`` with the CLIP statistics; ``prepare_batch(batch)`` normalises a
+batch's uint8 images.
 
 ``is_decodable(data)`` runs the same decoder eagerly; builders use it to skip and count
 undecodable images at build time, so training never meets one.
@@ -29,32 +30,7 @@ import numpy as np
 import tensorflow as tf
 
 from cclm_jax.data import randaugment
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def normalize(images):
-    """uint8 (N, H, W, 3) NHWC -> float32 (N, H, W, 3) normalised with the CLIP mean/std (jnp;
-    jit-able, runs on device)."""
-    import jax.numpy as jnp  # deferred: host-side data workers need not import jax
-
-    x = jnp.asarray(images).astype(jnp.float32) / 255.0
-    return (x - jnp.asarray(CLIP_MEAN, jnp.float32)) / jnp.asarray(CLIP_STD, jnp.float32)
-
-
-IMAGE_KEYS = ("image", "image_2")  # image_2: the right image of an NLVR / MaRVL pair
-
-
-def prepare_batch(batch):
-    """A device batch with its uint8 images (`IMAGE_KEYS`) normalised to float32 (`normalize`); everything
-    else, float images included, unchanged. Used inside the jitted losses and predictions."""
-    out = dict(batch)
-    for key in IMAGE_KEYS:
-        if key in out and out[key].dtype == np.uint8:
-            out[key] = normalize(out[key])
-    return out
-
+from cclm_jax.data.normalize import CLIP_MEAN, CLIP_STD, normalize, prepare_batch  # noqa: F401
 
 # ----------------------------------------------------------------------------- decoding
 

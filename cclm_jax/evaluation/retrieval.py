@@ -30,6 +30,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from cclm_jax import parallel
+from cclm_jax.data.normalize import normalize
 from cclm_jax.evaluation import metrics
 from cclm_jax.models.cclm import CCLM
 
@@ -101,8 +102,6 @@ class RetrievalEvaluator:
 
     def _encode_images(self, params, images):
         if images.dtype == jnp.uint8:
-            from cclm_jax.data.image import normalize  # imports tensorflow: only when uint8 images arrive
-
             images = normalize(images)
         embeds, atts = self._apply(params, "encode_image", images)
         return embeds, atts, self._apply(params, "image_features", embeds)

@@ -23,7 +23,7 @@ the temperature (the reference's `RetrievalModel` does not).
 """
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +32,7 @@ from jax.sharding import Mesh
 
 from cclm_jax import objectives
 from cclm_jax import optimizer as optimizer_lib
+from cclm_jax.data.normalize import prepare_batch
 from cclm_jax.models import tasks
 from cclm_jax.models.cclm import CCLM
 from cclm_jax.models.config import base_model_config, validate_model_config
@@ -276,7 +277,6 @@ TASK_LOSSES: dict[str, Callable] = {"retrieval": retrieval_losses, "xvnli": clas
 
 def make_loss_fn(config: ml_collections.ConfigDict, mesh: Mesh | None = None, dropout: bool = True) -> Callable:
     """`loss_fn(params, batch, rng) -> (total, measurements)` of `config.task` (model built with dropout)."""
-    from cclm_jax.data.image import prepare_batch  # imports tensorflow: when a loss is built, not with the configs
 
     model = build_task_model(config.task, config.model, deterministic=not dropout)
     task_loss = TASK_LOSSES[config.task]
@@ -303,7 +303,6 @@ def make_predict_fn(task: str, model_config: ml_collections.ConfigDict, *, k_tes
     if task not in ("xvnli", "marvl", "xgqa"):
         raise ValueError(f"make_predict_fn covers xvnli, marvl and xgqa (retrieval: evaluation.retrieval), "
                          f"got {task!r}")
-    from cclm_jax.data.image import prepare_batch  # imports tensorflow: when a step is built, not with the configs
 
     model = build_task_model(task, model_config, deterministic=True)
     if task != "xgqa":

@@ -21,6 +21,7 @@ import optax
 from jax.sharding import Mesh
 
 from cclm_jax import objectives
+from cclm_jax.data.normalize import prepare_batch
 from cclm_jax.models.cclm import TEMP_MAX, TEMP_MIN, build_model
 from cclm_jax.optimizer import linear_warmup_linear_decay
 from cclm_jax.train_state import TrainState, all_finite, global_norm
@@ -48,7 +49,6 @@ def clamp_temperature(params):
 
 
 def view_loss_fn(cfg: StepConfig, kinds: tuple[str, ...]) -> Callable:
-    from cclm_jax.data.image import prepare_batch  # imports tensorflow: when a loss is built, not with the module
 
     model = build_model(cfg.model_config, deterministic=not cfg.dropout)
 
