@@ -24,10 +24,8 @@ unknown device, it divides by the median of the `jnp.dot` rounds in the step's c
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import datetime
-import importlib.util
 import json
 import os
 import platform
@@ -47,55 +45,17 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from cclm_jax import flops, parallel  # noqa: E402
+from cclm_jax.aot import apply_overrides  # noqa: E402
 from cclm_jax.models import build_model  # noqa: E402
 from cclm_jax.optimizer import make_optimizer  # noqa: E402
-from cclm_jax.train_state import create_train_state  # noqa: E402
+from cclm_jax.run_config import load_config_file  # noqa: E402
 from cclm_jax.train.steps import StepConfig, make_train_steps  # noqa: E402
+from cclm_jax.train_state import create_train_state  # noqa: E402
 
 SECTION = "## Train step"
 GiB = 2 ** 30
 
 # ---------------------------------------------------------------------------------------------------- config
-
-def load_config(spec: str) -> ml_collections.ConfigDict:
-    """`path/to/config.py[:arg]` -> `get_config(arg)`."""
-    path, _, arg = spec.partition(":")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--config: {path!r} does not exist")
-    module_spec = importlib.util.spec_from_file_location("benchmark_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ValueError(f"--config: {path} has no get_config(arg) function")
-    return module.get_config(arg)
-
-
-def parse_value(text: str) -> Any:
-    """A Python literal (numbers, booleans, tuples, ...) or, failing that, the plain string."""
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
-def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> ml_collections.ConfigDict:
-    """A copy of `config` with each `dotted.key=value` set; unknown keys are an error naming the key."""
-    config = ml_collections.ConfigDict(config.to_dict())
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"override {item!r} must look like dotted.key=value")
-        *parents, name = key.strip().split(".")
-        node = config
-        for part in parents:
-            if part not in node:
-                raise KeyError(f"override {item!r}: config has no section {part!r}")
-            node = node[part]
-        if name not in node:
-            raise KeyError(f"override {item!r}: config has no key {key!r}")
-        node[name] = parse_value(value.strip())
-    return config
-
 
 def resolve_vocab_without_tokenizer(config: ml_collections.ConfigDict) -> None:
     """A vocabulary left to the tokenizer (-1) becomes the demo tokenizer's size (`data.demo.vocab_size`)."""
@@ -371,7 +331,8 @@ def main(argv: list[str] | None = None) -> list[Result]:
     parser.add_argument("--json", default="", help="also write the raw results here")
     args = parser.parse_args(argv)
 
-    base = load_config(args.config)
+    path, _, arg = args.config.partition(":")
+    base = load_config_file(path, arg)
     resolve_vocab_without_tokenizer(base)
     base = apply_overrides(base, args.set)
     arms = [("baseline", base)] + [(name, apply_overrides(base, kv)) for name, kv in map(parse_variant, args.variant)]

@@ -41,7 +41,7 @@ def _task(config) -> trainer.Task:
     """The parts of a pre-training task that `trainer.make_state` reads."""
     model = build_model(config.model)
     return trainer.Task(
-        name="test", model_config=config.model, abstract_params=abstract_params(config.model, "pretrain"),
+        name="test", abstract_params=abstract_params(config.model, "pretrain"),
         initial_params=lambda mesh, shardings, rng: parallel.init_sharded_params(model, config.model, mesh, rng)[0],
         make_optimizer=lambda p: make_optimizer(config.optimizer, config.schedule, p, config.model),
         losses=dict, lr_fn=lambda s: 0.0, total_steps=1, next_batches=None, start_inputs=None, data_state=dict)

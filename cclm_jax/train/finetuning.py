@@ -208,7 +208,6 @@ def build_task(config: ml_collections.ConfigDict, workdir: str, resuming: bool) 
 
     return trainer.Task(
         name=report_name(config),
-        model_config=config.model,
         abstract_params=task_start.abstract_task_params(config.task, config.model),
         initial_params=initial_params,
         make_optimizer=lambda params: make_task_optimizer(config, schedule, params),

@@ -15,6 +15,7 @@ run's checkpoint, as `finetuning.evaluate` is for a fine-tuned run.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from typing import Any
@@ -34,7 +35,7 @@ from cclm_jax.models import build_model
 from cclm_jax.optimizer import make_optimizer
 from cclm_jax.run_config import resolve_vocab, validate_run_config
 from cclm_jax.train import trainer
-from cclm_jax.train.steps import KINDS, StepConfig, clamp_temperature, pretraining_lr_fn, view_loss_fn
+from cclm_jax.train.steps import StepConfig, clamp_temperature, pretraining_losses, pretraining_lr_fn
 
 log = logging.getLogger(__name__)
 
@@ -103,11 +104,9 @@ def build_task(config: ml_collections.ConfigDict, workdir: str, resuming: bool) 
     joint = config.train.mode == "joint"
     step_config = StepConfig(config.model, config.objectives, config.optimizer, config.schedule,
                              1 if joint else len(mixture.cycle), None, config.train.dropout)
-    groups = {"joint": KINDS} if joint else {kind: (kind,) for kind in KINDS}
 
     def mesh_losses(mesh):
-        cfg = StepConfig(**{**step_config.__dict__, "mesh": mesh})
-        return {name: view_loss_fn(cfg, kinds) for name, kinds in groups.items()}
+        return pretraining_losses(dataclasses.replace(step_config, mesh=mesh), config.train.mode)
 
     def next_batches(step: int):
         kinds = tuple(iterators) if joint else (mixture.kind_at(step),)
@@ -131,7 +130,6 @@ def build_task(config: ml_collections.ConfigDict, workdir: str, resuming: bool) 
 
     return trainer.Task(
         name="pretrain",
-        model_config=config.model,
         abstract_params=abstract_params(config.model, "pretrain"),
         initial_params=lambda mesh, shardings, rng: initial_params(config, mesh, shardings, rng),
         make_optimizer=lambda params: make_optimizer(config.optimizer, config.schedule, params, config.model),

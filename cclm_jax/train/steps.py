@@ -105,15 +105,20 @@ def pretraining_lr_fn(cfg: StepConfig) -> Callable:
                                       cfg.schedule_config.total_steps)
 
 
-def pretraining_update_fns(cfg: StepConfig, optimizer: optax.GradientTransformationExtraArgs,
-                           mode: str) -> dict[str, Callable]:
-    """Un-jitted updates keyed by batch kind ('alternate' mode) or {'joint': update} ('joint' mode)."""
+def pretraining_losses(cfg: StepConfig, mode: str) -> dict[str, Callable]:
+    """Loss functions keyed by update: one per batch kind ('alternate' mode) or {'joint': both} ('joint' mode)."""
     if mode not in ("alternate", "joint"):
         raise ValueError(f"config.train.mode must be 'alternate' or 'joint', got {mode!r}")
     groups = {kind: (kind,) for kind in KINDS} if mode == "alternate" else {"joint": KINDS}
-    return {name: make_update_fn(view_loss_fn(cfg, kinds), optimizer, pretraining_lr_fn(cfg),
+    return {name: view_loss_fn(cfg, kinds) for name, kinds in groups.items()}
+
+
+def pretraining_update_fns(cfg: StepConfig, optimizer: optax.GradientTransformationExtraArgs,
+                           mode: str) -> dict[str, Callable]:
+    """Un-jitted updates keyed by batch kind ('alternate' mode) or {'joint': update} ('joint' mode)."""
+    return {name: make_update_fn(loss_fn, optimizer, pretraining_lr_fn(cfg),
                                  updates_per_schedule_step=cfg.updates_per_cycle, prepare_params=clamp_temperature)
-            for name, kinds in groups.items()}
+            for name, loss_fn in pretraining_losses(cfg, mode).items()}
 
 
 def jit_step(update: Callable, state_shardings, batch_sharding) -> Callable:

@@ -67,7 +67,6 @@ class Task:
     """What differs between pre-training and a fine-tuning task; the trainer does the rest.
 
     name: 'pretrain' or the fine-tuning task (logs).
-    model_config: the run's model section (resolved; written to config.json by the trainer).
     abstract_params: boxed (`nn.LogicallyPartitioned`) ShapeDtypeStructs of the parameters (their shardings).
     initial_params(mesh, shardings, rng): parameters of a fresh run, placed in `shardings`.
     make_optimizer(abstract params) -> the optax transformation (`update(..., schedule_step=)`).
@@ -88,7 +87,6 @@ class Task:
     """
 
     name: str
-    model_config: ml_collections.ConfigDict
     abstract_params: Any
     initial_params: Callable[[Mesh, Any, jax.Array], Any]
     make_optimizer: Callable[[Any], optax.GradientTransformationExtraArgs]
