@@ -17,8 +17,6 @@ Sections (each documented where its defaults live):
   seed             parameter initialisation, dropout and negative sampling.
   dropout          train with dropout / drop-path (the reference does).
   log_every        steps between metric writes (metrics are fetched from the device only then).
-  eval_every       steps between dev-set retrieval evaluations (0 = only at the end; -1 = never).
-  eval_k_test      candidates re-ranked by the ITM head in evaluation (0 = ITC scores only).
   checkpoint_every steps between checkpoints; keep_checkpoints: how many recent ones to keep;
   keep_every       also keep every checkpoint whose step is a multiple of this (0 = none).
   nonfinite        'skip' (count and skip the update) or 'stop' (at the next log step: save the last good
@@ -27,6 +25,10 @@ Sections (each documented where its defaults live):
                    non-finite, checked at log steps (diverged weights; 0 = never).
   profile_start, profile_steps   a jax.profiler trace of `profile_steps` steps from `profile_start`
                    (profile_steps 0 = off), written under workdir/profile.
+`evals`: {name: {kind, every, ...}}, the evaluators of the run (`train.trainer.evaluators_from_config`):
+  every > 0 runs one every `every` steps and at the end, 0 at the end only, -1 never. Kinds:
+  dev_retrieval    retrieval on the dev set `data.eval` names (`evaluation.dev`); k_test: candidates re-ranked
+                   by the ITM head (0 = ITC scores only). Metrics `eval/<name>/<lang>/i2t_r1`, ...
 `init`:
   checkpoint       '' (random init), an official CCLM `.th` (imported), or an Orbax workdir to start from.
   text_num_heads   attention heads of an imported official checkpoint that records none (shapes cannot
@@ -53,7 +55,7 @@ TRAIN_MODES = ("alternate", "joint")
 def default_train_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({
         "mode": "alternate", "num_steps": 1000, "seed": 42, "dropout": True, "log_every": 50,
-        "eval_every": 0, "eval_k_test": 16, "checkpoint_every": 500, "keep_checkpoints": 3,
+        "checkpoint_every": 500, "keep_checkpoints": 3,
         "keep_every": 0, "nonfinite": "skip", "max_consecutive_skips": 100, "profile_start": 10,
         "profile_steps": 0,
     })
@@ -68,6 +70,7 @@ def default_run_config() -> ml_collections.ConfigDict:
         "optimizer": default_optimizer_config(),
         "schedule": default_schedule_config(),
         "train": default_train_config(),
+        "evals": {"dev": {"kind": "dev_retrieval", "every": 0, "k_test": 16}},
         "mesh": {"data": -1, "fsdp": 1, "tensor": 1},
         "init": {"checkpoint": "", "text_num_heads": 0, "xlmr_dir": "", "swin_path": ""},
         "distributed": False,
@@ -88,14 +91,19 @@ def load_config_file(path: str | os.PathLike, arg: str = "") -> ml_collections.C
     return module.get_config(arg)
 
 
+MOVED_KEYS = {"config.train.eval_every": "config.evals.dev.every",
+              "config.train.eval_k_test": "config.evals.dev.k_test"}
+
+
 def _check_keys(cfg: ml_collections.ConfigDict, reference: ml_collections.ConfigDict, where: str) -> list[str]:
-    """Unknown keys (typos) anywhere below `where`, compared with the defaults."""
+    """Unknown keys (typos, or keys that moved: `MOVED_KEYS`) anywhere below `where`, compared with the defaults."""
     errors = []
     for key in cfg.keys():
         if key not in reference:
-            errors.append(f"{where}{key}: unknown key")
+            moved = MOVED_KEYS.get(f"{where}{key}")
+            errors.append(f"{where}{key}: unknown key" + (f" (now {moved})" if moved else ""))
         elif isinstance(cfg[key], ml_collections.ConfigDict) and isinstance(reference[key], ml_collections.ConfigDict):
-            if key in ("mix", "weights", "caption_fields"):  # free-form mappings
+            if key in ("mix", "weights", "caption_fields", "evals"):  # free-form mappings
                 continue
             errors += _check_keys(cfg[key], reference[key], f"{where}{key}.")
     return errors

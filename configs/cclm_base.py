@@ -32,7 +32,8 @@ def get_config(arg: str = ""):
     data.eval.update(image_res=224)
     config.schedule.update(warmup_steps=2500, total_steps=ITERATIONS_PER_EPOCH * EPOCHS)
     config.train.update(num_steps=2 * ITERATIONS_PER_EPOCH * EPOCHS, log_every=100, checkpoint_every=2000,
-                        keep_every=50_000, eval_every=-1)
+                        keep_every=50_000)
+    config.evals.dev.every = -1  # no dev set at scale; set data.eval and evals.dev.every to evaluate
     config.mesh = {"data": 1, "fsdp": -1, "tensor": 1}
     if arg == "runlocal":
         config.model = tiny_model_config()
@@ -42,7 +43,8 @@ def get_config(arg: str = ""):
         data.eval.update(kind="demo", batch_size=16)
         config.model.text.update(vocab_size=-1, mask_token_id=-1)  # the demo tokenizer's
         config.schedule.update(warmup_steps=2, total_steps=10)
-        config.train.update(num_steps=20, log_every=5, checkpoint_every=10, eval_every=0)
+        config.train.update(num_steps=20, log_every=5, checkpoint_every=10)
+        config.evals.dev.every = 0
         config.mesh = {"data": -1, "fsdp": 1, "tensor": 1}
     elif arg:
         raise ValueError(f"configs/cclm_base.py: unknown argument {arg!r} (expected '' or 'runlocal')")

@@ -29,7 +29,7 @@ def get_config(arg: str = ""):
     num_steps = int(arg) if arg else 800
     total = max(num_steps // 2, 1)  # one schedule step per (parallel-text, image-caption) iteration
     config.schedule.update(warmup_steps=max(1, min(50, total // 10)), total_steps=total)
-    config.train.update(num_steps=num_steps, log_every=50, checkpoint_every=200, eval_every=0,
-                        eval_k_test=8, dropout=False)
+    config.train.update(num_steps=num_steps, log_every=50, checkpoint_every=200, dropout=False)
+    config.evals.dev.update(every=0, k_test=8)
     config.mesh = {"data": -1, "fsdp": 1, "tensor": 1}
     return config

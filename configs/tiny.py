@@ -42,6 +42,6 @@ def get_config(arg: str = ""):
     data.eval.update(batch_size=8, image_res=image_res, max_tokens=tokens, max_words=tokens)
     data.shuffle_buffer = 256
     config.schedule.update(warmup_steps=2, total_steps=50)
-    config.train.update(num_steps=steps[0] if steps else 8, log_every=2, checkpoint_every=4, eval_every=-1,
-                        eval_k_test=4)
+    config.train.update(num_steps=steps[0] if steps else 8, log_every=2, checkpoint_every=4)
+    config.evals.dev.update(every=-1, k_test=4)
     return config

@@ -168,7 +168,7 @@ def _cli(command: str, name: str, workdir, overrides: dict, check: bool = True):
 @pytest.fixture(scope="module")
 def xvnli_run(fixture, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("xvnli_run")
-    proc = _cli("finetune", "xvnli", workdir, _xvnli(fixture))
+    proc = _cli("finetune", "xvnli", workdir, {**_xvnli(fixture), "evals.translate_test.every": 0})
     return workdir, json.loads(proc.stdout[proc.stdout.index("{"):])
 
 
@@ -179,8 +179,11 @@ def _params(workdir):
 def test_xvnli_finetunes_from_a_pretraining_run_and_reports(fixture, xvnli_run):
     workdir, printed = xvnli_run
     results = report.read_results(workdir)
-    assert set(results) == {"xvnli"} and set(results["xvnli"]) == {"en", "fr"}
+    # the run's own test sets and, added by config (`evals.translate_test`), the translate-test files at the end
+    assert set(results) == {"xvnli", "xvnli_translate_test"} and set(results["xvnli"]) == {"en", "fr"}
     assert results["xvnli"] == printed
+    translate_test = load_task_data(_config("xvnli", {**_xvnli(fixture), "protocol": "translate_test"}), train=False)
+    assert set(results["xvnli_translate_test"]) == set(translate_test.tests) == {"en", "fr"}
     for lang, test in load_task_data(_config("xvnli", _xvnli(fixture)), train=False).tests.items():
         correct = results["xvnli"][lang]["accuracy"] * len(test) / 100
         assert correct == pytest.approx(round(correct))  # k of the 5 test pairs right
@@ -198,9 +201,12 @@ def test_xvnli_finetunes_from_a_pretraining_run_and_reports(fixture, xvnli_run):
     assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6] and all(np.isfinite(r["train/ce"]) for r in train)
     assert train[0]["train/ce"] == pytest.approx(np.log(3), abs=0.3)
     # the test sets after epoch 0 (step 3, during the run) and at the end (step 6)
-    tested = [r for r in rows if "test/fr/accuracy" in r]
+    tested = [r for r in rows if "eval/test/fr/accuracy" in r]
     assert [r["step"] for r in tested] == [3, 6]
-    assert tested[-1]["test/fr/accuracy"] == results["xvnli"]["fr"]["accuracy"]
+    assert tested[-1]["eval/test/fr/accuracy"] == results["xvnli"]["fr"]["accuracy"]
+    translated = [r for r in rows if "eval/translate_test/fr/accuracy" in r]
+    assert [r["step"] for r in translated] == [6]  # every=0: at the end only
+    assert translated[0]["eval/translate_test/fr/accuracy"] == results["xvnli_translate_test"]["fr"]["accuracy"]
     assert (workdir / "eval" / "epoch_0" / "results.json").is_file()
     # The pre-trained towers were the starting point: each weight moved by at most the summed learning rate.
     params = _params(workdir)
@@ -221,7 +227,7 @@ def test_resume_is_exact(fixture, xvnli_run, tmp_path):
     shutil.rmtree(copy / "checkpoints" / "6")
     for name in ("results.json", "results.md", "xvnli.png"):
         (copy / name).unlink()
-    proc = _cli("finetune", "xvnli", copy, _xvnli(fixture))
+    proc = _cli("finetune", "xvnli", copy, {**_xvnli(fixture), "evals.translate_test.every": 0})
     assert "resumed from step 4" in proc.stderr
     assert report.read_results(copy) == report.read_results(workdir)
     for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(_params(workdir))[0],
@@ -267,7 +273,7 @@ def test_resume_after_a_signal_is_exact(fixture, xvnli_run, tmp_path, how):
     for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(_params(workdir))[0],
                             jax.tree.leaves(_params(run))):
         np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
-    assert report.read_results(run) == report.read_results(workdir)
+    assert report.read_results(run)["xvnli"] == report.read_results(workdir)["xvnli"]
 
 
 def test_retrieval_finetunes_from_an_official_checkpoint_and_evaluates(fixture, tmp_path):

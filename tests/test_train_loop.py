@@ -38,7 +38,7 @@ DEMO_DIR = pathlib.Path(os.environ.get("CCLM_TEST_DATA_DIR", "/tmp/cclm_jax_test
 def _train_cmd(workdir, steps=STEPS, *extra):
     return [sys.executable, "-m", "cclm_jax", "train", f"--config={REPO}/configs/tiny.py:micro,{steps}",
             f"--workdir={workdir}", "--config.train.checkpoint_every=2", "--config.train.log_every=1",
-            "--config.train.eval_every=4", f"--config.data.data_dir={DEMO_DIR}", *extra]
+            "--config.evals.dev.every=4", f"--config.data.data_dir={DEMO_DIR}", *extra]
 
 
 def _run(cmd, timeout=600):
@@ -62,17 +62,30 @@ def _wait_for(predicate, proc, timeout=600):
         time.sleep(0.2)
 
 
-def test_dev_retrieval_runs_every_eval_every_steps_and_at_the_end(uninterrupted):
+def test_dev_retrieval_runs_every_n_steps_and_at_the_end(uninterrupted):
     rows = [json.loads(line) for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
-    evaluated = [r for r in rows if "eval/chance_r1" in r]
+    evaluated = [r for r in rows if "eval/dev/chance_r1" in r]
     assert [r["step"] for r in evaluated] == [4, STEPS]
-    assert all(0.0 <= r["eval/en/i2t_r1"] <= 100.0 for r in evaluated)
+    assert all(0.0 <= r["eval/dev/en/i2t_r1"] <= 100.0 for r in evaluated)
     assert len({r["step"] for r in rows if any(k.startswith("train/") for k in r)}) == STEPS  # one row per step
+
+
+def test_evaluate_reproduces_the_runs_final_dev_retrieval(uninterrupted):
+    """`cclm-jax evaluate` on a pre-training run: its config's evaluators on the latest checkpoint give the numbers
+    the run logged at its last step (same parameters, same dev set), and a report under eval/."""
+    proc = _run([sys.executable, "-m", "cclm_jax", "evaluate", f"--config={REPO}/configs/tiny.py:micro,{STEPS}",
+                 f"--workdir={uninterrupted}", "--config.evals.dev.every=4", f"--config.data.data_dir={DEMO_DIR}"])
+    printed = json.loads(proc.stdout[proc.stdout.index("{"):])
+    rows = [json.loads(line) for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in rows if r["step"] == STEPS and "eval/dev/chance_r1" in r][0]
+    assert printed == {k.removeprefix("eval/"): v for k, v in logged.items() if k.startswith("eval/dev/")}
+    report = json.loads((uninterrupted / "eval" / "step_latest" / "results.json").read_text())
+    assert report["dev"]["en"]["i2t_r1"] == logged["eval/dev/en/i2t_r1"]
 
 
 def test_diverged_weights_stop_the_run_with_a_clear_error(tmp_path):
     proc = subprocess.run(_train_cmd(tmp_path, STEPS, "--config.optimizer.lr=1e30",
-                                     "--config.train.max_consecutive_skips=2", "--config.train.eval_every=-1"),
+                                     "--config.train.max_consecutive_skips=2", "--config.evals.dev.every=-1"),
                           env=_env(), capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode != 0
     assert "updates in a row before step" in proc.stderr and "max_consecutive_skips=2" in proc.stderr

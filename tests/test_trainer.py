@@ -208,3 +208,30 @@ def test_abstract_state_matches_the_created_state(fsdp_state):
         assert (a.shape, a.dtype, a.sharding) == (x.shape, x.dtype, x.sharding)
     assert isinstance(state, TrainState) and not isinstance(nn.meta.unbox(abstract.params), nn.LogicallyPartitioned)
     assert abstract_like(state).params["temp"].sharding == state.params["temp"].sharding
+
+
+def test_evaluators_come_from_the_config_and_bad_specs_name_the_key():
+    made = []
+    makers = {"dev_retrieval": lambda name, spec: made.append(name) or (lambda params, step: {"r": 1.0})}
+    evals = {"dev": {"kind": "dev_retrieval", "every": 4}, "end": {"kind": "dev_retrieval", "every": 0},
+             "off": {"kind": "dev_retrieval", "every": -1}, "per_epoch": {"kind": "dev_retrieval", "every": 2,
+                                                                           "unit": "epochs"}}
+    evaluators = trainer.evaluators_from_config(evals, makers, steps_per_epoch=3)
+    assert [(e.name, e.every, e.at_end) for e in evaluators] == [("dev", 4, True), ("end", 0, True),
+                                                                  ("per_epoch", 6, True)]
+    assert made == ["dev", "end", "per_epoch"]  # the disabled one is never built
+    for spec, message in [({"kind": "bleu", "every": 1}, "config.evals.x.kind must be one of ('dev_retrieval',)"),
+                          ({"kind": "dev_retrieval", "every": -2}, "config.evals.x.every must be an integer >= -1"),
+                          ({"kind": "dev_retrieval", "every": 1, "unit": "epochs"},
+                           "config.evals.x.unit must be one of ('steps',)")]:
+        with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            trainer.evaluators_from_config({"x": spec}, makers)  # pre-training counts steps only
+
+
+def test_moved_train_keys_point_to_config_evals():
+    from cclm_jax.run_config import validate_run_config
+
+    config = tiny.get_config("micro")
+    config.train.eval_every = 4
+    with pytest.raises(ValueError, match=r"config.train.eval_every: unknown key \(now config.evals.dev.every\)"):
+        validate_run_config(config)

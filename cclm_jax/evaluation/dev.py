@@ -1,7 +1,7 @@
 """Dev-set retrieval of a training run: image->text and text->image per language, and cross-lingual
 text->text between the captions of the same images (`config.data.eval` names the set).
 
-Used at the end of training (and every `train.eval_every` steps) and by `cclm-jax evaluate`
+The `dev_retrieval` evaluator of pre-training runs (`config.evals`) and `cclm-jax evaluate`
 (`train.pretraining.evaluate`), which also writes `results.json`, `results.md` and a recall chart under
 `workdir/eval/step_<N>/`.
 """
@@ -38,12 +38,12 @@ def _first_caption_per_image(texts: dict) -> dict[int, int]:
     return rows
 
 
-def dev_retrieval(config: ml_collections.ConfigDict, params: Any, mesh, tokenizer) -> dict[str, float]:
+def dev_retrieval(config: ml_collections.ConfigDict, params: Any, mesh, tokenizer, k_test: int) -> dict[str, float]:
     """Recalls in percent: `<lang>/i2t_r1`, `<lang>/t2i_r1`, `<lang>/r_mean`, `en-<lang>/t2t_r1`
-    (cross-lingual, both directions averaged) and `chance_r1` (100 / number of images)."""
+    (cross-lingual, both directions averaged) and `chance_r1` (100 / number of images). k_test: candidates
+    re-ranked by the ITM head (0: ITC scores only)."""
     data = build_retrieval_eval(config.data, tokenizer)
     model = build_model(config.model)
-    k_test = int(config.train.eval_k_test)
     evaluator = RetrievalEvaluator(model, batch_size=config.data.eval.batch_size, mesh=mesh)
     images = _dev_images(data)
     n = data.num_images

@@ -74,6 +74,8 @@ def default_finetune_config(task: str) -> ml_collections.ConfigDict:
       keep their LayerNorm weights undecayed, as the reference's `LayerNorm.weight` rule does.
     eval: batch_size (global), k_test (candidates re-ranked per query: retrieval texts/images, xGQA answers),
       start_epoch (first epoch evaluated on the test sets).
+    evals: the evaluators ({name: {kind: 'test', every, unit: 'epochs' | 'steps', protocol?, test_files?,
+      languages?}}, `train.finetuning`): by default the protocol's test sets after every epoch.
     data: tokenizer (SentencePiece model; default: the init workdir's), max_tokens, max_words, languages
       (evaluated), train_language, augment (the reference's training image transform; False: resize only);
       the task configs add their annotation and image locations (`data.finetune_data`).
@@ -96,6 +98,7 @@ def default_finetune_config(task: str) -> ml_collections.ConfigDict:
                   "max_consecutive_skips": 100, "profile_start": 10, "profile_steps": 0},
         "optimizer": opt,
         "eval": {"batch_size": 96, "k_test": 128, "start_epoch": 0},
+        "evals": {"test": {"kind": "test", "every": 1, "unit": "epochs"}},
         "data": {"tokenizer": "", "max_tokens": 40, "max_words": 40, "languages": ("en",), "train_language": "en",
                  "augment": True},
         "mesh": {"data": -1},
@@ -115,10 +118,15 @@ def apply_protocol(config: ml_collections.ConfigDict, protocol: str) -> ml_colle
     - few_shot: continue from the English-fine-tuned checkpoint (`init.checkpoint`) on the few-shot files:
       lr 1e-5 (the yaml; the README passes 1e-6), 60 epochs.
     - all_languages: train on every language's training data.
+
+    An IGLUE task also gets a `translate_test` evaluator, off (`every=-1`): `--config.evals.translate_test.every=0`
+    adds the translate-test results at the end of a zero-shot run.
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     config.protocol = protocol
+    if "iglue_task" in config.data:
+        config.evals.translate_test = {"kind": "test", "protocol": "translate_test", "every": -1, "unit": "epochs"}
     if protocol == "few_shot":
         config.optimizer.lr = 1e-5
         config.train.epochs = 60

@@ -9,9 +9,13 @@
    (`tasks.make_loss_fn`) on the batches of `data.finetune_input.TrainBatches` (a function of the step, so a
    restarted run resumes from its latest checkpoint and sees the same batches), with checkpoints, metrics,
    preemption and non-finite handling as for pre-training;
-3. evaluates the test sets after every epoch from `eval.start_epoch` on (`workdir/eval/epoch_<e>/`) and, at the
-   end, writes the report (`results.json`, `results.md`, a PNG chart per task; `evaluation.report`) into the
-   workdir. The report's task key is `data.finetune_data.report_name` (e.g. `xvnli`, `xflickrco_translate_test`);
+3. runs the evaluators of `config.evals` ({name: {kind: 'test', every, unit, ...}}; default `test`: the
+   protocol's test sets after every epoch from `eval.start_epoch` on, into `workdir/eval/epoch_<e>/`, or
+   `step_<s>/` when counted in steps) and, at the end, all of them once more for the report (`results.json`,
+   `results.md`, a PNG chart per task; `evaluation.report`) in the workdir. An evaluator may test other files
+   than the run's: `protocol` ('translate_test': the IGLUE machine-translated files), `test_files` ({language:
+   CCLM retrieval json}) and `languages` override the run's `data` for it. A table's key is
+   `data.finetune_data.report_name` of the evaluator's settings (e.g. `xvnli`, `xvnli_translate_test`);
    re-ranked retrieval adds its dual-encoder recalls under `<key>_itc`; results of other keys already in
    `workdir/results.json` are kept.
 
@@ -22,7 +26,7 @@ The schedule (`finetune_schedule`), the optimizer (`make_task_optimizer`) and th
 sets `config` names (e.g. the translate-test files after zero-shot fine-tuning) and adds them to its report.
 
 Metrics: `workdir/metrics.jsonl` and TensorBoard event files (`train/<name>`: losses, accuracy, lr, norms,
-examples/s, input wait; `eval/test/test/<lang>/<metric>` after each epoch).
+examples/s, input wait; `eval/<evaluator>/<lang>/<metric>`, `eval/<evaluator>_itc/...` for the dual encoder).
 """
 from __future__ import annotations
 
@@ -146,11 +150,33 @@ def _text_options(config: ml_collections.ConfigDict) -> dict[str, int]:
     return out
 
 
-def _flat_results(tables: dict[str, dict[str, dict[str, float]]], main: str) -> dict[str, float]:
-    """Metric names of the evaluation tables: `test/<lang>/<metric>` for the run's own table `main`, and
-    `test<suffix>/<lang>/<metric>` for `main<suffix>` (`test_itc/...`: the dual-encoder recalls)."""
-    return {f"test{table[len(main):]}/{lang}/{metric}": value for table, results in tables.items()
-            for lang, values in results.items() for metric, value in values.items()}
+def _flat_results(tables: dict[str, dict[str, dict[str, float]]], main: str, prefix: str) -> dict[str, float]:
+    """Metric names of an evaluator's tables: `<prefix><lang>/<metric>` for its own table `main`, and
+    `<prefix><suffix>/<lang>/<metric>` for `main_<suffix>` (`itc/...`: the dual-encoder recalls)."""
+    return {f"{prefix}{table[len(main) + 1:] + '/' if table != main else ''}{lang}/{metric}": value
+            for table, results in tables.items() for lang, values in results.items()
+            for metric, value in values.items()}
+
+
+EVAL_OVERRIDES = ("protocol", "test_files", "languages")  # what a `test` evaluator may set for itself
+
+
+def _evaluator_config(config: ml_collections.ConfigDict, name: str, spec) -> ml_collections.ConfigDict | None:
+    """The config an evaluator of `config.evals` reads its test sets with (None: the run's own)."""
+    unknown = sorted(set(spec.keys()) - {"kind", "every", "unit", *EVAL_OVERRIDES})
+    if unknown:
+        raise ValueError(f"config.evals.{name}: unknown keys {unknown} (a 'test' evaluator takes every, unit and "
+                         f"{', '.join(EVAL_OVERRIDES)})")
+    if not any(key in spec for key in EVAL_OVERRIDES):
+        return None
+    own = config.copy_and_resolve_references()
+    with own.unlocked():
+        own.protocol = spec.get("protocol", config.protocol)
+        for key in ("test_files", "languages"):
+            if key in spec:
+                own.data[key] = spec[key]
+    task_lib.validate_finetune_config(own)
+    return own
 
 
 def build_task(config: ml_collections.ConfigDict, workdir: str, resuming: bool) -> trainer.Task:
@@ -169,8 +195,16 @@ def build_task(config: ml_collections.ConfigDict, workdir: str, resuming: bool) 
     per_epoch = inputs.steps_per_epoch
     log.info("%s: %d training examples, %d steps (%d epochs of %d)", report_name(config), len(data.train),
              schedule.total_steps, config.train.epochs, per_epoch)
-    evaluator = TaskEvaluator(config, config.model, data.tests, tokenizer, parallel.make_mesh(config.mesh),
-                              answers=data.answers)
+    mesh = parallel.make_mesh(config.mesh)
+    trainer.validate_evals(config.evals, ("test",), trainer.EVERY_UNITS)
+    evaluators = {}  # name -> TaskEvaluator: every test set is read and checked before anything compiles
+    for name, spec in config.evals.items():
+        if spec.get("every", 0) < 0:
+            continue
+        own = _evaluator_config(config, name, spec)
+        tests = data if own is None else load_task_data(own, train=False)
+        evaluators[name] = TaskEvaluator(own or config, config.model, tests.tests, tokenizer, mesh,
+                                         answers=tests.answers)
     task, batches = config.task, iter(())
 
     def initial_params(mesh, shardings, rng):
@@ -191,20 +225,28 @@ def build_task(config: ml_collections.ConfigDict, workdir: str, resuming: bool) 
         batch = next(batches)
         return task, {task: batch}, {task: int(batch["text_ids"].shape[0])}
 
-    def epoch_eval(params, step: int) -> dict[str, float]:
-        epoch = step // per_epoch - 1
-        if epoch < config.eval.start_epoch:
-            return {}
-        tables = evaluator(params)
-        write_report(tables, os.path.join(workdir, "eval", f"epoch_{epoch}"))
-        return _flat_results(tables, evaluator.name)
+    def make_eval(name: str, spec) -> Callable:
+        def periodic(params, step: int) -> dict[str, float]:
+            epoch = step // per_epoch - 1
+            if epoch < config.eval.start_epoch:
+                return {}
+            tables = evaluators[name](params)
+            by_epoch = spec.get("unit", "steps") == "epochs"
+            write_report(tables, os.path.join(workdir, "eval", f"epoch_{epoch}" if by_epoch else f"step_{step}"))
+            return _flat_results(tables, evaluators[name].name, prefix="")
+        return periodic
 
     def finish(params, step: int) -> dict[str, Any]:
-        tables = evaluator(params)
+        tables, scalars = {}, {}
+        for name, evaluator in evaluators.items():
+            own = evaluator(params)
+            tables.update(own)
+            scalars.update(_flat_results(own, evaluator.name, prefix=f"eval/{name}/"))
         write_report(tables, os.path.join(workdir, "eval", f"epoch_{config.train.epochs - 1}"))
         write_report(tables, workdir)
         log.info("%s results written to %s", ", ".join(tables), os.path.join(workdir, "results.md"))
-        return {"results": tables[evaluator.name], "tables": tables, **_flat_results(tables, evaluator.name)}
+        main = evaluators["test"].name if "test" in evaluators else None
+        return {"results": tables.get(main, {}), "tables": tables, **scalars}
 
     return trainer.Task(
         name=report_name(config),
@@ -219,7 +261,7 @@ def build_task(config: ml_collections.ConfigDict, workdir: str, resuming: bool) 
         start_inputs=start_inputs,
         data_state=dict,
         kind_prefix=False,
-        evaluators=[trainer.Evaluator("test", per_epoch, epoch_eval, at_end=False)],
+        evaluators=trainer.evaluators_from_config(config.evals, {"test": make_eval}, per_epoch, at_end=False),
         finish=finish,
     )
 

@@ -186,11 +186,5 @@ class MetricsWriter:
         self.t_last = self.t_done = now
         return scalars
 
-    def write_eval(self, step: int, results: dict) -> None:
-        scalars = {f"eval/{k}": float(v) for k, v in results.items() if np.isscalar(v)}
-        self.sink.write(step, scalars)
-        if self.is_writer:
-            log.info("eval at step %d: %s", step, "  ".join(f"{k}={v:.2f}" for k, v in scalars.items()))
-
     def close(self) -> None:
         self.sink.close()

@@ -8,16 +8,17 @@ batches, one optimizer update per batch kind ('alternate', the reference) or one
 - step s trains on `Mixture.kind_at(s)`; the schedule advances once per mixture cycle (spec §4.1);
 - initial parameters: an official checkpoint (`init.checkpoint`), the XLM-R + Swin towers (`init.xlmr_dir`,
   `init.swin_path`), else random -- each placed straight into the run's shardings;
-- evaluators: dev retrieval (`train.eval_every`: 0 = at the end, N = every N steps and at the end, -1 = never).
+- evaluators: `config.evals` of kind `dev_retrieval` (`run_config`).
 
-`evaluate(config, workdir, step=None)` (`cclm-jax evaluate` with a pre-training config): the dev retrieval of a
-run's checkpoint, as `finetuning.evaluate` is for a fine-tuned run.
+`evaluate(config, workdir, step=None)` (`cclm-jax evaluate` with a pre-training config): the run's checkpoint
+through every evaluator of `config.evals`, as `finetuning.evaluate` is for a fine-tuned run.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -123,10 +124,7 @@ def build_task(config: ml_collections.ConfigDict, workdir: str, resuming: bool) 
             out.update({k: float(v) for k, v in it.metrics().items()})
         return out
 
-    evaluators = []
-    if config.train.eval_every >= 0:
-        evaluators.append(trainer.Evaluator("dev", int(config.train.eval_every),
-                                            lambda params, step: _dev_retrieval(config, params, tokenizer)))
+    evaluators = trainer.evaluators_from_config(config.evals, eval_makers(config, tokenizer))
 
     return trainer.Task(
         name="pretrain",
@@ -148,12 +146,18 @@ def build_task(config: ml_collections.ConfigDict, workdir: str, resuming: bool) 
     )
 
 
-def _dev_retrieval(config: ml_collections.ConfigDict, params: Any, tokenizer) -> dict[str, float]:
-    """Dev retrieval recalls as `eval/<name>` metrics."""
-    from cclm_jax.evaluation.dev import dev_retrieval
+def eval_makers(config: ml_collections.ConfigDict, tokenizer) -> dict:
+    """The evaluator kinds of pre-training (`config.evals`): {kind: (name, spec) -> fn(params, step)}."""
 
-    results = dev_retrieval(config, params, parallel.make_mesh(config.mesh), tokenizer)
-    return {f"eval/{k}": v for k, v in results.items()}
+    def dev_retrieval(name: str, spec) -> Callable:
+        from cclm_jax.evaluation.dev import dev_retrieval
+
+        k_test = spec.get("k_test", 16)
+        if isinstance(k_test, bool) or not isinstance(k_test, int) or k_test < 0:
+            raise ValueError(f"config.evals.{name}.k_test must be a non-negative integer, got {k_test!r}")
+        return lambda params, step: dev_retrieval(config, params, parallel.make_mesh(config.mesh), tokenizer, k_test)
+
+    return {"dev_retrieval": dev_retrieval}
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -162,22 +166,28 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None = None) -> dict[str, float]:
-    """Dev retrieval of a run's checkpoint (latest by default), written under `workdir/eval/step_<N>/`."""
+    """A run's checkpoint (latest by default) through the evaluators of `config.evals` (every one, whatever its
+    `every`, except -1), written under `workdir/eval/step_<N>/`; {evaluator/metric: value}."""
     from cclm_jax.evaluation import report
-    from cclm_jax.evaluation.dev import dev_retrieval
 
     run_config, params = restore_params(workdir, step)
     config.model = run_config.model
     tokenizer = load_tokenizer(config.data)
     resolve_vocab(config, tokenizer.vocab_size, tokenizer.mask_id)
-    mesh = parallel.make_mesh(config.mesh)
-    results = dev_retrieval(config, params, mesh, tokenizer)
-    by_language: dict[str, dict[str, float]] = {}
-    for key, value in results.items():
-        if "/" in key:
-            lang, name = key.split("/", 1)
-            by_language.setdefault(lang, {})[name] = value
+    evaluators = trainer.evaluators_from_config(config.evals, eval_makers(config, tokenizer))
+    if not evaluators:
+        raise ValueError("config.evals enables no evaluator (every=-1 for all): enable one, e.g. "
+                         "--config.evals.dev.every=0")
+    tables, results = {}, {}
+    for evaluator in evaluators:
+        metrics = evaluator.fn(params, step)
+        results.update({f"{evaluator.name}/{k}": v for k, v in metrics.items()})
+        by_language = tables.setdefault(evaluator.name, {})
+        for key, value in metrics.items():
+            if "/" in key:
+                lang, name = key.split("/", 1)
+                by_language.setdefault(lang, {})[name] = value
     out_dir = os.path.join(os.path.abspath(os.path.expanduser(workdir)), "eval",
                            f"step_{step if step is not None else 'latest'}")
-    report.write_results({"dev_retrieval": by_language}, out_dir)
+    report.write_results(tables, out_dir)
     return results

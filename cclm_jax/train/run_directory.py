@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 # same computation is placed, never which batches are drawn or what an update computes.
 RESUMABLE_CHANGES = (
     "train.num_steps", "train.epochs", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-    "train.keep_every", "train.eval_every", "train.eval_k_test", "train.profile_start", "train.profile_steps",
+    "train.keep_every", "train.eval_every", "train.eval_k_test",  # (removed keys, still in older runs)
+    "train.profile_start", "train.profile_steps",
     "train.nonfinite", "train.max_consecutive_skips", "eval.", "evals.", "data.eval.", "mesh.", "distributed",
     "init.", "model.remat", "model.scan_layers", "model.cache_cross_kv", "model.attention_impl",
     "data.data_dir", "data.threads", "data.prefetch", "data.cache_dir",

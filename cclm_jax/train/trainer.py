@@ -48,13 +48,15 @@ from cclm_jax.train_state import TrainState, create_train_state
 
 log = logging.getLogger(__name__)
 
+EVERY_UNITS = ("steps", "epochs")  # what an evaluator's `every` counts
+
 
 @dataclasses.dataclass
 class Evaluator:
     """An evaluation run every `every` steps (0: none during the run) and, with `at_end`, after the last step.
 
-    `fn(params, step) -> {metric name: value}` (written to the run's metrics as named; `fn` may also write
-    reports)."""
+    `fn(params, step) -> {metric name: value}` (written to the run's metrics as `eval/<name>/<metric name>`;
+    `fn` may also write reports). Built from `config.evals` by `evaluators_from_config`."""
 
     name: str
     every: int
@@ -103,6 +105,38 @@ class Task:
     kind_prefix: bool = True
     evaluators: list[Evaluator] = dataclasses.field(default_factory=list)
     finish: Callable[[Any, int], dict] | None = None
+
+
+def validate_evals(evals: Mapping[str, Any], kinds: tuple[str, ...], units: tuple[str, ...] = ("steps",)) -> None:
+    """Raise ValueError naming the key for an evaluator spec of `config.evals` the run cannot honour.
+
+    `evals` = {name: {kind, every, unit, ...kind options}} (big_vision's config-driven evaluators): kind is one
+    of `kinds` (the run's), every > 0 runs it every `every` units and at the end, 0 at the end only, -1 never;
+    unit is one of `units` ('steps' by default; fine-tuning also counts 'epochs')."""
+    for name, spec in evals.items():
+        where = f"config.evals.{name}"
+        if not hasattr(spec, "get") or spec.get("kind") not in kinds:
+            got = spec.get("kind") if hasattr(spec, "get") else spec
+            raise ValueError(f"{where}.kind must be one of {kinds}, got {got!r}")
+        every = spec.get("every", 0)
+        if isinstance(every, bool) or not isinstance(every, int) or every < -1:
+            raise ValueError(f"{where}.every must be an integer >= -1 (-1 never, 0 at the end only), got {every!r}")
+        if spec.get("unit", "steps") not in units:
+            raise ValueError(f"{where}.unit must be one of {units}, got {spec.get('unit')!r}")
+
+
+def evaluators_from_config(evals: Mapping[str, Any], makers: Mapping[str, Callable[[str, Any], Callable]],
+                           steps_per_epoch: int = 0, at_end: bool = True) -> list[Evaluator]:
+    """The `Evaluator`s of `config.evals` (see `validate_evals`); `makers[kind](name, spec)` builds the kind's
+    `fn(params, step) -> metrics`; an evaluator counted in epochs runs every `every * steps_per_epoch` steps."""
+    units = ("steps", "epochs") if steps_per_epoch else ("steps",)
+    validate_evals(evals, tuple(makers), units)
+    out = []
+    for name, spec in evals.items():
+        if spec.get("every", 0) >= 0:
+            per = steps_per_epoch if spec.get("unit", "steps") == "epochs" else 1
+            out.append(Evaluator(name, spec.get("every", 0) * per, makers[spec["kind"]](name, spec), at_end))
+    return out
 
 
 def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
@@ -259,7 +293,7 @@ def _check_skips(config, checkpointer: Checkpointer, task: Task, state: TrainSta
 
 def _evaluate(evaluator: Evaluator, params, step: int, writer: metrics_lib.MetricsWriter) -> dict[str, float]:
     results = writer.exclude(lambda: evaluator.fn(params, step))
-    scalars = {k: float(v) for k, v in results.items() if np.isscalar(v)}
+    scalars = {f"eval/{evaluator.name}/{k}": float(v) for k, v in results.items() if np.isscalar(v)}
     if scalars:
         writer.sink.write(step, scalars)
         if writer.is_writer:
