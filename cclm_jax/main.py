@@ -162,6 +162,9 @@ def cmd_evaluate() -> None:
         from cclm_jax.train.finetuning import evaluate
     else:
         from cclm_jax.train.pretraining import evaluate
+    log_dir = os.path.abspath(os.path.expanduser(_OUT.value or workdir))
+    os.makedirs(log_dir, exist_ok=True)
+    console.log_to_file(log_dir)
     results = evaluate(config, workdir, _STEP.value, out=_OUT.value)
     print(json.dumps(results, indent=1, sort_keys=True, default=float))
 

@@ -4,6 +4,7 @@ image is missing, finding images under their common file names."""
 import io
 import json
 import os
+import pathlib
 
 import pytest
 from PIL import Image
@@ -61,3 +62,48 @@ def test_the_key_does_not_depend_on_records_without_an_image_path(tmp_path):
     assert source.skipped == {"corrupt_image": 1, "missing_image_file": 1, "invalid_json": 2, "missing_field": 1}
     os.utime(images / "good.png", ns=(1, 1))  # touched: a new key even with the same bytes
     assert _open(path, tmp_path, images).builder.data_dir != source.builder.data_dir
+
+
+# ------------------------------------------------------------------------------------------------ fine-tuning data
+
+def _xvnli_fixture(tmp_path, skip: bool):
+    """An IGLUE folder with an XVNLI train and test file; images stored as <id>.jpg, <id>.png, <id>_2.jpg (an
+    annotation names only the id), and one image absent."""
+    from cclm_jax.run_config import load_config_file
+
+    images = tmp_path / "flickr30k"
+    images.mkdir(exist_ok=True)
+    for name in ("100.jpg", "101.png", "102_2.jpg", "102_7.jpg"):
+        Image.new("RGB", (8, 8), (1, 2, 3)).save(images / name, format="PNG" if name.endswith(".png") else "JPEG")
+    rows = [{"Flikr30kID": image_id, "sentence1": "p", "sentence2": f"h {k}", "gold_label": "entailment",
+             "pairID": f"p{k}"} for k, image_id in enumerate(("100", "101", "102", "103", 100))]
+    for lang in ("en", "de"):
+        path = tmp_path / "iglue" / "XVNLI" / "annotations" / lang
+        path.mkdir(parents=True, exist_ok=True)
+        (path / ("train.jsonl" if lang == "en" else "test.jsonl")).write_text(
+            "".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "iglue" / "XVNLI" / "annotations" / "en" / "test.jsonl").write_text(
+        json.dumps(rows[0]) + "\n")
+    config = load_config_file("configs/finetune/xvnli.py")
+    config.data.update(iglue_root=str(tmp_path / "iglue"), image_root=str(images), languages=("en", "de"),
+                       skip_missing_images=skip)
+    return config, images
+
+
+def test_missing_images_stop_with_the_expected_names_or_are_skipped_and_counted(tmp_path, monkeypatch):
+    from cclm_jax.data.finetune_data import load_task_data
+
+    monkeypatch.chdir(pathlib.Path(__file__).resolve().parents[1])
+    config, images = _xvnli_fixture(tmp_path, skip=False)
+    with pytest.raises(FileNotFoundError, match=r"1 of 4 images referenced by .*train\.jsonl are missing \(looked "
+                                                r"up as <image root>/<id>\.jpg, <id>\.jpeg, <id>\.png or "
+                                                r"<id>_<suffix>\.jpg\), first:\n  .*/103\.jpg"):
+        load_task_data(config)
+
+    config, images = _xvnli_fixture(tmp_path, skip=True)
+    data = load_task_data(config)
+    assert [e.image_path for e in data.train] == [str(images / n) for n in ("100.jpg", "101.png", "102_2.jpg",
+                                                                            "100.jpg")]
+    assert data.skipped == {"train": 1, "test/de": 1}
+    assert len(data.tests["en"]) == 1 and len(data.tests["de"]) == 4
+    assert data.metrics() == {"data/test/de/skipped_missing_image": 1.0, "data/train/skipped_missing_image": 1.0}

@@ -183,8 +183,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     return trainer.run(config, workdir, build_task)
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None = None) -> dict[str, float]:
-    """Dev retrieval of a run's checkpoint (latest by default), written under `workdir/eval/step_<N>/`."""
+def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None = None,
+             out: str | None = None) -> dict[str, float]:
+    """Dev retrieval of a run's checkpoint (latest by default), written under `workdir/eval/step_<N>/` (or into
+    `out`)."""
     from cclm_jax.evaluation import report
     from cclm_jax.evaluation.dev import dev_retrieval
 
@@ -199,7 +201,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
         if "/" in key:
             lang, name = key.split("/", 1)
             by_language.setdefault(lang, {})[name] = value
-    out_dir = os.path.join(os.path.abspath(os.path.expanduser(workdir)), "eval",
-                           f"step_{step if step is not None else 'latest'}")
+    out_dir = os.path.abspath(os.path.expanduser(out)) if out else os.path.join(
+        os.path.abspath(os.path.expanduser(workdir)), "eval", f"step_{step if step is not None else 'latest'}")
     report.write_results({"dev_retrieval": by_language}, out_dir)
     return results
