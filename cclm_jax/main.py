@@ -14,8 +14,9 @@
 `--config` takes a config file with `get_config(arg)`; `configs/X.py:arg` passes `arg`, and
 `--config.a.b=value` overrides any field (the config is locked: unknown fields are an error).
 
-Console (`train.console`): stdout shows the run's progress lines and the final JSON, stderr this package's warnings
-and every error; everything else (clu's metric dump, Orbax, absl, TensorFlow) goes to `WORKDIR/log.txt`.
+Console (`train.console`): stderr shows the run's progress lines, this package's warnings and every error, stdout
+the command's result (the final JSON); everything else (clu's metric dump, Orbax, absl, TensorFlow) goes to
+`WORKDIR/log.txt`.
 
 User errors (`USER_ERRORS`: bad config values, missing or unreadable files, checkpoints that do not fit) print
 one line `error: <message>` to stderr and exit with status 2; `--verbosity=1` or the environment variable

@@ -1,9 +1,9 @@
 """Where a run's messages go: a quiet console and a log file in the run directory.
 
 `setup(verbose)` (called by the `cclm-jax` entry point before anything is logged):
-- stdout: the run's own progress lines only (records of the `PROGRESS` logger, bare text: the start, the data's
-  skipped-record counts, one line per log step, evaluations), then the final JSON;
-- stderr: warnings and errors of this package (`warning: ...`) and errors of any library;
+- stderr: the run's own progress lines (records of the `PROGRESS` logger, bare text: the start, the input shards,
+  the data's skipped-record counts, one line per log step, evaluations), warnings of this package (`warning: ...`)
+  and errors of any library; stdout is left to the command's result (the final JSON);
 - the log file: every record at INFO and above, with time and source (clu's full metric dump, Orbax, absl,
   TensorFlow/TFDS and our own lines). Records logged before the run directory is known are kept in memory and
   written when `log_to_file(workdir)` opens `workdir/log.txt` (process 0; `log.process_<i>.txt` on the others);
@@ -16,6 +16,7 @@ are caught with `native_stderr_to_log()` around the first TensorFlow import and 
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import logging.handlers
@@ -28,35 +29,48 @@ PROGRESS = "cclm_jax.progress"
 OWN_PREFIX = "cclm_jax"
 LOG_FILE = "log.txt"
 _BUFFER_RECORDS = 100_000  # records kept before the log file exists (the oldest are dropped beyond this)
-_FORMAT = "%(levelname).1s%(asctime)s %(process)d %(name)s:%(lineno)d] %(message)s"
+_FORMAT = "%(levelname).1s%(asctime)s %(process)d %(name)s %(filename)s:%(lineno)d] %(message)s"
 
 progress = logging.getLogger(PROGRESS)
 
 
 class _Buffer(logging.handlers.BufferingHandler):
-    """Keeps records until `log_to_file` hands them to the file (a bounded deque: the oldest go first)."""
+    """Keeps the latest records until `log_to_file` hands them to the file."""
+
+    def __init__(self, capacity: int):
+        super().__init__(capacity)
+        self.buffer = collections.deque(maxlen=capacity)
 
     def shouldFlush(self, record) -> bool:  # noqa: N802 (logging's API)
-        if len(self.buffer) > self.capacity:
-            del self.buffer[0]
         return False
 
 
-def _is_progress(record: logging.LogRecord) -> bool:
-    return record.name == PROGRESS
+class _Stderr(logging.StreamHandler):
+    """A handler on `sys.stderr` as it is when a record is written (tests and notebooks swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it; the current one is always used
+        del value
 
 
-def _is_console_problem(record: logging.LogRecord) -> bool:
-    """Warnings of this package and errors of anyone (progress lines excluded)."""
-    if _is_progress(record):
-        return False
+def _on_console(record: logging.LogRecord) -> bool:
+    """Progress lines, warnings of this package and errors of anyone."""
+    if record.name == PROGRESS:
+        return True
     own = record.name == OWN_PREFIX or record.name.startswith(OWN_PREFIX + ".")
     return record.levelno >= logging.ERROR or (own and record.levelno >= logging.WARNING)
 
 
-class _LowerLevelFormatter(logging.Formatter):
+class _ConsoleFormatter(logging.Formatter):
+    """Progress lines as they are, the rest as `warning: ...` / `error: ...`."""
+
     def format(self, record: logging.LogRecord) -> str:
-        return f"{record.levelname.lower()}: {record.getMessage()}"
+        text = record.getMessage()
+        return text if record.name == PROGRESS else f"{record.levelname.lower()}: {text}"
 
 
 def _handlers() -> list[logging.Handler]:
@@ -76,21 +90,18 @@ def setup(verbose: bool = False) -> None:
         handler.close()
     root.setLevel(logging.INFO)
     logging.captureWarnings(True)
+    root.addHandler(_mark(_Buffer(_BUFFER_RECORDS)))
+    if verbose:  # absl's handler shows everything on stderr
+        return
     from absl import logging as absl_logging
 
     absl_handler = absl_logging.get_absl_handler()
-    if not verbose and absl_handler in root.handlers:
+    if absl_handler in root.handlers:
         root.removeHandler(absl_handler)
-    out = logging.StreamHandler(sys.stdout)
-    out.addFilter(_is_progress)
-    out.setFormatter(logging.Formatter("%(message)s"))
-    err = logging.StreamHandler(sys.stderr)
-    err.addFilter(_is_console_problem)
-    err.setFormatter(_LowerLevelFormatter())
-    buffer = _Buffer(_BUFFER_RECORDS)
-    buffer._cclm_buffer = True  # noqa: SLF001
-    for handler in [out, buffer] if verbose else [out, err, buffer]:  # verbose: absl's handler shows problems
-        root.addHandler(_mark(handler))
+    console = _Stderr()
+    console.addFilter(_on_console)
+    console.setFormatter(_ConsoleFormatter())
+    root.addHandler(_mark(console))
 
 
 def log_path(workdir: str, process_index: int = 0) -> str:
@@ -102,7 +113,7 @@ def log_to_file(workdir: str, process_index: int = 0) -> str | None:
     """Append every record (those kept since `setup` first) to the run's log file; returns its path (None when
     `setup` was not called, e.g. a run from Python: logging is then left as the caller set it)."""
     root = logging.getLogger()
-    buffers = [h for h in _handlers() if getattr(h, "_cclm_buffer", False)]
+    buffers = [h for h in _handlers() if isinstance(h, _Buffer)]
     if not buffers:
         return None
     path = log_path(workdir, process_index)

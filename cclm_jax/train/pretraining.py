@@ -37,7 +37,7 @@ from cclm_jax.models import build_model
 from cclm_jax.optimizer import make_optimizer
 from cclm_jax.run_config import resolve_vocab, validate_run_config
 from cclm_jax.tasks.start import check_tree
-from cclm_jax.train import trainer
+from cclm_jax.train import console, trainer
 from cclm_jax.train.steps import StepConfig, clamp_temperature, pretraining_losses, pretraining_lr_fn
 
 log = logging.getLogger(__name__)
@@ -121,8 +121,8 @@ def build_task(config: ml_collections.ConfigDict, workdir: str, resuming: bool) 
     iterators = build_host_pipelines(config.data, tokenizer, process_index=jax.process_index(),
                                      process_count=jax.process_count())
     mixture = Mixture(dict(config.data.mix))
-    log.info("process %d of %d reads input shards %s", jax.process_index(), jax.process_count(),
-             sorted(next(iter(iterators.values())).shards))
+    console.progress.info("process %d of %d reads input shards %s", jax.process_index(), jax.process_count(),
+                          sorted(next(iter(iterators.values())).shards))
     joint = config.train.mode == "joint"
     step_config = StepConfig(config.model, config.objectives, config.optimizer, config.schedule,
                              1 if joint else len(mixture.cycle), None, config.train.dropout)
