@@ -2,8 +2,9 @@
 
   cclm-jax train    --config configs/demo.py --workdir DIR [--config.train.num_steps=100 ...]
   cclm-jax finetune --config configs/finetune/T.py[:protocol] --workdir DIR   fine-tune, test, report
-  cclm-jax evaluate --config C --workdir DIR          a fine-tuning config: test sets of a fine-tuned run;
-                                                      a pre-training config: dev retrieval
+  cclm-jax evaluate --config C --workdir DIR [--out D] a fine-tuning config: test sets of a fine-tuned run;
+                                                      a pre-training config: dev retrieval (--out: the report
+                                                      goes to D instead of the run directory)
   cclm-jax info     --config C                        parameter counts (tied weights once), per module
   cclm-jax export   --workdir DIR --out F.th [--step N] [--format th|safetensors]
   cclm-jax import   --checkpoint F.th --workdir DIR [--text_num_heads N]   (N only for files recording none)
@@ -13,6 +14,10 @@
 `--config` takes a config file with `get_config(arg)`; `configs/X.py:arg` passes `arg`, and
 `--config.a.b=value` overrides any field (the config is locked: unknown fields are an error).
 
+Console (`train.console`): stderr shows the run's progress lines, this package's warnings and every error, stdout
+the command's result (the final JSON); everything else (clu's metric dump, Orbax, absl, TensorFlow) goes to
+`WORKDIR/log.txt`.
+
 User errors (`USER_ERRORS`: bad config values, missing or unreadable files, checkpoints that do not fit) print
 one line `error: <message>` to stderr and exit with status 2; `--verbosity=1` or the environment variable
 `CCLM_TRACEBACK=1` shows the full traceback instead.
@@ -20,7 +25,6 @@ one line `error: <message>` to stderr and exit with status 2; `--verbosity=1` or
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 
@@ -31,6 +35,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from cclm_jax.checkpoint import UnreadableCheckpointsError
+from cclm_jax.train import console
 
 COMMANDS = ("train", "finetune", "evaluate", "info", "export", "import")
 # Exceptions that mean "the user's config or files are wrong", reported in one line (module docstring).
@@ -43,7 +48,8 @@ USER_ERROR_STATUS = 2
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config(arg)); path[:arg].",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, config).")
-_OUT = flags.DEFINE_string("out", None, "export: output file (.th) or directory (safetensors).")
+_OUT = flags.DEFINE_string("out", None, "export: output file (.th) or directory (safetensors); evaluate: the "
+                           "directory the report is written to (default: the run directory).")
 _FORMAT = flags.DEFINE_enum("format", "th", ["th", "safetensors"], "export: checkpoint format.")
 _STEP = flags.DEFINE_integer("step", None, "export/evaluate: checkpoint step (default: latest).")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "import: official CCLM .th/.pth file.")
@@ -157,7 +163,10 @@ def cmd_evaluate() -> None:
         from cclm_jax.train.finetuning import evaluate
     else:
         from cclm_jax.train.pretraining import evaluate
-    results = evaluate(config, workdir, _STEP.value)
+    log_dir = os.path.abspath(os.path.expanduser(_OUT.value or workdir))
+    os.makedirs(log_dir, exist_ok=True)
+    console.log_to_file(log_dir)
+    results = evaluate(config, workdir, _STEP.value, out=_OUT.value)
     print(json.dumps(results, indent=1, sort_keys=True, default=float))
 
 
@@ -192,7 +201,10 @@ def user_error_message(error: BaseException) -> str:
 def main(argv) -> None:
     if len(argv) != 2 or argv[1] not in COMMANDS:
         raise app.UsageError(f"usage: cclm-jax {{{','.join(COMMANDS)}}} [flags]; got {argv[1:]}")
-    logging.getLogger().setLevel(logging.INFO)
+    console.setup(verbose=show_traceback())
+    if argv[1] in ("train", "finetune", "evaluate"):
+        with console.native_stderr_to_log():  # TensorFlow's start-up banner (written by native code)
+            import tensorflow  # noqa: F401
     command = {"train": cmd_train, "finetune": cmd_finetune, "evaluate": cmd_evaluate, "info": cmd_info,
                "export": cmd_export, "import": cmd_import}[argv[1]]
     try:

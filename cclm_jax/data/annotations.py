@@ -90,14 +90,16 @@ def missing_images(paths: Sequence[str]) -> list[str]:
     return [p for p in dict.fromkeys(paths) if not os.path.isfile(p)]
 
 
-def require_images(paths: Sequence[str], source: PathLike, check: bool) -> None:
+def require_images(paths: Sequence[str], source: PathLike, check: bool, names: str = "") -> None:
+    """With `check`, FileNotFoundError listing the first missing image files; `names` says how the file names
+    are formed (appended to the message)."""
     if not check:
         return
     missing = missing_images(paths)
     if missing:
         shown = "\n  ".join(missing[:_MISSING_SHOWN])
         raise FileNotFoundError(f"{len(missing)} of {len(set(paths))} images referenced by "
-                                f"{os.fspath(source)} are missing, first:\n  {shown}")
+                                f"{os.fspath(source)} are missing{f' ({names})' if names else ''}, first:\n  {shown}")
 
 
 def file_language(records_language: set[str], language: str | None, path: PathLike) -> str | None:

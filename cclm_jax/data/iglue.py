@@ -3,14 +3,19 @@
 `data.retrieval_sets`).
 
 Formats (field names exactly as in the files):
-- XVNLI jsonl: ``Flikr30kID`` (image ``<id>.jpg``), ``sentence1`` (premise, optional), ``sentence2``
+- XVNLI jsonl: ``Flikr30kID`` (image ``<id>.jpg``, see "Image names"), ``sentence1`` (premise, optional), ``sentence2``
   (hypothesis), ``gold_label`` -> {contradiction: 0, entailment: 1, neutral: 2}; SNLI's no-consensus
   label ``"-"`` is skipped (the reference skips it), any other label is an error.
 - MaRVL jsonl (``left_img``, ``right_img``, ``caption``, ``label`` bool, ``concept``, ``language``) and the
   CCLM/NLVR2 json list (``images`` [2], ``sentence``, ``label`` bool or "True"/"False").
 - GQA/xGQA json: either a JSON object question id -> ``{imageId, question, answer?}`` (xGQA test, dev and
   few-shot files) or a JSON list of ``{question_id, img_id, sent, label: {answer: score}}`` (GQA train).
-  Images are ``image_root/<image id>.jpg``. The answer list is the key order of ``trainval_ans2label.json``.
+  Images are ``image_root/<image id>.jpg`` (see "Image names"). The answer list is the key order of
+  ``trainval_ans2label.json``.
+
+Image names: where a file gives only an image id (XVNLI, GQA/xGQA), the image is ``<id>.jpg`` under the image
+root, else ``<id>.jpeg``, ``<id>.png`` or the first (sorted) ``<id>_<suffix>.jpg`` there (`IdImages`; the folder is
+listed once, only when some ``<id>.jpg`` is absent); a missing image's path is the ``<id>.jpg`` one.
 
 Records, errors and image checks as `data.annotations` describes.
 """
@@ -21,15 +26,55 @@ import logging
 import os
 from typing import Any
 
-from cclm_jax.data.annotations import (AnnotationError, ImageRoot, PathLike, get_field, get_id, get_str_list,
-                                       iter_jsonl, join, load_json, require_images)
+from cclm_jax.data.annotations import (
+    AnnotationError,
+    ImageRoot,
+    PathLike,
+    get_field,
+    get_id,
+    get_str_list,
+    iter_jsonl,
+    join,
+    load_json,
+    require_images,
+)
 from cclm_jax.data.retrieval_sets import read_retrieval_jsonl, read_wit_jsonl
 
 XVNLI_LABELS = {"contradiction": 0, "entailment": 1, "neutral": 2}
 XVNLI_NO_LABEL = "-"
 MARVL_LAYOUTS = ("zero_shot", "few_shot")
 
+ID_IMAGE_NAMES = "looked up as <image root>/<id>.jpg, <id>.jpeg, <id>.png or <id>_<suffix>.jpg"
+
 log = logging.getLogger(__name__)
+
+
+class IdImages:
+    """The file of an image named only by its id under `root` (module docstring, "Image names")."""
+
+    def __init__(self, root: PathLike):
+        self.root = os.fspath(root)
+        self._names: set[str] | None = None
+        self._suffixed: dict[str, str] = {}
+
+    def _list(self) -> set[str]:
+        if self._names is None:
+            self._names = set(os.listdir(self.root)) if os.path.isdir(self.root) else set()
+            for name in sorted(self._names, reverse=True):  # the first in sorted order wins
+                stem, sep, _ = name.partition("_")
+                if sep and name.endswith(".jpg"):
+                    self._suffixed[stem] = name
+        return self._names
+
+    def path(self, image_id: str) -> str:
+        default = join(self.root, image_id + ".jpg")
+        if os.path.isfile(default):
+            return default
+        names = self._list()
+        for name in (image_id + ".jpeg", image_id + ".png", self._suffixed.get(image_id)):
+            if name and name in names:
+                return join(self.root, name)
+        return default
 
 
 # --------------------------------------------------------------------------------------------------
@@ -82,6 +127,7 @@ def read_xvnli_jsonl(path: PathLike, image_root: PathLike, *, language: str | No
                      check_images: bool = False) -> list[NLIExample]:
     """XVNLI jsonl (``train``, ``dev``, ``test``, few-shot ``train_N``, translate-test ``test``)."""
     examples, no_label = [], 0
+    images = IdImages(image_root)
     for where, record in iter_jsonl(path):
         gold = get_field(record, "gold_label", str, path, where)
         hypothesis = get_field(record, "sentence2", str, path, where)
@@ -94,11 +140,10 @@ def read_xvnli_jsonl(path: PathLike, image_root: PathLike, *, language: str | No
         if gold not in XVNLI_LABELS:
             raise AnnotationError(path, where, "gold_label", f"{gold!r} is not one of {sorted(XVNLI_LABELS)} or '-'")
         examples.append(NLIExample(str(pair_id) if pair_id is not None else where, image_id,
-                                   join(image_root, image_id + ".jpg"), premise, hypothesis,
-                                   XVNLI_LABELS[gold], language))
+                                   images.path(image_id), premise, hypothesis, XVNLI_LABELS[gold], language))
     if no_label:
         log.info("%s: skipped %d pairs without a gold label ('-')", os.fspath(path), no_label)
-    require_images([e.image_path for e in examples], path, check_images)
+    require_images([e.image_path for e in examples], path, check_images, ID_IMAGE_NAMES)
     return examples
 
 
@@ -164,7 +209,7 @@ def read_nlvr_json(path: PathLike, image_root: PathLike, *, language: str | None
 # --------------------------------------------------------------------------------------------------
 # VQA: GQA / xGQA
 # --------------------------------------------------------------------------------------------------
-def _gqa_from_object(path: PathLike, question_id: str, record: Any, image_root: PathLike,
+def _gqa_from_object(path: PathLike, question_id: str, record: Any, images: IdImages,
                      language: str | None) -> VQAExample:
     where = f"question '{question_id}'"
     if not isinstance(record, dict):
@@ -172,11 +217,11 @@ def _gqa_from_object(path: PathLike, question_id: str, record: Any, image_root: 
     image_id = get_id(record, "imageId", path, where)
     question = get_field(record, "question", str, path, where)
     answer = get_field(record, "answer", str, path, where, required=False)
-    return VQAExample(question_id, image_id, join(image_root, image_id + ".jpg"), question, answer,
+    return VQAExample(question_id, image_id, images.path(image_id), question, answer,
                       (answer,) if answer is not None else (), language)
 
 
-def _gqa_from_list_item(path: PathLike, index: int, record: Any, image_root: PathLike,
+def _gqa_from_list_item(path: PathLike, index: int, record: Any, images: IdImages,
                         language: str | None) -> VQAExample:
     where = f"record {index}"
     if not isinstance(record, dict):
@@ -189,22 +234,22 @@ def _gqa_from_list_item(path: PathLike, index: int, record: Any, image_root: Pat
         if isinstance(score, bool) or not isinstance(score, (int, float)):
             raise AnnotationError(path, where, f"label.{answer}", f"score must be a number, got {score!r}")
     gold = max(label, key=label.get) if label else None
-    return VQAExample(question_id, image_id, join(image_root, image_id + ".jpg"), question, gold,
-                      tuple(label), language)
+    return VQAExample(question_id, image_id, images.path(image_id), question, gold, tuple(label), language)
 
 
 def read_gqa_json(path: PathLike, image_root: PathLike, *, language: str | None = None,
                   check_images: bool = False) -> list[VQAExample]:
     """GQA/xGQA questions from either json layout (see the module docstring), in file order."""
     data = load_json(path)
+    images = IdImages(image_root)
     if isinstance(data, dict):
-        examples = [_gqa_from_object(path, str(q), r, image_root, language) for q, r in data.items()]
+        examples = [_gqa_from_object(path, str(q), r, images, language) for q, r in data.items()]
     elif isinstance(data, list):
-        examples = [_gqa_from_list_item(path, i, r, image_root, language) for i, r in enumerate(data)]
+        examples = [_gqa_from_list_item(path, i, r, images, language) for i, r in enumerate(data)]
     else:
         raise AnnotationError(path, "top level", None,
                               f"expected a JSON object (question id -> question) or list, got {type(data).__name__}")
-    require_images([e.image_path for e in examples], path, check_images)
+    require_images([e.image_path for e in examples], path, check_images, ID_IMAGE_NAMES)
     return examples
 
 

@@ -12,6 +12,10 @@ masking happen in the pipeline, so a built dataset does not depend on the tokeni
 Builders (``tfds.core.GeneratorBasedBuilder``; one config per set of input files, named by a
 hash of the recipe and of the files' sizes and mtimes, so changed inputs rebuild):
 
+The key of a json-lines source whose records name image files (``image_root`` set) also covers those files'
+sizes and mtimes (one stat per record at every start, no image read), so a repaired or replaced image rebuilds
+the data instead of keeping its old "corrupt" or "missing" verdict.
+
 * ``ImageCaptionJsonl`` -- CCLM json-lines, one object per line. ``image_field`` (default
   ``binary``) holds base64 image bytes, or a path when ``image_root`` is set (relative paths
   are resolved against ``image_root``). ``caption_fields`` maps a field name to a language:
@@ -36,14 +40,16 @@ import abc
 import base64
 import binascii
 import collections
+import contextlib
 import dataclasses
 import gzip
 import hashlib
+import io
 import json
 import logging
 import os
 import pathlib
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import tensorflow as tf
@@ -74,7 +80,7 @@ class SkipCounter:
             _LOG.warning("skipping %s (%s)%s", where, reason, f": {detail}" if detail else "")
 
 
-def _read_lines(path: str) -> Iterator[Tuple[int, bytes]]:
+def _read_lines(path: str) -> Iterator[tuple[int, bytes]]:
     """(1-based line number, raw line without newline) of a text file, ``.gz`` transparently."""
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rb") as f:
@@ -94,7 +100,7 @@ def _is_usable_text(text) -> bool:
 
 # ----------------------------------------------------------------------------- json-lines parsing
 
-def _json_records(path: str, counter: SkipCounter) -> Iterator[Tuple[str, dict]]:
+def _json_records(path: str, counter: SkipCounter) -> Iterator[tuple[str, dict]]:
     """(location, object) for each parsable non-blank line of a json-lines file."""
     for number, raw in _read_lines(path):
         where = f"{path}:{number}"
@@ -116,7 +122,7 @@ def _json_records(path: str, counter: SkipCounter) -> Iterator[Tuple[str, dict]]
         yield where, record
 
 
-def _caption_pairs(value, language: str) -> Optional[List[Tuple[str, object]]]:
+def _caption_pairs(value, language: str) -> list[tuple[str, object]] | None:
     """(language, text) pairs of one caption field; None when the layout is not recognised."""
     if language:
         texts = value if isinstance(value, list) else [value]
@@ -132,7 +138,7 @@ def _caption_pairs(value, language: str) -> Optional[List[Tuple[str, object]]]:
     return pairs
 
 
-def _load_image_bytes(value, image_root: str, where: str, counter: SkipCounter) -> Optional[bytes]:
+def _load_image_bytes(value, image_root: str, where: str, counter: SkipCounter) -> bytes | None:
     if not isinstance(value, str) or not value:
         counter.skip("corrupt_image", where, "image field must be a non-empty string")
         return None
@@ -150,8 +156,8 @@ def _load_image_bytes(value, image_root: str, where: str, counter: SkipCounter) 
         return None
 
 
-def image_caption_examples(paths, *, image_field: str, caption_fields: Dict[str, str],
-                           image_root: str, counter: SkipCounter) -> Iterator[Tuple[str, dict]]:
+def image_caption_examples(paths, *, image_field: str, caption_fields: dict[str, str],
+                           image_root: str, counter: SkipCounter) -> Iterator[tuple[str, dict]]:
     """(key, canonical image–caption example) for every usable line of ``paths``."""
     for path in paths:
         for where, record in _json_records(path, counter):
@@ -194,7 +200,7 @@ def _file_language(path: str) -> str:
     return pathlib.PurePath(name).suffix.lstrip(".") or "und"
 
 
-def parallel_text_examples(entries, *, counter: SkipCounter) -> Iterator[Tuple[str, dict]]:
+def parallel_text_examples(entries, *, counter: SkipCounter) -> Iterator[tuple[str, dict]]:
     """(key, canonical parallel example) for json-lines paths or [path_1, path_2] pairs."""
     for entry in entries:
         if isinstance(entry, str):
@@ -245,14 +251,39 @@ class RecipeConfig(tfds.core.BuilderConfig):
         return json.loads(self.recipe_json)
 
 
+def _referenced_images_digest(paths: list[str], image_field: str, image_root: str) -> str:
+    """Hash of (name, size, mtime) of every image file the json-lines `paths` refer to under `image_root` (-1 for
+    a missing one): a repaired, replaced or newly copied image changes the data's key, so its old skip verdict
+    is not reused. One stat per record (no image is read); records the builder would skip are hashed as they are."""
+    digest = hashlib.sha256()
+    for path in paths:
+        for _, raw in _read_lines(path):
+            try:
+                value = json.loads(raw).get(image_field) if raw.strip() else None
+            except (ValueError, AttributeError):  # undecodable or not an object: the builder skips the record
+                continue
+            if not isinstance(value, str) or not value:
+                continue
+            try:
+                st = os.stat(os.path.join(image_root, value))
+                digest.update(f"{value}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            except OSError:
+                digest.update(f"{value}\0-1\n".encode())
+    return digest.hexdigest()
+
+
 def _fingerprint(recipe: dict) -> str:
-    """Hash of the recipe and the size and mtime of every input file."""
+    """Hash of the recipe, the size and mtime of every input file and, for json-lines that refer to image files
+    (`image_root` set), of every referenced image (`_referenced_images_digest`)."""
     stats = []
     for inputs in recipe["splits"].values():
         for entry in inputs:
             for path in [entry] if isinstance(entry, str) else entry:
                 st = os.stat(path)
                 stats.append((path, st.st_size, int(st.st_mtime)))
+    if recipe.get("image_root"):
+        paths = [p for inputs in recipe["splits"].values() for p in inputs]
+        stats.append(_referenced_images_digest(paths, recipe["image_field"], recipe["image_root"]))
     blob = json.dumps([recipe, stats], sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -270,7 +301,7 @@ class _RecipeBuilder(tfds.core.GeneratorBasedBuilder):
         self.counter = SkipCounter()
 
     @abc.abstractmethod
-    def _examples(self, inputs) -> Iterator[Tuple[str, dict]]:
+    def _examples(self, inputs) -> Iterator[tuple[str, dict]]:
         """(key, canonical example) for the inputs of one split."""
 
     def _dataset_info(self, features: dict) -> tfds.core.DatasetInfo:
@@ -342,10 +373,10 @@ class Source:
     """
 
     builder: tfds.core.DatasetBuilder
-    skipped: Dict[str, int]
-    parse_spec: Optional[dict] = None
-    canonicalize: Optional[Callable] = None
-    image_feature: Optional[str] = None
+    skipped: dict[str, int]
+    parse_spec: dict | None = None
+    canonicalize: Callable | None = None
+    image_feature: str | None = None
 
     def raw(self, split) -> tf.data.Dataset:
         if self.parse_spec is None:
@@ -384,12 +415,25 @@ class Source:
         return tfds.even_splits(split, n=count, drop_remainder=True)[index]
 
 
+def _build_quietly(builder: _RecipeBuilder) -> None:
+    """`download_and_prepare` with TFDS's progress bars off and its printed messages sent to the log."""
+    _LOG.warning("building %s from its input files (once: later runs reuse it)", builder.data_dir)
+    tfds.disable_progress_bar()
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            builder.download_and_prepare(file_format="tfrecord", download_config=tfds.download.DownloadConfig(
+                compute_stats=tfds.download.ComputeStatsMode.SKIP))
+    finally:
+        if printed.getvalue().strip():
+            _LOG.info("tfds: %s", printed.getvalue().strip())
+
+
 def _prepare(builder: _RecipeBuilder) -> Source:
     """Build once (a concurrent build of the same data by another process is accepted)."""
     if not builder.is_prepared():
         try:
-            builder.download_and_prepare(file_format="tfrecord", download_config=tfds.download.DownloadConfig(
-                compute_stats=tfds.download.ComputeStatsMode.SKIP))
+            _build_quietly(builder)
         except (OSError, tf.errors.OpError):
             builder = type(builder)(config=builder.builder_config, data_dir=builder.data_dir_root)
             if not builder.is_prepared():
@@ -417,8 +461,8 @@ def _check_files(splits):
                     raise FileNotFoundError(f"split {split!r}: input file {path!r} does not exist")
 
 
-def image_caption_jsonl(splits: Dict[str, List[str]], data_dir: str, *, image_field: str = "binary",
-                        caption_fields: Optional[Dict[str, str]] = None, image_root: str = "") -> Source:
+def image_caption_jsonl(splits: dict[str, list[str]], data_dir: str, *, image_field: str = "binary",
+                        caption_fields: dict[str, str] | None = None, image_root: str = "") -> Source:
     """Build (once) and open CCLM json-lines image–caption data; ``splits`` = {split: [paths]}."""
     splits = {name: [_absolute(p) for p in paths] for name, paths in splits.items()}
     _check_files(splits)
@@ -432,7 +476,7 @@ def image_caption_jsonl(splits: Dict[str, List[str]], data_dir: str, *, image_fi
     return _prepare(ImageCaptionJsonl(config=config, data_dir=os.path.expanduser(data_dir)))
 
 
-def parallel_text(splits: Dict[str, list], data_dir: str) -> Source:
+def parallel_text(splits: dict[str, list], data_dir: str) -> Source:
     """Build (once) and open parallel text; ``splits`` = {split: [jsonl path or [path_1, path_2]]}."""
     splits = {name: [_absolute(e) for e in entries] for name, entries in splits.items()}
     _check_files(splits)
@@ -452,7 +496,7 @@ def _feature(example, path: str):
 
 
 def catalog_image_caption(name: str, *, image_feature: str, caption_feature: str, language: str,
-                          data_dir: Optional[str] = None) -> Source:
+                          data_dir: str | None = None) -> Source:
     """Open a prepared TFDS catalog dataset (``name`` may include a config and version) as an
     image–caption source; nothing is downloaded. Captions get the language ``language``."""
     builder = tfds.builder(name, data_dir=os.path.expanduser(data_dir) if data_dir else None)

@@ -78,7 +78,9 @@ def default_finetune_config(task: str) -> ml_collections.ConfigDict:
       languages?}}, `train.finetuning`): by default the protocol's test sets after every epoch.
     data: tokenizer (SentencePiece model; default: the init workdir's), max_tokens, max_words, languages
       (evaluated), train_language, augment (the reference's training image transform; False: resize only);
-      the task configs add their annotation and image locations (`data.finetune_data`).
+      test_root (folder of the test annotation files when not the training root), skip_missing_images (drop and
+      count records whose image file is missing instead of stopping); the task configs add their annotation and
+      image locations (`data.finetune_data`).
     mesh: `parallel.make_mesh` sizes. distributed: call `jax.distributed.initialize()` first (multi-host).
     """
     _check_task(task)
@@ -100,7 +102,7 @@ def default_finetune_config(task: str) -> ml_collections.ConfigDict:
         "eval": {"batch_size": 96, "k_test": 128, "start_epoch": 0},
         "evals": {"test": {"kind": "test", "every": 1, "unit": "epochs"}},
         "data": {"tokenizer": "", "max_tokens": 40, "max_words": 40, "languages": ("en",), "train_language": "en",
-                 "augment": True},
+                 "augment": True, "test_root": "", "skip_missing_images": False},
         "mesh": {"data": -1},
         "distributed": False,
     })

@@ -116,16 +116,18 @@ def _flat(tree) -> dict[str, Any]:
     return {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def check_tree(params, abstract, what: str) -> None:
-    """Raise ValueError naming the first paths where `params` and the (unboxed) `abstract` tree differ."""
+def check_tree(params, abstract, what: str, model: str = "the task model") -> None:
+    """Raise ValueError (one line) naming the first path where `params` and the (unboxed) `abstract` tree differ,
+    with both shapes, and how many more differ."""
     got = {k: tuple(np.shape(v)) for k, v in _flat(params).items()}
     want = {k: tuple(v.shape) for k, v in _flat(abstract).items()}
-    missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))
-    wrong = [f"{k} {got[k]} (expected {want[k]})" for k in sorted(set(got) & set(want)) if got[k] != want[k]]
-    if missing or unexpected or wrong:
-        parts = [f"{name}: {items[:5]}" for name, items in (("missing", missing), ("unexpected", unexpected),
-                                                              ("wrong shape", wrong)) if items]
-        raise ValueError(f"{what} do not fit the task model: " + "; ".join(parts))
+    problems = ([f"wrong shape: {k} {got[k]} in the checkpoint, {want[k]} in the model"
+                 for k in sorted(set(got) & set(want)) if got[k] != want[k]]
+                + [f"missing: {k} (shape {want[k]} in the model)" for k in sorted(set(want) - set(got))]
+                + [f"unexpected: {k} (shape {got[k]}, not in the model)" for k in sorted(set(got) - set(want))])
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ValueError(f"{what} do not fit {model}: {problems[0]}{more}")
 
 
 def resize_geometry(params: dict, model_config: ml_collections.ConfigDict) -> dict:

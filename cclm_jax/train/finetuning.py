@@ -22,8 +22,9 @@
 The schedule (`finetune_schedule`), the optimizer (`make_task_optimizer`) and the standalone jitted update
 (`make_train_step`) of a task are here; the task itself (config, model, loss, prediction) is in `cclm_jax.tasks`.
 
-`evaluate(config, workdir, step=None)` evaluates a fine-tuned run's checkpoint (latest by default) on the test
-sets `config` names (e.g. the translate-test files after zero-shot fine-tuning) and adds them to its report.
+`evaluate(config, workdir, step=None, out=None)` evaluates a fine-tuned run's checkpoint (latest by default) on the
+test sets `config` names (e.g. the translate-test files after zero-shot fine-tuning, or files under
+`data.test_root`) and adds them to its report, or writes them to a report of their own in `out`.
 
 Metrics: `workdir/metrics.jsonl` and TensorBoard event files (`train/<name>`: losses, accuracy, lr, norms,
 examples/s, input wait; `eval/<evaluator>/<lang>/<metric>`, `eval/<evaluator>_itc/...` for the dual encoder).
@@ -260,6 +261,7 @@ def build_task(config: ml_collections.ConfigDict, workdir: str, resuming: bool) 
         next_batches=next_batches,
         start_inputs=start_inputs,
         data_state=dict,
+        input_metrics=data.metrics,
         kind_prefix=False,
         evaluators=trainer.evaluators_from_config(config.evals, {"test": make_eval}, per_epoch, at_end=False),
         finish=finish,
@@ -272,15 +274,21 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     return trainer.run(config, workdir, build_task)
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None = None) -> dict[str, Any]:
-    """Test-set results of a fine-tuned run's checkpoint (`step`, default the latest), added to its report."""
+def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None = None,
+             out: str | None = None) -> dict[str, Any]:
+    """Test-set results of a fine-tuned run's checkpoint (`step`, default the latest), added to its report, or with
+    `out` written as a report of their own into that directory (the run directory is then only read)."""
     workdir = os.path.abspath(os.path.expanduser(workdir))
+    out_dir = os.path.abspath(os.path.expanduser(out)) if out else workdir
     saved = read_run_config(workdir)
     if saved.get("task") != config.task:
         raise ValueError(f"{workdir} holds {_run_kind(saved)} (config.json), not a {config.task!r} fine-tuning "
                          "run: evaluate it with its own task's config")
     task_lib.validate_finetune_config(config)
     data = load_task_data(config, train=False)
+    if data.skipped:
+        log.warning("test records without their image file were skipped (config.data.skip_missing_images): %s",
+                    data.skipped)
     model_config = saved.model
     config.model = model_config
     tokenizer_path = config.data.tokenizer or saved.data.get("tokenizer")
@@ -298,5 +306,6 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
     _, params = restore_params(workdir, step, shardings)
     evaluator = TaskEvaluator(config, model_config, data.tests, tokenizer, mesh, answers=data.answers)
     tables = evaluator(params)
-    write_report(tables, workdir)
-    return {"step": step, "results": tables[evaluator.name], "tables": tables}
+    write_report(tables, out_dir)
+    return {"step": step, "results": tables[evaluator.name], "tables": tables, "report": out_dir,
+            "skipped_missing_images": data.skipped}

@@ -26,6 +26,7 @@ import numpy as np
 from clu import metric_writers
 
 from cclm_jax import flops
+from cclm_jax.train import console
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,27 @@ def flop_rates(prefix: str, model_flop: float, seconds: float, peak: float | Non
     if peak is not None:
         out[f"{prefix}mfu"] = per_sec / (peak * num_devices)
     return out
+
+
+def format_duration(seconds: float) -> str:
+    """'H:MM:SS' (hours unbounded) of a non-negative duration."""
+    whole = int(max(seconds, 0.0) + 0.5)
+    return f"{whole // 3600}:{whole % 3600 // 60:02d}:{whole % 60:02d}"
+
+
+def console_line(step: int, num_steps: int, scalars: Mapping[str, float]) -> str:
+    """The one console line of a log step: `step S/T  <losses>  X.XXs/step  N ex/s  [F TFLOP/s  MFU M%]  ETA H:MM:SS`
+    (losses: the `CONSOLE_NAMES` of every update kind; FLOP rates and MFU only where known)."""
+    per_step = scalars["train/seconds_per_step"]
+    losses = " ".join(f"{k.removeprefix('train/')}={v:.4f}" for k, v in scalars.items() if k.endswith(CONSOLE_NAMES))
+    parts = [f"step {step}/{num_steps}", losses, f"{per_step:.2f}s/step",
+             f"{scalars['train/examples_per_sec']:.1f} ex/s"]
+    if "train/model_tflop_per_sec" in scalars:
+        parts.append(f"{scalars['train/model_tflop_per_sec']:.3g} TFLOP/s")
+    if "train/mfu" in scalars:
+        parts.append(f"MFU {scalars['train/mfu']:.1%}")
+    parts.append(f"ETA {format_duration(per_step * (num_steps - step))}")
+    return "  ".join(p for p in parts if p)
 
 
 class ScalarSink:
@@ -170,18 +192,11 @@ class MetricsWriter:
         if all(self._has_flops(sizes) for _, _, sizes, _, _ in self.pending):
             interval_flop = sum(self.step_model_flop(sizes) for _, _, sizes, _, _ in self.pending)
             scalars.update(flop_rates("train/", interval_flop, now - self.t_last, self.peak, self.num_devices))
+        examples = sum(sum(sizes.values()) for _, _, sizes, _, _ in self.pending) * self.num_processes
+        scalars["train/examples_per_sec"] = examples / max(now - self.t_last, 1e-9)
         self.sink.write(step, scalars)
         if self.is_writer:
-            eta = per_step * (self.num_steps - step)
-            losses = " ".join(f"{k.removeprefix('train/')}={v:.4f}" for k, v in scalars.items()
-                              if k.endswith(CONSOLE_NAMES))
-            rate = ""
-            if "train/model_tflop_per_sec" in scalars:
-                rate = f"  {scalars['train/model_tflop_per_sec']:.3g} TFLOP/s"
-            if "train/mfu" in scalars:
-                rate += f" MFU {scalars['train/mfu']:.1%}"
-            log.info("step %d/%d  %s  %.2fs/step%s  ETA %s", step, self.num_steps, losses, per_step, rate,
-                     time.strftime("%H:%M:%S", time.gmtime(max(eta, 0))))
+            console.progress.info(console_line(step, self.num_steps, scalars))
         self.pending.clear()
         self.t_last = self.t_done = now
         return scalars

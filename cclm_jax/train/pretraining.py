@@ -6,7 +6,8 @@ batches, one optimizer update per batch kind ('alternate', the reference) or one
 - builds this process's tf.data pipelines (its `data.host_shards` input shards); the data positions of every
   shard are checkpointed and restored, so a resumed run sees the same batches;
 - step s trains on `Mixture.kind_at(s)`; the schedule advances once per mixture cycle (spec §4.1);
-- initial parameters: an official checkpoint (`init.checkpoint`), the XLM-R + Swin towers (`init.xlmr_dir`,
+- initial parameters: `init.checkpoint` (an official checkpoint or a pre-training run directory; read and checked
+  against the model's shapes before anything is written or compiled), the XLM-R + Swin towers (`init.xlmr_dir`,
   `init.swin_path`), else random -- each placed straight into the run's shardings;
 - evaluators: `config.evals` of kind `dev_retrieval` (`run_config`).
 
@@ -24,6 +25,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from flax import linen as nn
 from jax.experimental import multihost_utils
 
 from cclm_jax import flops, parallel
@@ -31,25 +33,44 @@ from cclm_jax.data.config import resolve_host_shards
 from cclm_jax.data.mixture import Mixture
 from cclm_jax.data.pipeline import build_host_pipelines, load_tokenizer
 from cclm_jax.interop.shapes import abstract_params
-from cclm_jax.interop.workdir import restore_params
+from cclm_jax.interop.workdir import read_run_config, restore_params
 from cclm_jax.models import build_model
 from cclm_jax.optimizer import make_optimizer
 from cclm_jax.run_config import resolve_vocab, validate_run_config
-from cclm_jax.train import trainer
+from cclm_jax.tasks.start import check_tree
+from cclm_jax.train import console, trainer
 from cclm_jax.train.steps import StepConfig, clamp_temperature, pretraining_losses, pretraining_lr_fn
 
 log = logging.getLogger(__name__)
 
 
-def initial_params(config: ml_collections.ConfigDict, mesh, shardings, rng: jax.Array):
-    """Parameters of a fresh run in `shardings`: imported (`init.checkpoint` / XLM-R + Swin) or random (drawn
-    directly in their shardings, never materialised on one device)."""
-    init = config.init
-    if init.checkpoint:
+def load_start_params(config: ml_collections.ConfigDict):
+    """The parameters `init.checkpoint` names (an official `.th` / `.safetensors` file or a pre-training run
+    directory), checked against the shapes of `config.model`'s parameters (`jax.eval_shape` of its init: nothing
+    is compiled) before anything is written; ValueError naming the first key that differs, with both shapes."""
+    path = os.path.expanduser(config.init.checkpoint)
+    if os.path.isdir(path):
+        saved = read_run_config(path)
+        if saved.get("task"):
+            raise ValueError(f"config.init.checkpoint: {path} is a {saved.task!r} fine-tuning run; pre-training "
+                             "starts from a pre-training run directory or an official CCLM checkpoint")
+        _, params = restore_params(path)
+    else:
         from cclm_jax.interop import official
 
-        _, imported = official.load(init.checkpoint, text_num_heads=init.text_num_heads)
-        return parallel.shard_params(imported, shardings)
+        _, params = official.load(path, text_num_heads=config.init.text_num_heads or None)
+    check_tree(params, nn.meta.unbox(abstract_params(config.model, "pretrain")),
+               f"the parameters of config.init.checkpoint ({path}; the model is config.model with the vocabulary "
+               "of config.data.tokenizer)", model="the model")
+    return params
+
+
+def initial_params(config: ml_collections.ConfigDict, mesh, shardings, rng: jax.Array, start=None):
+    """Parameters of a fresh run in `shardings`: `start` (`load_start_params`), the XLM-R + Swin towers, or random
+    (drawn directly in their shardings, never materialised on one device)."""
+    init = config.init
+    if start is not None:
+        return parallel.shard_params(start, shardings)
     if init.xlmr_dir:
         from cclm_jax.interop.pretrained import init_from_pretrained
 
@@ -90,18 +111,19 @@ def restore_iterators(iterators: dict, saved: dict) -> None:
 
 def build_task(config: ml_collections.ConfigDict, workdir: str, resuming: bool) -> trainer.Task:
     """The pre-training task of `config` (see the module docstring)."""
-    del workdir, resuming  # the trainer restores the state and the data positions
+    del workdir  # the trainer restores the state and the data positions
     validate_run_config(config)
     # The input shards as a number (0 = one per process), so config.json says which batches the run draws and a
     # restart on another number of processes reading the same shards is the same run.
     config.data.host_shards = resolve_host_shards(config.data, jax.process_count())
     tokenizer = load_tokenizer(config.data)
     resolve_vocab(config, tokenizer.vocab_size, tokenizer.mask_id)
+    start = load_start_params(config) if config.init.checkpoint and not resuming else None
     iterators = build_host_pipelines(config.data, tokenizer, process_index=jax.process_index(),
                                      process_count=jax.process_count())
     mixture = Mixture(dict(config.data.mix))
-    log.info("process %d of %d reads input shards %s", jax.process_index(), jax.process_count(),
-             sorted(next(iter(iterators.values())).shards))
+    console.progress.info("process %d of %d reads input shards %s", jax.process_index(), jax.process_count(),
+                          sorted(next(iter(iterators.values())).shards))
     joint = config.train.mode == "joint"
     step_config = StepConfig(config.model, config.objectives, config.optimizer, config.schedule,
                              1 if joint else len(mixture.cycle), None, config.train.dropout)
@@ -129,7 +151,7 @@ def build_task(config: ml_collections.ConfigDict, workdir: str, resuming: bool) 
     return trainer.Task(
         name="pretrain",
         abstract_params=abstract_params(config.model, "pretrain"),
-        initial_params=lambda mesh, shardings, rng: initial_params(config, mesh, shardings, rng),
+        initial_params=lambda mesh, shardings, rng: initial_params(config, mesh, shardings, rng, start),
         make_optimizer=lambda params: make_optimizer(config.optimizer, config.schedule, params, config.model),
         losses=mesh_losses,
         lr_fn=pretraining_lr_fn(step_config),
@@ -149,7 +171,7 @@ def build_task(config: ml_collections.ConfigDict, workdir: str, resuming: bool) 
 def eval_makers(config: ml_collections.ConfigDict, tokenizer) -> dict:
     """The evaluator kinds of pre-training (`config.evals`): {kind: (name, spec) -> fn(params, step)}."""
 
-    def dev_retrieval(name: str, spec) -> Callable:
+    def make_dev_retrieval(name: str, spec) -> Callable:
         from cclm_jax.evaluation.dev import dev_retrieval
 
         k_test = spec.get("k_test", 16)
@@ -157,7 +179,7 @@ def eval_makers(config: ml_collections.ConfigDict, tokenizer) -> dict:
             raise ValueError(f"config.evals.{name}.k_test must be a non-negative integer, got {k_test!r}")
         return lambda params, step: dev_retrieval(config, params, parallel.make_mesh(config.mesh), tokenizer, k_test)
 
-    return {"dev_retrieval": dev_retrieval}
+    return {"dev_retrieval": make_dev_retrieval}
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -165,9 +187,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     return trainer.run(config, workdir, build_task)
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None = None) -> dict[str, float]:
+def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None = None,
+             out: str | None = None) -> dict[str, float]:
     """A run's checkpoint (latest by default) through the evaluators of `config.evals` (every one, whatever its
-    `every`, except -1), written under `workdir/eval/step_<N>/`; {evaluator/metric: value}."""
+    `every`, except -1), written under `workdir/eval/step_<N>/` (or into `out`); {evaluator/metric: value}."""
     from cclm_jax.evaluation import report
 
     run_config, params = restore_params(workdir, step)
@@ -187,7 +210,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
             if "/" in key:
                 lang, name = key.split("/", 1)
                 by_language.setdefault(lang, {})[name] = value
-    out_dir = os.path.join(os.path.abspath(os.path.expanduser(workdir)), "eval",
-                           f"step_{step if step is not None else 'latest'}")
+    out_dir = os.path.abspath(os.path.expanduser(out)) if out else os.path.join(
+        os.path.abspath(os.path.expanduser(workdir)), "eval", f"step_{step if step is not None else 'latest'}")
     report.write_results(tables, out_dir)
     return results

@@ -41,8 +41,8 @@ from jax.sharding import Mesh
 
 from cclm_jax import parallel
 from cclm_jax.checkpoint import Checkpointer, PreemptionWatcher, abstract_like
+from cclm_jax.train import console, run_directory
 from cclm_jax.train import metrics as metrics_lib
-from cclm_jax.train import run_directory
 from cclm_jax.train.steps import jit_step, make_update_fn
 from cclm_jax.train_state import TrainState, create_train_state
 
@@ -187,6 +187,11 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     task = build_task(config, workdir, resuming)
     run_directory.check_same_run(config, workdir)
     run_directory.write_config(config, workdir)
+    log_file = console.log_to_file(workdir, jax.process_index())
+    if jax.process_index() == 0:
+        console.progress.info("%s: %d steps in %s%s", task.name, task.total_steps, workdir,
+                              f" (log: {log_file})" if log_file else "")
+        console.progress.info(console.describe_skips(task.input_metrics()))
 
     mesh = parallel.make_mesh(config.mesh)
     init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.train.seed))
@@ -197,7 +202,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
         if state.opt_state is None:  # an imported, parameters-only checkpoint: a fresh optimizer state
             opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(state.params)
             state = state.replace(opt_state=opt_state)
-        log.info("resumed from step %d in %s", int(jax.device_get(state.step)), checkpointer.directory)
+        console.progress.info("resumed from step %d (%s)", int(jax.device_get(state.step)), checkpointer.directory)
     else:
         params = task.initial_params(mesh, shardings.params, init_rng)
         state = jax.jit(lambda p, r: create_train_state(p, optimizer, r), out_shardings=shardings)(params, state_rng)
@@ -297,8 +302,8 @@ def _evaluate(evaluator: Evaluator, params, step: int, writer: metrics_lib.Metri
     if scalars:
         writer.sink.write(step, scalars)
         if writer.is_writer:
-            log.info("eval %s at step %d: %s", evaluator.name, step,
-                     "  ".join(f"{k}={v:.2f}" for k, v in scalars.items()))
+            console.progress.info("eval %s at step %d: %s", evaluator.name, step,
+                                  "  ".join(f"{k}={v:.2f}" for k, v in scalars.items()))
     return scalars
 
 
