@@ -142,7 +142,7 @@ def test_reference_adamw_matches_numpy_over_warmup_and_decay(tiny):
         ref.update(grads, k)
         got = _flat(p)
         worst = max(float(np.max(np.abs(got[key] - ref.p[key]))) for key in got)
-        assert worst < 1e-6, (i, worst)  # measured 5.4e-7
+        assert worst < 1e-6, (i, worst)  # measured 7.1e-7 (5.5e-7 with the earlier fused update)
         assert float(opt.learning_rate(state)) == pytest.approx(0.05 * np_lambda(k, 2, 6), rel=1e-6)
         if k == 0:  # LambdaLR starts at factor 0: no change at all
             assert all(np.array_equal(got[key], before[key]) for key in got)
