@@ -30,8 +30,8 @@ import train_step  # noqa: E402  (shared config / report helpers; puts the repos
 from cclm_jax import flops, objectives  # noqa: E402
 from cclm_jax.models import build_model  # noqa: E402
 from cclm_jax.optimizer import make_optimizer  # noqa: E402
-from cclm_jax.train_state import create_train_state  # noqa: E402
 from cclm_jax.train.steps import StepConfig, make_train_steps  # noqa: E402
+from cclm_jax.train_state import create_train_state  # noqa: E402
 
 SECTION = "## Full-size compile"
 PARTS = ("forward", "image_caption", "parallel_text")
@@ -63,10 +63,9 @@ def compile_parts(config, batch: int, parts: list[str], log=print) -> list[dict]
     ids = jnp.zeros((1, 8), jnp.int32)
     params = nn.meta.unbox(jax.eval_shape(
         lambda k: model.init(k, jnp.zeros((1, res, res, 3)), ids, ids)["params"], jax.random.PRNGKey(0)))
-    optimizer = make_optimizer(config.optimizer, config.schedule, params, config.model)
+    optimizer = make_optimizer(config.optimizer, config.schedule, params, updates_per_schedule_step=2)
     state = jax.eval_shape(lambda p, r: create_train_state(p, optimizer, r), params, jax.random.PRNGKey(0))
-    step_config = StepConfig(config.model, config.objectives, config.optimizer, config.schedule, 2, None,
-                             config.train.dropout)
+    step_config = StepConfig(config.model, config.objectives, dropout=config.train.dropout)
     steps = make_train_steps(step_config, optimizer, "alternate")
     shapes = flops.run_config_shapes(config)
     vocab = config.model.text.vocab_size

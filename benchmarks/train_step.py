@@ -175,13 +175,12 @@ def build_arm(config: ml_collections.ConfigDict):
     model = build_model(config.model)
     init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.train.seed))
     params, params_shardings = parallel.init_sharded_params(model, config.model, mesh, init_rng)
-    optimizer = make_optimizer(config.optimizer, config.schedule, params, config.model)
+    optimizer = make_optimizer(config.optimizer, config.schedule, params, updates_per_schedule_step=2)
     create = lambda p, r: create_train_state(p, optimizer, r)  # noqa: E731
     state_shardings = parallel.state_shardings(jax.eval_shape(create, params, state_rng), params_shardings, mesh)
     state = jax.jit(create, out_shardings=state_shardings)(params, state_rng)
     del params
-    step_config = StepConfig(config.model, config.objectives, config.optimizer, config.schedule, 2, mesh,
-                             config.train.dropout)
+    step_config = StepConfig(config.model, config.objectives, mesh, config.train.dropout)
     steps = make_train_steps(step_config, optimizer, "alternate", state_shardings, parallel.batch_sharding(mesh))
     return mesh, state, steps
 

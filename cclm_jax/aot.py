@@ -420,14 +420,13 @@ def build_program(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) ->
     from cclm_jax.interop.shapes import abstract_params
     from cclm_jax.optimizer import make_optimizer
     from cclm_jax.train import trainer
-    from cclm_jax.train.steps import StepConfig, make_train_steps
+    from cclm_jax.train.steps import StepConfig, make_train_steps, updates_per_cycle
 
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=parallel.replicated(mesh))
     state, state_shardings, optimizer = trainer.make_state(
         abstract_params(config.model, "pretrain"),
-        lambda p: make_optimizer(config.optimizer, config.schedule, p, config.model), mesh, rng)
-    step_config = StepConfig(config.model, config.objectives, config.optimizer, config.schedule, 2, mesh,
-                             config.train.dropout)
+        lambda p: make_optimizer(config.optimizer, config.schedule, p, updates_per_cycle(config)), mesh, rng)
+    step_config = StepConfig(config.model, config.objectives, mesh, config.train.dropout)
     steps = make_train_steps(step_config, optimizer, config.train.mode, state_shardings,
                              parallel.batch_sharding(mesh))
     return Program(mesh, state, steps)

@@ -4,7 +4,10 @@ Layout: `workdir/checkpoints/<step>/{params, opt_state, meta, data}`: `params` t
 optimizer state, `meta` the step, base RNG key and skip counters, `data` the per-kind iterator positions (JSON).
 Parameters are their own item so that `export`, `evaluate` and `init.workdir` read them alone
 (`restore_params`), never the two Adam moments (3x the memory). Checkpoints of earlier versions, one `state`
-item holding the whole `TrainState` (without the consecutive-skip counter), stay readable.
+item holding the whole `TrainState` (without the consecutive-skip counter), stay readable. An optimizer state of
+another layout than the run's (an earlier version's optimizer) is read through `upgrade_opt_state` (the caller's:
+`cclm_jax.optimizer.upgrade_legacy_state`); one it cannot convert is an `OptimizerStateLayoutError` naming how to
+resume from the parameters, and the checkpoint is left in place.
 
 Saves are asynchronous; a save becomes visible only once complete (Orbax writes to a temporary directory and
 renames it), so a run killed mid-save resumes from the previous complete checkpoint and never reads a partial one.
@@ -26,7 +29,7 @@ import os
 import shutil
 import signal
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax
@@ -42,8 +45,19 @@ ITEMS = ("params", "opt_state", "meta", "data")
 LEGACY_ITEM = "state"
 
 
+# (stored tree as Orbax lists it, abstract optimizer state) -> (restore target, upgrade(restored, step) -> state)
+OptStateUpgrade = Callable[[Any, Any], tuple[Any, Callable[[Any, Any], Any]]]
+RESUME_FROM_PARAMS = ("to continue from its parameters with a fresh optimizer state, run `cclm-jax export --workdir "
+                      "<this run> --out F.th`, then `cclm-jax import --checkpoint F.th --workdir <new run>` and "
+                      "train in the new run")
+
+
 class UnreadableCheckpointsError(RuntimeError):
     """No checkpoint of a run directory can be read (each step and its error are in the message)."""
+
+
+class OptimizerStateLayoutError(ValueError):
+    """A checkpoint's optimizer state has a layout this version cannot read (an intact file: it is kept)."""
 
 
 @flax.struct.dataclass
@@ -150,26 +164,51 @@ class Checkpointer:
             raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
         return step
 
-    def restore(self, abstract_state: TrainState, step: int | None = None) -> tuple[TrainState, dict]:
+    def _stored_tree(self, step: int, item: str) -> Any:
+        """The tree of a stored item as Orbax lists it (array metadata leaves; lists, dicts, None)."""
+        return ocp.PyTreeCheckpointer().metadata(os.path.join(self.directory, str(step), item)).item_metadata.tree
+
+    def _opt_state_target(self, step: int, stored: Any, abstract: Any,
+                          upgrade_opt_state: OptStateUpgrade | None) -> tuple[Any, Callable[[Any, Any], Any]]:
+        """(restore target, finish(restored, step) -> opt_state) for the stored optimizer state tree `stored`."""
+        if set(ocp.tree.to_flat_dict(stored)) == set(ocp.tree.to_flat_dict(abstract)):
+            return abstract, lambda restored, _: restored
+        where = f"checkpoint step {step} in {self.directory} holds an optimizer state of another layout"
+        if upgrade_opt_state is None:
+            raise OptimizerStateLayoutError(f"{where}; {RESUME_FROM_PARAMS}")
+        try:
+            return upgrade_opt_state(stored, abstract)
+        except ValueError as e:
+            raise OptimizerStateLayoutError(f"{where} ({e}); {RESUME_FROM_PARAMS}") from e
+
+    def restore(self, abstract_state: TrainState, step: int | None = None, *,
+                upgrade_opt_state: OptStateUpgrade | None = None) -> tuple[TrainState, dict]:
         """(state, data positions) of `step` (default the latest), into `abstract_state`'s shardings. The state's
-        `opt_state` is None for a parameters-only checkpoint (`save_params`)."""
+        `opt_state` is None for a parameters-only checkpoint (`save_params`); one of another layout is read through
+        `upgrade_opt_state` (see the module docstring)."""
         step = self._step(step)
         if self._is_legacy(step):
-            legacy = LegacyTrainState(abstract_state.step, abstract_state.params, abstract_state.opt_state,
-                                      abstract_state.rng, abstract_state.nonfinite)
+            stored = self._stored_tree(step, LEGACY_ITEM)["opt_state"]
+            target, finish = self._opt_state_target(step, stored, abstract_state.opt_state, upgrade_opt_state)
+            legacy = LegacyTrainState(abstract_state.step, abstract_state.params, target, abstract_state.rng,
+                                      abstract_state.nonfinite)
             restored = self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(legacy), data=ocp.args.JsonRestore()))
             old = restored.state
-            state = TrainState(step=old.step, params=old.params, opt_state=old.opt_state, rng=old.rng,
-                               nonfinite=old.nonfinite, skips=np.zeros((), np.int32))
+            state = TrainState(step=old.step, params=old.params, opt_state=finish(old.opt_state, old.step),
+                               rng=old.rng, nonfinite=old.nonfinite, skips=np.zeros((), np.int32))
         else:
             items = {"params": ocp.args.StandardRestore(abstract_state.params),
                      "meta": ocp.args.StandardRestore(_meta(abstract_state)), "data": ocp.args.JsonRestore()}
+            finish = None
             if self.has_optimizer_state(step):
-                items["opt_state"] = ocp.args.StandardRestore(abstract_state.opt_state)
+                stored = self._stored_tree(step, "opt_state")
+                target, finish = self._opt_state_target(step, stored, abstract_state.opt_state, upgrade_opt_state)
+                items["opt_state"] = ocp.args.StandardRestore(target)
             restored = self.manager.restore(step, args=ocp.args.Composite(**items))
             meta = restored.meta
-            state = TrainState(step=meta["step"], params=restored.params, opt_state=restored.get("opt_state"),
+            opt_state = None if finish is None else finish(restored.opt_state, meta["step"])
+            state = TrainState(step=meta["step"], params=restored.params, opt_state=opt_state,
                                rng=meta["rng"], nonfinite=meta["nonfinite"], skips=meta["skips"])
         data = {kind: {k: np.int64(v) for k, v in s.items()} for kind, s in (restored.data or {}).items()}
         return state, data
@@ -180,21 +219,25 @@ class Checkpointer:
         step = self._step(step)
         if self._is_legacy(step):
             item = os.path.join(self.directory, str(step), LEGACY_ITEM)
-            metadata = ocp.PyTreeCheckpointer().metadata(item).item_metadata.tree
-            as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
+            as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                                    self._stored_tree(step, LEGACY_ITEM))
             restored = ocp.PyTreeCheckpointer().restore(item, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
             return jax.tree.map(lambda x, a: jax.device_put(x, a.sharding), restored["params"], abstract_params)
         restored = self.manager.restore(step, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(abstract_params)))
         return restored.params
 
-    def restore_newest_readable(self, abstract_state: TrainState) -> tuple[TrainState, dict, list[tuple[int, str]]]:
+    def restore_newest_readable(self, abstract_state: TrainState, *, upgrade_opt_state: OptStateUpgrade | None = None,
+                                ) -> tuple[TrainState, dict, list[tuple[int, str]]]:
         """(state, data positions, [(step, reason)] of newer checkpoints that could not be read and were moved to
-        `workdir/corrupt_checkpoints/`). Raises UnreadableCheckpointsError naming every step if none can be read."""
+        `workdir/corrupt_checkpoints/`). Raises UnreadableCheckpointsError naming every step if none can be read,
+        and OptimizerStateLayoutError (checkpoint kept) for an optimizer state `upgrade_opt_state` cannot read."""
         failed: list[tuple[int, str]] = []
         for step in sorted(self.all_steps(), reverse=True):
             try:
-                state, data = self.restore(abstract_state, step)
+                state, data = self.restore(abstract_state, step, upgrade_opt_state=upgrade_opt_state)
+            except OptimizerStateLayoutError:
+                raise
             except Exception as e:  # noqa: BLE001 -- any reader error means this step is unusable
                 reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
                 log.warning("checkpoint step %d in %s is unreadable (%s); trying the previous one", step,

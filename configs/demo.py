@@ -25,7 +25,7 @@ def get_config(arg: str = ""):
     data.parallel_text.update(batch_size=32, max_tokens=8, max_words=8, max_masks=3)
     data.eval.update(batch_size=50, image_res=64, max_tokens=8, max_words=8)
     data.shuffle_buffer = 2048
-    config.optimizer.update(lr=5e-4, lr_mult=1.0)
+    config.optimizer.update(lr=5e-4, lr_mults=())  # one learning rate for every parameter
     num_steps = int(arg) if arg else 800
     total = max(num_steps // 2, 1)  # one schedule step per (parallel-text, image-caption) iteration
     config.schedule.update(warmup_steps=max(1, min(50, total // 10)), total_steps=total)

@@ -72,7 +72,7 @@ def test_flickr8k_multilingual_retrieval_finetuning(shared_data_dir, tmp_path, c
     schedule = finetuning.finetune_schedule(config.train, STEPS * batch_size // config.train.epochs)
     optimizer = finetuning.make_task_optimizer(config, schedule, params)
     state = jax.jit(lambda p, key: create_train_state(p, optimizer, key))(params, jax.random.PRNGKey(1))
-    step = finetuning.make_train_step(config, optimizer, schedule)
+    step = finetuning.make_train_step(config, optimizer)
     rng = np.random.default_rng(0)
     start, history = time.time(), []
     for _ in range(STEPS):

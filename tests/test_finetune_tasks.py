@@ -135,7 +135,7 @@ def _train(config, params, batch, steps):
     schedule = finetuning.finetune_schedule(config.train, 4 * steps)
     optimizer = finetuning.make_task_optimizer(config, schedule, params)
     state = jax.jit(lambda p, key: create_train_state(p, optimizer, key))(params, jax.random.PRNGKey(1))
-    step = finetuning.make_train_step(config, optimizer, schedule)
+    step = finetuning.make_train_step(config, optimizer)
     history = []
     for _ in range(steps):
         state, out = step(state, batch)
@@ -246,13 +246,12 @@ def test_task_optimizer_groups(deep_pretrained):
     cfg, pretrained = deep_pretrained
     config = _config("marvl", cfg)
     params = tasks.init_nlvr_params(pretrained, jax.random.PRNGKey(0))
-    decay, mult = optimizer_lib.param_groups(
-        params, cfg, no_decay_patterns=config.optimizer.no_decay_patterns,
-        new_param_patterns=config.optimizer.new_param_patterns, lr_mult=config.optimizer.lr_mult)
+    decay = optimizer_lib.param_multipliers(params, config.optimizer.wd_mults, "wd_mults")
+    mult = optimizer_lib.param_multipliers(params, config.optimizer.lr_mults, "lr_mults")
     copy = ("text_encoder", "layer_5", "output", "LayerNorm")  # outside the pre-training layout
-    assert _get(decay, copy + ("scale",)) is False and _get(decay, copy + ("bias",)) is False
-    assert _get(decay, ("text_encoder", "layer_5", "output", "dense", "kernel")) is True
-    assert _get(decay, ("cls_head", "norm", "scale")) is True  # the reference decays cls_head.1.weight
+    assert _get(decay, copy + ("scale",)) == 0.0 and _get(decay, copy + ("bias",)) == 0.0
+    assert _get(decay, ("text_encoder", "layer_5", "output", "dense", "kernel")) == 1.0
+    assert _get(decay, ("cls_head", "norm", "scale")) == 1.0  # the reference decays cls_head.1.weight
     assert _get(mult, ("cls_head", "fc1", "kernel")) == 2.0
     assert _get(mult, ("text_encoder", "layer_3", "crossattention", "self", "query", "kernel")) == 1.0
 
@@ -423,7 +422,7 @@ def test_finetune_configs_carry_the_reference_hyper_parameters(name):
     assert (config.task, config.train.epochs, config.data.max_tokens) == (task, epochs, max_tokens)
     assert config.optimizer.lr == 3e-5 and config.optimizer.weight_decay == 0.01
     assert (config.model.vision.image_res, config.model.vision.window_size) == (384, 12)
-    assert tuple(config.optimizer.new_param_patterns) == definitions.TASK_HEADS[task]
+    assert tuple(config.optimizer.lr_mults) == tuple((f"{head}/.*", 2.0) for head in definitions.TASK_HEADS[task])
     if k_test is not None:
         assert config.eval.k_test == k_test
 

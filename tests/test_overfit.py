@@ -12,8 +12,8 @@ from cclm_jax import parallel
 from cclm_jax.models import build_model
 from cclm_jax.models.config import tiny_model_config
 from cclm_jax.optimizer import make_optimizer
-from cclm_jax.train_state import create_train_state
 from cclm_jax.train.steps import StepConfig, make_train_steps
+from cclm_jax.train_state import create_train_state
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "configs"))
 import tiny  # noqa: E402
@@ -44,15 +44,15 @@ def test_losses_go_down_on_repeated_batches():
     if os.environ.get("CCLM_SLOW"):
         config.model = tiny_model_config()
     config.model.text.update(vocab_size=100, mask_token_id=99)
-    config.optimizer.update(lr=5e-4, lr_mult=1.0)
+    config.optimizer.update(lr=5e-4, lr_mults=())
     config.schedule.update(warmup_steps=5, total_steps=UPDATES)
     mesh = parallel.make_mesh({"data": 1}, devices=jax.devices()[:1])
     model = build_model(config.model)
     params, _ = parallel.init_sharded_params(model, config.model, mesh, jax.random.PRNGKey(0))
-    optimizer = make_optimizer(config.optimizer, config.schedule, params, config.model)
+    optimizer = make_optimizer(config.optimizer, config.schedule, params, updates_per_schedule_step=2)
     state = jax.jit(lambda p: create_train_state(p, optimizer, jax.random.PRNGKey(1)))(params)
-    steps = make_train_steps(StepConfig(config.model, config.objectives, config.optimizer, config.schedule, 2,
-                                        mesh, dropout=False), optimizer, "alternate")
+    steps = make_train_steps(StepConfig(config.model, config.objectives, mesh, dropout=False), optimizer,
+                             "alternate")
     batches = _batches(config.model)
     history = {"image_caption": [], "parallel_text": []}
     for i in range(UPDATES):

@@ -159,7 +159,7 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path):
 
     def state_on(mesh):
         params, _ = parallel.init_sharded_params(model, config.model, mesh, jax.random.PRNGKey(0))
-        optimizer = make_optimizer(config.optimizer, config.schedule, params, config.model)
+        optimizer = make_optimizer(config.optimizer, config.schedule, params, updates_per_schedule_step=2)
         return jax.jit(lambda p: create_train_state(p, optimizer, jax.random.PRNGKey(1)))(params)
 
     data_mesh = parallel.make_mesh({"data": 8})
@@ -229,10 +229,10 @@ def test_nan_batch_skips_the_update_and_is_counted():
     model = build_model(config.model)
     mesh = parallel.make_mesh({"data": 2, "tensor": 4})
     params, _ = parallel.init_sharded_params(model, config.model, mesh, jax.random.PRNGKey(0))
-    optimizer = make_optimizer(config.optimizer, config.schedule, params, config.model)
+    optimizer = make_optimizer(config.optimizer, config.schedule, params, updates_per_schedule_step=2)
     state = jax.jit(lambda p: create_train_state(p, optimizer, jax.random.PRNGKey(1)))(params)
     before = jax.tree.map(np.asarray, state.params)
-    step = make_train_steps(StepConfig(config.model, config.objectives, config.optimizer, config.schedule, 2, mesh),
+    step = make_train_steps(StepConfig(config.model, config.objectives, mesh),
                             optimizer, "alternate")["image_caption"]
     rng = np.random.default_rng(0)
     b, length = 4, 16

@@ -43,8 +43,8 @@ def _task(config) -> trainer.Task:
     return trainer.Task(
         name="test", abstract_params=abstract_params(config.model, "pretrain"),
         initial_params=lambda mesh, shardings, rng: parallel.init_sharded_params(model, config.model, mesh, rng)[0],
-        make_optimizer=lambda p: make_optimizer(config.optimizer, config.schedule, p, config.model),
-        losses=dict, lr_fn=lambda s: 0.0, total_steps=1, next_batches=None, start_inputs=None, data_state=dict)
+        make_optimizer=lambda p: make_optimizer(config.optimizer, config.schedule, p),
+        losses=dict, total_steps=1, next_batches=None, start_inputs=None, data_state=dict)
 
 
 @pytest.fixture(scope="module")
@@ -145,10 +145,9 @@ def test_an_unreadable_latest_checkpoint_falls_back_to_the_previous_one(fsdp_sta
 
 def _tiny_update(lr):
     """A two-parameter update through `make_update_fn` with plain SGD (loss = sum(w * x))."""
-    sgd = optax.sgd(lr)
-    optimizer = optax.GradientTransformationExtraArgs(sgd.init, lambda g, s, p, **_: sgd.update(g, s, p))
+    optimizer = optax.sgd(lr)
     loss_fn = lambda p, batches, rng: (jnp.sum(p["w"] * batches["x"]), {})  # noqa: E731
-    update = jax.jit(make_update_fn(loss_fn, optimizer, lambda s: lr))
+    update = jax.jit(make_update_fn(loss_fn, optimizer))
     params = {"w": jnp.ones((2,))}
     return update, create_train_state(params, optimizer, jax.random.PRNGKey(0))
 

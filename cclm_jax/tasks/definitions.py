@@ -49,7 +49,7 @@ def _check_task(task: str) -> None:
 # Configuration
 # ----------------------------------------------------------------------------------------------------------
 
-# Parameters trained at lr x lr_mult (the reference's `init_params` of each fine-tuning model).
+# Top-level modules trained at lr x2 (`optimizer.lr_mults`; the reference's `init_params` of each fine-tuning model).
 TASK_HEADS = {"retrieval": (), "xvnli": ("cls_head",), "marvl": ("cls_head",), "xgqa": ("text_decoder", "lm_head")}
 PROTOCOLS = ("zero_shot", "translate_test", "few_shot", "all_languages")
 
@@ -69,9 +69,8 @@ def default_finetune_config(task: str) -> ml_collections.ConfigDict:
       (`finetune_schedule`); seed; checkpoint_every / keep_checkpoints (steps, checkpoints kept; the run
       resumes from the latest one in its workdir); log_every (steps); nonfinite, max_consecutive_skips,
       profile_start, profile_steps: as in pre-training (`run_config`).
-    optimizer: `cclm_jax.optimizer` section: lr 3e-5, wd 0.01, lr_mult 2 for `TASK_HEADS[task]`; the no-decay list
-      adds `LayerNorm.scale` so that layers outside the pre-training layout (the NLVR copies, the VQA decoder)
-      keep their LayerNorm weights undecayed, as the reference's `LayerNorm.weight` rule does.
+    optimizer: `cclm_jax.optimizer` section: lr 3e-5, wd 0.01, lr x2 for the parameters under `TASK_HEADS[task]`
+      (`optimizer.lr_mults`), the default weight-decay table (the reference's no-decay rule on every task model).
     eval: batch_size (global), k_test (candidates re-ranked per query: retrieval texts/images, xGQA answers),
       start_epoch (first epoch evaluated on the test sets).
     evals: the evaluators ({name: {kind: 'test', every, unit: 'epochs' | 'steps', protocol?, test_files?,
@@ -87,8 +86,7 @@ def default_finetune_config(task: str) -> ml_collections.ConfigDict:
     model = base_model_config()
     model.vision.update(image_res=384, window_size=12)
     opt = optimizer_lib.default_optimizer_config()
-    opt.update(lr=3e-5, new_param_patterns=TASK_HEADS[task],
-               no_decay_patterns=tuple(opt.no_decay_patterns) + ("LayerNorm.scale",))
+    opt.update(lr=3e-5, lr_mults=optimizer_lib.head_lr_mults(TASK_HEADS[task]))
     config = ml_collections.ConfigDict({
         "task": task,
         "name": task,

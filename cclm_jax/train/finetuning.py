@@ -88,19 +88,17 @@ def finetune_schedule(train_config: ml_collections.ConfigDict, num_train_example
 
 
 def make_task_optimizer(config: ml_collections.ConfigDict, schedule: ml_collections.ConfigDict,
-                        params) -> optax.GradientTransformationExtraArgs:
-    """`optimizer.make_optimizer` with the run's `optimizer` section (lr 3e-5, lr_mult for the task head)."""
-    return optimizer_lib.make_optimizer(config.optimizer, schedule, params, config.model)
+                        params) -> optax.GradientTransformation:
+    """`optimizer.make_optimizer` with the run's `optimizer` section (lr 3e-5, lr x2 for the task head) and
+    `schedule` (one scheduler step per update)."""
+    return optimizer_lib.make_optimizer(config.optimizer, schedule, params)
 
 
-def make_train_step(config: ml_collections.ConfigDict, optimizer: optax.GradientTransformationExtraArgs,
-                    schedule: ml_collections.ConfigDict, *, mesh: Mesh | None = None, state_shardings=None,
-                    batch_sharding=None) -> Callable:
+def make_train_step(config: ml_collections.ConfigDict, optimizer: optax.GradientTransformation, *,
+                    mesh: Mesh | None = None, state_shardings=None, batch_sharding=None) -> Callable:
     """Jitted `step(state, batch) -> (state, metrics)` of `config.task`: `steps.make_update_fn` (the one update
     of every run) with the task loss; the state donated, kept in `state_shardings` when given."""
-    lr_fn = optimizer_lib.linear_warmup_linear_decay(float(config.optimizer.lr), schedule.warmup_steps,
-                                                     schedule.total_steps)
-    update = steps.make_update_fn(task_lib.make_loss_fn(config, mesh), optimizer, lr_fn)
+    update = steps.make_update_fn(task_lib.make_loss_fn(config, mesh), optimizer)
     if state_shardings is None:
         return jax.jit(update, donate_argnums=(0,))
     return steps.jit_step(update, state_shardings, batch_sharding)
@@ -255,8 +253,6 @@ def build_task(config: ml_collections.ConfigDict, workdir: str, resuming: bool) 
         initial_params=initial_params,
         make_optimizer=lambda params: make_task_optimizer(config, schedule, params),
         losses=losses,
-        lr_fn=optimizer_lib.linear_warmup_linear_decay(float(config.optimizer.lr), schedule.warmup_steps,
-                                                       schedule.total_steps),
         total_steps=int(schedule.total_steps),
         next_batches=next_batches,
         start_inputs=start_inputs,

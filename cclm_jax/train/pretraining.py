@@ -5,7 +5,8 @@ batches, one optimizer update per batch kind ('alternate', the reference) or one
 - validates the config and loads the tokenizer (model vocab -1 is taken from it) before anything compiles;
 - builds this process's tf.data pipelines (its `data.host_shards` input shards); the data positions of every
   shard are checkpointed and restored, so a resumed run sees the same batches;
-- step s trains on `Mixture.kind_at(s)`; the schedule advances once per mixture cycle (spec §4.1);
+- step s trains on `Mixture.kind_at(s)`; the schedule advances once per mixture cycle (spec §4.1): the optimizer
+  counts its updates and steps the schedule every `steps.updates_per_cycle(config)` of them;
 - initial parameters: `init.checkpoint` (an official checkpoint or a pre-training run directory; read and checked
   against the model's shapes before anything is written or compiled), the XLM-R + Swin towers (`init.xlmr_dir`,
   `init.swin_path`), else random -- each placed straight into the run's shardings;
@@ -39,7 +40,7 @@ from cclm_jax.optimizer import make_optimizer
 from cclm_jax.run_config import resolve_vocab, validate_run_config
 from cclm_jax.tasks.start import check_tree
 from cclm_jax.train import console, trainer
-from cclm_jax.train.steps import StepConfig, clamp_temperature, pretraining_losses, pretraining_lr_fn
+from cclm_jax.train.steps import StepConfig, clamp_temperature, pretraining_losses, updates_per_cycle
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +126,7 @@ def build_task(config: ml_collections.ConfigDict, workdir: str, resuming: bool) 
     console.progress.info("process %d of %d reads input shards %s", jax.process_index(), jax.process_count(),
                           sorted(next(iter(iterators.values())).shards))
     joint = config.train.mode == "joint"
-    step_config = StepConfig(config.model, config.objectives, config.optimizer, config.schedule,
-                             1 if joint else len(mixture.cycle), None, config.train.dropout)
+    step_config = StepConfig(config.model, config.objectives, dropout=config.train.dropout)
 
     def mesh_losses(mesh):
         return pretraining_losses(dataclasses.replace(step_config, mesh=mesh), config.train.mode)
@@ -152,15 +152,14 @@ def build_task(config: ml_collections.ConfigDict, workdir: str, resuming: bool) 
         name="pretrain",
         abstract_params=abstract_params(config.model, "pretrain"),
         initial_params=lambda mesh, shardings, rng: initial_params(config, mesh, shardings, rng, start),
-        make_optimizer=lambda params: make_optimizer(config.optimizer, config.schedule, params, config.model),
+        make_optimizer=lambda params: make_optimizer(config.optimizer, config.schedule, params,
+                                                     updates_per_cycle(config)),
         losses=mesh_losses,
-        lr_fn=pretraining_lr_fn(step_config),
         total_steps=int(config.train.num_steps),
         next_batches=next_batches,
         start_inputs=start_inputs,
         data_state=lambda: gather_data_state(iterators),
         input_metrics=input_metrics,
-        updates_per_schedule_step=step_config.updates_per_cycle,
         prepare_params=clamp_temperature,
         flop_per_example=flops.run_model_flops(config),
         kind_prefix=True,

@@ -17,6 +17,8 @@ from typing import Any
 import jax
 import ml_collections
 
+from cclm_jax.optimizer import upgrade_legacy_section
+
 log = logging.getLogger(__name__)
 
 # Dotted key prefixes a restart may change: they decide when to stop, what to log, save and evaluate, and how the
@@ -64,6 +66,8 @@ def check_same_run(config: ml_collections.ConfigDict, workdir: str) -> None:
         saved = json.load(f)
     if saved.get("data", {}).get("host_shards") == 0 and "host_shards" in config.get("data", {}):
         saved["data"]["host_shards"] = config.data.host_shards  # written before it was resolved (one per process)
+    if "optimizer" in saved:  # the substring lists of earlier versions, in today's regex tables
+        saved["optimizer"] = upgrade_legacy_section(saved["optimizer"])
     differing = config_differences(saved, _as_json(config))
     refused = [k for k in differing if not _resumable(k)]
     if refused:

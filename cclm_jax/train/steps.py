@@ -5,8 +5,8 @@ loss, the weighted total, gradient and parameter norms, learning rate, temperatu
 was skipped as non-finite). Nothing inside a step talks to the host.
 
 Reference semantics (spec §2.5, §4.1): the temperature is clamped into [0.001, 0.5] *in the parameter* before
-every forward; the learning-rate schedule advances once per mixture cycle (`schedule_step = step //
-updates_per_cycle`, e.g. one image–caption and one parallel-text update share schedule step k).
+every forward; the learning-rate schedule advances once per mixture cycle, which the optimizer counts itself
+(`optimizer.make_optimizer(..., updates_per_schedule_step)`).
 """
 from __future__ import annotations
 
@@ -21,9 +21,10 @@ import optax
 from jax.sharding import Mesh
 
 from cclm_jax import objectives
+from cclm_jax.data.mixture import Mixture
 from cclm_jax.data.normalize import prepare_batch
 from cclm_jax.models.cclm import TEMP_MAX, TEMP_MIN, build_model
-from cclm_jax.optimizer import linear_warmup_linear_decay
+from cclm_jax.optimizer import learning_rate
 from cclm_jax.train_state import TrainState, all_finite, global_norm
 
 KINDS = ("image_caption", "parallel_text")
@@ -36,9 +37,6 @@ class StepConfig:
 
     model_config: ml_collections.ConfigDict
     objectives_config: ml_collections.ConfigDict
-    optimizer_config: ml_collections.ConfigDict
-    schedule_config: ml_collections.ConfigDict
-    updates_per_cycle: int
     mesh: Mesh | None = None
     dropout: bool = True
 
@@ -65,17 +63,16 @@ def view_loss_fn(cfg: StepConfig, kinds: tuple[str, ...]) -> Callable:
     return loss_fn
 
 
-def make_update_fn(loss_fn: Callable, optimizer: optax.GradientTransformationExtraArgs, lr_fn: Callable, *,
-                   updates_per_schedule_step: int = 1, prepare_params: Callable | None = None,
-                   ) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
+def make_update_fn(loss_fn: Callable, optimizer: optax.GradientTransformation, *,
+                   prepare_params: Callable | None = None) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
     """The one (un-jitted) update of every run: `update(state, batches) -> (state, metrics)`.
 
     `loss_fn(params, batches, rng) -> (total, measurements)`; `prepare_params` maps the parameters before the
-    forward and is kept in them (pre-training's temperature clamp); the schedule step is `state.step //
-    updates_per_schedule_step` (pre-training: once per mixture cycle). The update is skipped (parameters and
-    optimizer state kept, `nonfinite` and `skips` counted) when the loss, the gradient norm or any new parameter
-    is not finite. Metrics: the measurements, `loss`, `grad_norm`, `param_norm`, `lr`, `skipped_nonfinite`
-    (device scalars; nothing here talks to the host).
+    forward and is kept in them (pre-training's temperature clamp). The update is skipped (parameters and the whole
+    optimizer state kept, so neither Adam's count nor the schedule advance; `nonfinite` and `skips` counted) when
+    the loss, the gradient norm or any new parameter is not finite. Metrics: the measurements, `loss`,
+    `grad_norm`, `param_norm`, `lr` (the learning rate of this update, when the optimizer holds one:
+    `optimizer.learning_rate`), `skipped_nonfinite` (device scalars; nothing here talks to the host).
     """
     prepare_params = prepare_params or (lambda params: params)
 
@@ -83,8 +80,7 @@ def make_update_fn(loss_fn: Callable, optimizer: optax.GradientTransformationExt
         params = prepare_params(state.params)
         rng = jax.random.fold_in(state.rng, state.step)
         (total, measurements), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batches, rng)
-        schedule_step = state.step // updates_per_schedule_step
-        updates, opt_state = optimizer.update(grads, state.opt_state, params, schedule_step=schedule_step)
+        updates, opt_state = optimizer.update(grads, state.opt_state, params)
         new_params = optax.apply_updates(params, updates)
         grad_norm = global_norm(grads)
         finite = jnp.isfinite(total) & jnp.isfinite(grad_norm) & all_finite(new_params)
@@ -94,15 +90,19 @@ def make_update_fn(loss_fn: Callable, optimizer: optax.GradientTransformationExt
                               opt_state=keep(opt_state, state.opt_state), nonfinite=state.nonfinite + skipped,
                               skips=(state.skips + 1) * skipped)
         metrics = {**measurements, "loss": total, "grad_norm": grad_norm, "param_norm": global_norm(state.params),
-                   "lr": lr_fn(schedule_step), "skipped_nonfinite": skipped}
+                   "skipped_nonfinite": skipped}
+        lr = learning_rate(opt_state)
+        if lr is not None:
+            metrics["lr"] = lr
         return state, metrics
 
     return update
 
 
-def pretraining_lr_fn(cfg: StepConfig) -> Callable:
-    return linear_warmup_linear_decay(cfg.optimizer_config.lr, cfg.schedule_config.warmup_steps,
-                                      cfg.schedule_config.total_steps)
+def updates_per_cycle(config: ml_collections.ConfigDict) -> int:
+    """Optimizer updates per scheduler step of a pre-training run config: one per batch of a mixture cycle
+    (`train.mode` 'alternate', e.g. 2 for `data.mix` {parallel_text: 1, image_caption: 1}) or 1 ('joint')."""
+    return 1 if config.train.mode == "joint" else len(Mixture(dict(config.data.mix)).cycle)
 
 
 def pretraining_losses(cfg: StepConfig, mode: str) -> dict[str, Callable]:
@@ -113,11 +113,10 @@ def pretraining_losses(cfg: StepConfig, mode: str) -> dict[str, Callable]:
     return {name: view_loss_fn(cfg, kinds) for name, kinds in groups.items()}
 
 
-def pretraining_update_fns(cfg: StepConfig, optimizer: optax.GradientTransformationExtraArgs,
+def pretraining_update_fns(cfg: StepConfig, optimizer: optax.GradientTransformation,
                            mode: str) -> dict[str, Callable]:
     """Un-jitted updates keyed by batch kind ('alternate' mode) or {'joint': update} ('joint' mode)."""
-    return {name: make_update_fn(loss_fn, optimizer, pretraining_lr_fn(cfg),
-                                 updates_per_schedule_step=cfg.updates_per_cycle, prepare_params=clamp_temperature)
+    return {name: make_update_fn(loss_fn, optimizer, prepare_params=clamp_temperature)
             for name, loss_fn in pretraining_losses(cfg, mode).items()}
 
 
@@ -127,7 +126,7 @@ def jit_step(update: Callable, state_shardings, batch_sharding) -> Callable:
                    donate_argnums=(0,))
 
 
-def make_train_steps(cfg: StepConfig, optimizer: optax.GradientTransformationExtraArgs, mode: str,
+def make_train_steps(cfg: StepConfig, optimizer: optax.GradientTransformation, mode: str,
                      state_shardings=None, batch_sharding=None) -> dict[str, Callable]:
     """Jitted pre-training steps keyed by batch kind ('alternate' mode) or {'joint': step} ('joint' mode).
 

@@ -10,7 +10,8 @@
    the config and reads the data before anything compiles;
 4. writes the resolved config; builds the mesh, the state's shardings from `jax.eval_shape` (parameters by their
    logical axes, AdamW moments like their parameters) and the state: restored from the newest readable checkpoint
-   into those shardings (no random init first), else from the task's initial parameters (`init.workdir` /
+   into those shardings (no random init first; an earlier version's optimizer state is converted,
+   `optimizer.upgrade_legacy_state`), else from the task's initial parameters (`init.workdir` /
    `init.checkpoint` > pre-trained towers > random, the task decides);
 5. one jitted, donated update per update kind (`steps.make_update_fn`: the same update for every run);
 6. the loop: batches of step s (`Task.next_batches`), metrics every `train.log_every` steps (one writer for every
@@ -41,6 +42,7 @@ from jax.sharding import Mesh
 
 from cclm_jax import parallel
 from cclm_jax.checkpoint import Checkpointer, PreemptionWatcher, abstract_like
+from cclm_jax.optimizer import upgrade_legacy_state
 from cclm_jax.train import console, run_directory
 from cclm_jax.train import metrics as metrics_lib
 from cclm_jax.train.steps import jit_step, make_update_fn
@@ -71,9 +73,8 @@ class Task:
     name: 'pretrain' or the fine-tuning task (logs).
     abstract_params: boxed (`nn.LogicallyPartitioned`) ShapeDtypeStructs of the parameters (their shardings).
     initial_params(mesh, shardings, rng): parameters of a fresh run, placed in `shardings`.
-    make_optimizer(abstract params) -> the optax transformation (`update(..., schedule_step=)`).
+    make_optimizer(abstract params) -> the optax transformation (`optimizer.make_optimizer`: it holds the schedule).
     losses(mesh) -> {update kind: `loss_fn(params, batches, rng) -> (total, measurements)`}.
-    lr_fn(schedule step) -> learning rate (metrics); updates_per_schedule_step: see `steps.make_update_fn`.
     prepare_params: applied to the parameters before each forward and kept (pre-training's temperature clamp).
     total_steps: optimizer updates in the run.
     next_batches(step) -> (update kind, {batch kind: host batch}, {batch kind: host rows}) for step `step`;
@@ -91,15 +92,13 @@ class Task:
     name: str
     abstract_params: Any
     initial_params: Callable[[Mesh, Any, jax.Array], Any]
-    make_optimizer: Callable[[Any], optax.GradientTransformationExtraArgs]
+    make_optimizer: Callable[[Any], optax.GradientTransformation]
     losses: Callable[[Mesh], dict[str, Callable]]
-    lr_fn: Callable
     total_steps: int
     next_batches: Callable[[int], tuple[str, dict, dict[str, int]]]
     start_inputs: Callable[[int, dict | None], None]
     data_state: Callable[[], dict]
     input_metrics: Callable[[], Mapping[str, float]] = dict
-    updates_per_schedule_step: int = 1
     prepare_params: Callable | None = None
     flop_per_example: Mapping[str, float] = dataclasses.field(default_factory=dict)
     kind_prefix: bool = True
@@ -154,8 +153,8 @@ def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
     jax.distributed.initialize(**kwargs)
 
 
-def make_state(boxed_params: Any, make_optimizer: Callable[[Any], optax.GradientTransformationExtraArgs],
-               mesh: Mesh, rng: jax.Array) -> tuple[Any, Any, optax.GradientTransformationExtraArgs]:
+def make_state(boxed_params: Any, make_optimizer: Callable[[Any], optax.GradientTransformation],
+               mesh: Mesh, rng: jax.Array) -> tuple[Any, Any, optax.GradientTransformation]:
     """(abstract state with shardings, state shardings, optimizer) of a run whose parameters are `boxed_params`
     (`nn.LogicallyPartitioned` ShapeDtypeStructs); nothing is allocated (also used by `cclm_jax.aot`)."""
     from flax import linen as nn
@@ -198,7 +197,8 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     abstract, shardings, optimizer = make_state(task.abstract_params, task.make_optimizer, mesh, state_rng)
     restored_data, fallbacks = None, []
     if resuming:
-        state, restored_data, fallbacks = checkpointer.restore_newest_readable(abstract)
+        state, restored_data, fallbacks = checkpointer.restore_newest_readable(
+            abstract, upgrade_opt_state=upgrade_legacy_state)
         if state.opt_state is None:  # an imported, parameters-only checkpoint: a fresh optimizer state
             opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(state.params)
             state = state.replace(opt_state=opt_state)
@@ -209,9 +209,8 @@ def run(config: ml_collections.ConfigDict, workdir: str,
         del params
 
     batch_sharding = parallel.batch_sharding(mesh)
-    steps = {kind: jit_step(make_update_fn(loss_fn, optimizer, task.lr_fn,
-                                           updates_per_schedule_step=task.updates_per_schedule_step,
-                                           prepare_params=task.prepare_params), shardings, batch_sharding)
+    steps = {kind: jit_step(make_update_fn(loss_fn, optimizer, prepare_params=task.prepare_params), shardings,
+                            batch_sharding)
              for kind, loss_fn in task.losses(mesh).items()}
     step = int(jax.device_get(state.step))
     task.start_inputs(step, restored_data)
