@@ -42,7 +42,8 @@ def default_objectives_config() -> ml_collections.ConfigDict:
 
     weights: per-term multipliers (default 1; `bbox`, `giou`: the box losses of region batches). The
       reference's effective contrastive weight is 1/world_size (its all-gather returns only the local
-      gradient and DDP then averages); set `contrastive_scale='reference'` to reproduce that (ITC/TTC multiplied by 1/number of data shards).
+      gradient and DDP then averages); set `contrastive_scale='reference'` to reproduce that (ITC/TTC
+      multiplied by 1/number of data shards).
     negatives: 'local' (per data shard, the reference) or 'global' (over the whole batch).
     sample_2_captions: image batches carry a second caption (`*_2` keys): ITC averaged over both, plus TTC.
     use_tlm: the parallel-text view uses TTC + TLM (concatenated pair through all layers) instead of TTM + MLM.
