@@ -52,6 +52,21 @@ parallel_text
     kind                    "jsonl" (source_text/target_text lines), "aligned_text" (paths =
                             [[file_1, file_2], ...] line-aligned, .gz ok) or "demo".
     paths, batch_size, max_tokens (64), max_words (64), max_masks (20), mask_prob (0.4).
+
+region (region grounding, the 4M setting; records and sampling: ``cclm_jax/data/region.py``)
+    kind                    "jsonl" (region json-lines).
+    paths, image_field, image_root, languages
+                            as for image_caption.
+    image_res, patch_size   output pixels and the image tower's total stride (32 for Swin): the patch
+                            masks live on the (image_res / patch_size)^2 grid of its output tokens.
+    batch_size (int)        rows (captions) per shard batch (128 in the reference).
+    max_images (int)        images per shard batch (48); every image gives 1..max_regions rows.
+    max_regions (int)       rows per image, whole-image caption included (5).
+    min_perc_in_image       a box is kept when more than this part of its area survives the crop (0.5).
+    careful_hflip (bool)    no flip for images whose captions mention left or right.
+    randaugment (bool)      RandomAugment(2, 7) over the photometric ops (randaugment.REGION_AUGMENTS).
+    max_tokens, max_words, max_masks, mask_prob
+                            as for image_caption (40, 40, 12, 0.4).
 """
 import os
 
@@ -59,7 +74,7 @@ import ml_collections
 
 from cclm_jax.data.mixture import Mixture
 
-KINDS = ("image_caption", "parallel_text")
+KINDS = ("image_caption", "parallel_text", "region")
 _IMAGE_KINDS = ("jsonl", "tfds", "demo")
 _PARALLEL_KINDS = ("jsonl", "aligned_text", "demo")
 
@@ -91,6 +106,10 @@ def default_data_config() -> ml_collections.ConfigDict:
     cfg.eval = dict(_reader_defaults("demo", 224, 40), batch_size=64)
     cfg.parallel_text = dict(kind="demo", paths=(), batch_size=128, max_tokens=64, max_words=64,
                              max_masks=20, mask_prob=0.4)
+    cfg.region = dict(kind="jsonl", paths=(), image_field="binary", image_root="", languages=(), image_res=224,
+                      patch_size=32, batch_size=128, max_images=48, max_regions=5, min_perc_in_image=0.5,
+                      careful_hflip=True, randaugment=True, max_tokens=40, max_words=40, max_masks=12,
+                      mask_prob=0.4)
     return cfg
 
 
@@ -138,6 +157,25 @@ def _check_reader(cfg, section: str):
     _positive_int(cfg, section, "image_res")
     _positive_int(cfg, section, "batch_size")
     _check_text_limits(cfg, section, masks=section == "image_caption")
+
+
+def _check_region(cfg):
+    section = cfg.region
+    if section.kind != "jsonl":
+        _fail("region.kind", f"must be 'jsonl', got {section.kind!r}")
+    if not section.paths:
+        _fail("region.paths", "needs at least one region json-lines file")
+    for i, path in enumerate(section.paths):
+        _check_file(f"region.paths[{i}]", path)
+    if section.image_root and not os.path.isdir(os.path.expanduser(section.image_root)):
+        raise FileNotFoundError(f"config.data.region.image_root: directory {section.image_root!r} does not exist")
+    for key in ("image_res", "patch_size", "batch_size", "max_images", "max_regions"):
+        _positive_int(cfg, "region", key)
+    if section.image_res % section.patch_size:
+        _fail("region.patch_size", f"must divide image_res {section.image_res}, got {section.patch_size}")
+    if not 0.0 <= section.min_perc_in_image < 1.0:
+        _fail("region.min_perc_in_image", f"must be in [0, 1), got {section.min_perc_in_image!r}")
+    _check_text_limits(cfg, "region", masks=True)
 
 
 def resolve_host_shards(cfg: ml_collections.ConfigDict, process_count: int) -> int:
@@ -197,3 +235,5 @@ def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
                 _check_file(f"parallel_text.paths[{i}][{j}]", path)
         _positive_int(cfg, "parallel_text", "batch_size")
         _check_text_limits(cfg, "parallel_text", masks=True)
+    if "region" in mixture.kinds:
+        _check_region(cfg)
