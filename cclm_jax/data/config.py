@@ -9,7 +9,8 @@ Top level
     shuffle_buffer (int)    examples in each training shuffle buffer (encoded images or texts).
     prefetch (int)          batches prefetched by each training pipeline.
     threads (int)           tf.data private thread pool size; 0 = TensorFlow's default.
-    mix (dict kind -> int)  fixed batch ratio, e.g. {"image_caption": 1, "parallel_text": 1};
+    mix (dict kind -> int)  fixed batch ratio, e.g. {"image_caption": 1, "parallel_text": 1} (3M) or
+                            {"image_caption": 1, "parallel_text": 2, "region": 1} (4M);
                             kinds with ratio 0 get no pipeline.
     host_shards (int)       input shards every source is split into (equal sizes); 0 (default) =
                             one per process. Each process reads ``host_shards / process_count``
@@ -96,7 +97,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     cfg.shuffle_buffer = 10_000
     cfg.prefetch = 2
     cfg.threads = 0
-    cfg.mix = {"image_caption": 1, "parallel_text": 1}
+    cfg.mix = {"image_caption": 1, "parallel_text": 1, "region": 0}
     cfg.host_shards = 0
     cfg.demo = dict(image_size=64, num_train=3000, num_val=150, num_parallel=20000,
                     vocab_size=1000, seed=0)
@@ -196,6 +197,7 @@ def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
             _fail(key, "missing (see cclm_jax.data.config.default_data_config)")
     try:
         mixture = Mixture(dict(cfg.mix))
+        mixture.iterations_per_cycle()
     except ValueError as e:
         _fail("mix", str(e))
     for kind in mixture.kinds:
