@@ -11,7 +11,7 @@ itc + itm + mlm + bbox + giou.
 
   cclm-jax train --config configs/cclm_4m.py --workdir gs://bucket/run4m \
     --config.data.image_caption.paths="('/data/4m/images-000.jsonl', ...)" \
-    --config.data.region.paths="('/data/4m/coco_object.jsonl', '/data/4m/vg_object.jsonl', '/data/4m/vg_region.jsonl')" \
+    --config.data.region.paths="('/data/4m/coco_object.jsonl', '/data/4m/vg_region.jsonl')" \
     --config.data.parallel_text.paths="('/data/wikimatrix/part-000.jsonl', ...)" \
     --config.data.tokenizer=/data/xlm-roberta-large/sentencepiece.bpe.model \
     --config.init.xlmr_dir=/data/xlm-roberta-large --config.init.swin_path=/data/swin_base_patch4_window7_224_22k.pth
