@@ -1,10 +1,12 @@
-"""CCLM pre-training objectives: contrastive (ITC/TTC), matching with hard negatives (ITM/TTM), conditional MLM.
+"""CCLM pre-training objectives: contrastive (ITC/TTC), matching with hard negatives (ITM/TTM), conditional MLM,
+and region grounding (box L1 + GIoU).
 
 One function per view (spec §2):
 - `image_text_losses(model, params, batch, rng, negatives=None, ...)` -> {itc, itm, mlm} (+ `ttc` with two
   captions per image): caption conditioned on the image.
 - `parallel_text_losses(...)` -> {ttc, ttm, mlm} (or {ttc, tlm} in TLM mode): the fusion layers cross-attend
   to the other sentence's text-encoder states exactly where they would attend to image tokens.
+- `region_losses(...)` -> {itc, itm, mlm, bbox, giou}: region grounding (the 4M setting, X-VLM); see its docstring.
 
 Batch keys (as the golden fixture): `image` (B, H, W, 3) or (B, 3, H, W) float, normalised; `text_ids`,
 `text_atts`, `text_ids_masked` (B, L) int; `masked_pos` (B, M) int; `masked_ids` (B, M) int with -100 padding;
@@ -19,7 +21,8 @@ the negative text for each image (the golden `*_negs_t2i_then_i2t` layout).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +30,7 @@ import ml_collections
 from jax.sharding import Mesh, PartitionSpec
 
 from cclm_jax.models.cclm import CCLM
+from cclm_jax.models.regions import pool_regions
 
 BATCH_AXES = ("data", "fsdp")
 NEG_EPS = 1e-5  # added to the sampling weights, as the reference
@@ -36,16 +40,18 @@ IGNORE = -100
 def default_objectives_config() -> ml_collections.ConfigDict:
     """`config.objectives`: loss weights and variants.
 
-    weights: per-term multipliers (default 1). The reference's effective contrastive weight is
-      1/world_size (its all-gather returns only the local gradient and DDP then averages); set
-      `contrastive_scale='reference'` to reproduce that (ITC/TTC multiplied by 1/number of data shards).
+    weights: per-term multipliers (default 1; `bbox`, `giou`: the box losses of region batches). The
+      reference's effective contrastive weight is 1/world_size (its all-gather returns only the local
+      gradient and DDP then averages); set `contrastive_scale='reference'` to reproduce that (ITC/TTC
+      multiplied by 1/number of data shards).
     negatives: 'local' (per data shard, the reference) or 'global' (over the whole batch).
     sample_2_captions: image batches carry a second caption (`*_2` keys): ITC averaged over both, plus TTC.
     use_tlm: the parallel-text view uses TTC + TLM (concatenated pair through all layers) instead of TTM + MLM.
     mlm_chunk: masked positions per vocabulary-logits chunk (0 = all at once); bounds MLM logits memory.
     """
     return ml_collections.ConfigDict({
-        "weights": {"itc": 1.0, "itm": 1.0, "mlm": 1.0, "ttc": 1.0, "ttm": 1.0, "tlm": 1.0},
+        "weights": {"itc": 1.0, "itm": 1.0, "mlm": 1.0, "ttc": 1.0, "ttm": 1.0, "tlm": 1.0, "bbox": 1.0,
+                    "giou": 1.0},
         "contrastive_scale": "one",
         "negatives": "local",
         "sample_2_captions": False,
@@ -317,6 +323,106 @@ def parallel_text_losses(model: CCLM, params, batch: Mapping[str, jax.Array], rn
     hidden = ctx("mlm_hidden", batch["text_ids_masked"], batch["text_atts"], fusion_condition(ctx, emb_2),
                  batch["text_atts_2"], batch["masked_pos"], rng=k_mlm)
     out["mlm"] = masked_token_loss(ctx, hidden, batch["masked_ids"], valid)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Region grounding (the 4M setting)
+# ----------------------------------------------------------------------------------------------------------
+
+def box_cxcywh_to_xyxy(boxes: jax.Array) -> jax.Array:
+    """(..., 4) (cx, cy, w, h) -> (x0, y0, x1, y1), same units."""
+    cx, cy, w, h = jnp.moveaxis(boxes, -1, 0)
+    return jnp.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], axis=-1)
+
+
+def paired_giou(boxes_a: jax.Array, boxes_b: jax.Array) -> jax.Array:
+    """Generalized IoU of row i of `boxes_a` with row i of `boxes_b`; (R, 4) xyxy each -> (R,).
+
+    GIoU = IoU - (C - U) / C with U the union and C the smallest enclosing box's area. As the reference, no
+    epsilon: a zero-area union or enclosing box gives NaN (the data keeps only boxes of positive area).
+    """
+    area = lambda b: (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])  # noqa: E731
+    lt = jnp.maximum(boxes_a[:, :2], boxes_b[:, :2])
+    rb = jnp.minimum(boxes_a[:, 2:], boxes_b[:, 2:])
+    wh = jnp.clip(rb - lt, 0.0)
+    inter = wh[:, 0] * wh[:, 1]
+    union = area(boxes_a) + area(boxes_b) - inter
+    lt_c = jnp.minimum(boxes_a[:, :2], boxes_b[:, :2])
+    rb_c = jnp.maximum(boxes_a[:, 2:], boxes_b[:, 2:])
+    wh_c = jnp.clip(rb_c - lt_c, 0.0)
+    enclosing = wh_c[:, 0] * wh_c[:, 1]
+    return inter / union - (enclosing - union) / enclosing
+
+
+def box_losses(pred: jax.Array, target: jax.Array, is_image: jax.Array,
+               valid: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """(bbox, giou) losses of predicted vs target boxes, each (R, 4) (cx, cy, w, h) normalised to [0, 1].
+
+    bbox = sum over region rows of |pred - target| summed over the 4 coordinates, giou = sum of (1 - GIoU), both
+    divided by the number of region rows; whole-image rows (`is_image` 1) and invalid rows count for nothing. As
+    the reference (`get_bbox_loss`): when any row's predicted or target box is degenerate (x1 < x0 or y1 < y0) the
+    giou loss is 0 for the whole batch, with no gradient. Deliberate difference: a batch without region rows
+    gives 0, not the reference's 0/0 = NaN.
+    """
+    weight = 1.0 - is_image.astype(jnp.float32)
+    live = jnp.ones_like(weight, dtype=bool) if valid is None else valid.astype(bool)
+    weight = jnp.where(live, weight, 0.0)
+    num_boxes = jnp.maximum(weight.sum(), 1.0)
+    l1 = jnp.abs(pred - target).sum(axis=1)
+    xyxy_pred, xyxy_target = box_cxcywh_to_xyxy(pred), box_cxcywh_to_xyxy(target)
+    bad = lambda b: jnp.any((b[:, 2:] < b[:, :2]) & live[:, None])  # noqa: E731
+    degenerate = bad(xyxy_pred) | bad(xyxy_target)
+    unit = jnp.array([0.0, 0.0, 1.0, 1.0], xyxy_pred.dtype)
+    # Evaluated on harmless boxes when degenerate, so neither the value nor the gradient can carry a NaN.
+    giou = paired_giou(jnp.where(degenerate, unit, xyxy_pred), jnp.where(degenerate, unit, xyxy_target))
+    giou_rows = jnp.where(degenerate, 0.0, 1.0 - giou)
+    return jnp.sum(l1 * weight) / num_boxes, jnp.sum(giou_rows * weight) / num_boxes
+
+
+def region_losses(model: CCLM, params, batch: Mapping[str, jax.Array], rng: jax.Array,
+                  negatives: jax.Array | None = None, *, config: ml_collections.ConfigDict | None = None,
+                  mesh: Mesh | None = None, dropout: bool = False) -> dict[str, jax.Array]:
+    """Region view (X-VLM grounding, CCLM-4M): {itc, itm, mlm, bbox, giou}, unweighted, plus `negatives`.
+
+    Batch (N images, R rows; the golden_region conventions): `image` (N, H, W, 3) or (N, 3, H, W) normalised;
+    `idx_to_group_img` (R,) int, the image of each row; `image_atts` (R, 1 + P) {0, 1}: token 0 (always 1) and
+    the patches the row's box overlaps (all ones for a whole-image caption row); `target_bbox` (R, 4) float
+    (cx, cy, w, h) / image size; `is_image` (R,) int, 1 for whole-image caption rows; the five text keys (R, .);
+    optional `valid` (R,) bool (padding rows count in no loss). Each image is encoded once; rows gather theirs
+    (`models.regions.pool_regions`). ITC uses the region token, ITM and MLM cross-attend to the region embeddings
+    under the row's `image_atts`, the box head reads the fusion CLS over the full image (all-ones mask). Every
+    other row is a negative for ITC/ITM, other rows of the same image included (as the reference).
+    `negatives` (2R,) row indices in the golden `region_negs_t2i_then_i2t` layout.
+
+    Any model with the methods `encode_image`, `encode_text`, `features`, `temperature`, `fuse`, `itm_logits`,
+    `mlm_hidden`, `mlm_decode` and `bbox` (cls (R, D) -> (R, 4) in [0, 1]) works, whatever its image tower, as
+    long as `encode_image` returns (N, 1 + P, D) with the P patches in the order `image_atts` uses.
+    """
+    ctx, config = _context(model, params, config, mesh)
+    k_neg, k_img, k_txt, k_itm, k_mlm, k_box = _split(rng, 6)
+    if not dropout:
+        k_img = k_txt = k_itm = k_mlm = k_box = None
+    valid = batch.get("valid")
+    image_atts = jnp.asarray(batch["image_atts"]).astype(jnp.int32)
+    image_embeds, _ = ctx("encode_image", batch["image"], rng=k_img)
+    region_embeds, full_embeds = pool_regions(image_embeds, jnp.asarray(batch["idx_to_group_img"]), image_atts)
+    text_embeds = ctx("encode_text", batch["text_ids"], batch["text_atts"], rng=k_txt)
+    region_feat, text_feat = ctx("features", region_embeds, text_embeds)
+    temp = ctx("temperature")
+    out = {"itc": contrastive_loss(region_feat, text_feat, temp, None, valid)}
+    region_cond = fusion_condition(ctx, region_embeds)
+    out["itm"], out["negatives"] = matching_loss(
+        ctx, region_cond, image_atts, region_feat, text_embeds, batch["text_atts"], text_feat, temp, k_neg,
+        negatives, None, valid, k_itm)
+    hidden = ctx("mlm_hidden", batch["text_ids_masked"], batch["text_atts"], region_cond, image_atts,
+                 batch["masked_pos"], rng=k_mlm)
+    out["mlm"] = masked_token_loss(ctx, hidden, batch["masked_ids"], valid)
+    cls = ctx("fuse", full_embeds, jnp.ones(full_embeds.shape[:2], jnp.int32), text_embeds, batch["text_atts"],
+              rng=k_box)[:, 0]
+    pred = ctx("bbox", cls)
+    out["bbox"], out["giou"] = box_losses(pred, jnp.asarray(batch["target_bbox"], jnp.float32),
+                                          jnp.asarray(batch["is_image"]), valid)
     return out
 
 

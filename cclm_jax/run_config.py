@@ -132,10 +132,14 @@ def validate_run_config(config: ml_collections.ConfigDict, num_devices: int | No
     for key in ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
         if t[key] <= 0:
             raise ValueError(f"config.train.{key} must be positive, got {t[key]}")
-    for kind in ("image_caption", "eval"):
+    for kind in ("image_caption", "eval") + (("region",) if config.data.mix.get("region", 0) > 0 else ()):
         if config.data[kind].image_res != config.model.vision.image_res:
             raise ValueError(f"config.data.{kind}.image_res {config.data[kind].image_res} must equal "
                              f"config.model.vision.image_res {config.model.vision.image_res}")
+    stride = config.model.vision.patch_size * 2 ** (len(config.model.vision.depths) - 1)
+    if config.data.mix.get("region", 0) > 0 and config.data.region.patch_size != stride:
+        raise ValueError(f"config.data.region.patch_size {config.data.region.patch_size} must equal the image "
+                         f"tower's total stride {stride} (model.vision.patch_size x 2^(stages - 1))")
     positions = config.model.text.max_position_embeddings
     for kind in [k for k in KINDS if config.data.mix.get(k, 0) > 0] + ["eval"]:
         if config.data[kind].max_tokens > positions:
@@ -166,13 +170,17 @@ def _check_batch_split(config: ml_collections.ConfigDict, num_devices: int | Non
     data, fsdp, _ = mesh_shape(config.mesh, n)
     shards = data * fsdp
     input_shards = resolve_host_shards(config.data, jax.process_count())
-    for kind in ("image_caption", "parallel_text"):
+    for kind in ("image_caption", "parallel_text", "region"):
         if config.data.mix.get(kind, 0) <= 0:
             continue
         global_batch = config.data[kind].batch_size * input_shards
         if global_batch % shards:
             raise ValueError(f"config.data.{kind}.batch_size: the global batch {global_batch} is not divisible "
                              f"by the {shards} batch shards (mesh data x fsdp = {data} x {fsdp})")
+        if kind == "region" and (config.data.region.max_images * input_shards) % shards:
+            raise ValueError(f"config.data.region.max_images: the global {config.data.region.max_images * input_shards}"
+                             f" images are not divisible by the {shards} batch shards (mesh data x fsdp = {data} x "
+                             f"{fsdp})")
         if config.objectives.negatives == "local" and global_batch // shards < 2:
             raise ValueError(f"config.data.{kind}.batch_size: hard negatives are drawn within each of the "
                              f"{shards} batch shards, which needs >= 2 examples per shard "

@@ -7,6 +7,8 @@ layers (2 + 2), which compiles in a fraction of the time (the integration tests 
 `get_config('small')` / `get_config('small,N')`: between tiny and base, for benchmarks (benchmarks/RESULTS.md):
 a 96-px, 3-stage Swin (embed 64, window 6) feeding 256-wide text layers (4 text + 2 fusion, 1024 MLP),
 captions/sentences of 32 tokens with 6 masks.
+Add `4m` (e.g. `get_config('micro,4m')`) for the 4M mixture (parallel_text, image_caption, region, parallel_text)
+with region batches of 8 rows from 4 images; give the region json-lines with `--config.data.region.paths`.
 """
 from cclm_jax.models.config import tiny_model_config
 from cclm_jax.run_config import default_run_config
@@ -17,7 +19,7 @@ def get_config(arg: str = ""):
     micro, small = "micro" in parts, "small" in parts
     if micro and small:
         raise ValueError("configs/tiny.py: choose one of 'micro' and 'small', got both")
-    steps = [int(p) for p in parts if p not in ("micro", "small")]
+    steps = [int(p) for p in parts if p not in ("micro", "small", "4m")]
     config = default_run_config()
     config.model = tiny_model_config()
     image_res = 224
@@ -41,6 +43,11 @@ def get_config(arg: str = ""):
     data.parallel_text.update(batch_size=8, max_tokens=tokens, max_words=tokens, max_masks=masks)
     data.eval.update(batch_size=8, image_res=image_res, max_tokens=tokens, max_words=tokens)
     data.shuffle_buffer = 256
+    if "4m" in parts:
+        data.mix = {"parallel_text": 2, "image_caption": 1, "region": 1}
+        stride = config.model.vision.patch_size * 2 ** (len(config.model.vision.depths) - 1)
+        data.region.update(batch_size=8, max_images=4, image_res=image_res, patch_size=stride, max_tokens=tokens,
+                           max_words=tokens, max_masks=masks)
     config.schedule.update(warmup_steps=2, total_steps=50)
     config.train.update(num_steps=steps[0] if steps else 8, log_every=2, checkpoint_every=4)
     config.evals.dev.update(every=-1, k_test=4)

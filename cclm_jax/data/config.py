@@ -9,7 +9,8 @@ Top level
     shuffle_buffer (int)    examples in each training shuffle buffer (encoded images or texts).
     prefetch (int)          batches prefetched by each training pipeline.
     threads (int)           tf.data private thread pool size; 0 = TensorFlow's default.
-    mix (dict kind -> int)  fixed batch ratio, e.g. {"image_caption": 1, "parallel_text": 1};
+    mix (dict kind -> int)  fixed batch ratio, e.g. {"image_caption": 1, "parallel_text": 1} (3M) or
+                            {"image_caption": 1, "parallel_text": 2, "region": 1} (4M);
                             kinds with ratio 0 get no pipeline.
     host_shards (int)       input shards every source is split into (equal sizes); 0 (default) =
                             one per process. Each process reads ``host_shards / process_count``
@@ -52,6 +53,21 @@ parallel_text
     kind                    "jsonl" (source_text/target_text lines), "aligned_text" (paths =
                             [[file_1, file_2], ...] line-aligned, .gz ok) or "demo".
     paths, batch_size, max_tokens (64), max_words (64), max_masks (20), mask_prob (0.4).
+
+region (region grounding, the 4M setting; records and sampling: ``cclm_jax/data/region.py``)
+    kind                    "jsonl" (region json-lines).
+    paths, image_field, image_root, languages
+                            as for image_caption.
+    image_res, patch_size   output pixels and the image tower's total stride (32 for Swin): the patch
+                            masks live on the (image_res / patch_size)^2 grid of its output tokens.
+    batch_size (int)        rows (captions) per shard batch (128 in the reference).
+    max_images (int)        images per shard batch (48); every image gives 1..max_regions rows.
+    max_regions (int)       rows per image, whole-image caption included (5).
+    min_perc_in_image       a box is kept when more than this part of its area survives the crop (0.5).
+    careful_hflip (bool)    no flip for images whose captions mention left or right.
+    randaugment (bool)      RandomAugment(2, 7) over the photometric ops (randaugment.REGION_AUGMENTS).
+    max_tokens, max_words, max_masks, mask_prob
+                            as for image_caption (40, 40, 12, 0.4).
 """
 import os
 
@@ -59,7 +75,7 @@ import ml_collections
 
 from cclm_jax.data.mixture import Mixture
 
-KINDS = ("image_caption", "parallel_text")
+KINDS = ("image_caption", "parallel_text", "region")
 _IMAGE_KINDS = ("jsonl", "tfds", "demo")
 _PARALLEL_KINDS = ("jsonl", "aligned_text", "demo")
 
@@ -81,7 +97,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     cfg.shuffle_buffer = 10_000
     cfg.prefetch = 2
     cfg.threads = 0
-    cfg.mix = {"image_caption": 1, "parallel_text": 1}
+    cfg.mix = {"image_caption": 1, "parallel_text": 1, "region": 0}
     cfg.host_shards = 0
     cfg.demo = dict(image_size=64, num_train=3000, num_val=150, num_parallel=20000,
                     vocab_size=1000, seed=0)
@@ -91,6 +107,10 @@ def default_data_config() -> ml_collections.ConfigDict:
     cfg.eval = dict(_reader_defaults("demo", 224, 40), batch_size=64)
     cfg.parallel_text = dict(kind="demo", paths=(), batch_size=128, max_tokens=64, max_words=64,
                              max_masks=20, mask_prob=0.4)
+    cfg.region = dict(kind="jsonl", paths=(), image_field="binary", image_root="", languages=(), image_res=224,
+                      patch_size=32, batch_size=128, max_images=48, max_regions=5, min_perc_in_image=0.5,
+                      careful_hflip=True, randaugment=True, max_tokens=40, max_words=40, max_masks=12,
+                      mask_prob=0.4)
     return cfg
 
 
@@ -140,6 +160,25 @@ def _check_reader(cfg, section: str):
     _check_text_limits(cfg, section, masks=section == "image_caption")
 
 
+def _check_region(cfg):
+    section = cfg.region
+    if section.kind != "jsonl":
+        _fail("region.kind", f"must be 'jsonl', got {section.kind!r}")
+    if not section.paths:
+        _fail("region.paths", "needs at least one region json-lines file")
+    for i, path in enumerate(section.paths):
+        _check_file(f"region.paths[{i}]", path)
+    if section.image_root and not os.path.isdir(os.path.expanduser(section.image_root)):
+        raise FileNotFoundError(f"config.data.region.image_root: directory {section.image_root!r} does not exist")
+    for key in ("image_res", "patch_size", "batch_size", "max_images", "max_regions"):
+        _positive_int(cfg, "region", key)
+    if section.image_res % section.patch_size:
+        _fail("region.patch_size", f"must divide image_res {section.image_res}, got {section.patch_size}")
+    if not 0.0 <= section.min_perc_in_image < 1.0:
+        _fail("region.min_perc_in_image", f"must be in [0, 1), got {section.min_perc_in_image!r}")
+    _check_text_limits(cfg, "region", masks=True)
+
+
 def resolve_host_shards(cfg: ml_collections.ConfigDict, process_count: int) -> int:
     """The number of input shards of ``cfg.host_shards`` for ``process_count`` processes (0 -> one per
     process); raises ValueError unless it is a positive multiple of ``process_count``."""
@@ -158,6 +197,7 @@ def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
             _fail(key, "missing (see cclm_jax.data.config.default_data_config)")
     try:
         mixture = Mixture(dict(cfg.mix))
+        mixture.iterations_per_cycle()
     except ValueError as e:
         _fail("mix", str(e))
     for kind in mixture.kinds:
@@ -197,3 +237,5 @@ def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
                 _check_file(f"parallel_text.paths[{i}][{j}]", path)
         _positive_int(cfg, "parallel_text", "batch_size")
         _check_text_limits(cfg, "parallel_text", masks=True)
+    if "region" in mixture.kinds:
+        _check_region(cfg)

@@ -35,6 +35,7 @@ of the dev images per language (``text_ids``, ``text_atts``, ``image_index``) an
 """
 import atexit
 import dataclasses
+import json
 import os
 import weakref
 from typing import Callable, Dict, Iterator
@@ -44,14 +45,14 @@ import tensorflow as tf
 
 from cclm_jax.data import demo as demo_lib
 from cclm_jax.data import image as image_lib
-from cclm_jax.data import randaugment
-from cclm_jax.data import sources
+from cclm_jax.data import randaugment, sources
+from cclm_jax.data import region as region_lib
 from cclm_jax.data.config import resolve_host_shards, validate_data_config
 from cclm_jax.data.mixture import Mixture
 from cclm_jax.data.text import mask_batch, pad_batch, pre_caption
 from cclm_jax.data.tokenizer import Tokenizer
 
-_KIND_SALT = {"image_caption": 1, "parallel_text": 2}
+_KIND_SALT = {"image_caption": 1, "parallel_text": 2, "region": 3}
 _EPOCHS = 1 << 40
 # Captions that pre_caption would empty: only punctuation and (Unicode) white space.
 _EMPTY_CAPTION = r"[\s\v\x{1c}-\x{1f}\x{85}\p{Z},.'!?\"()*#:;~\-/]*"
@@ -102,6 +103,14 @@ def open_parallel_text(cfg):
     entries = [_demo_paths(cfg)["parallel"]] if section.kind == "demo" else [
         p if isinstance(p, str) else list(p) for p in section.paths]
     return sources.parallel_text({"train": entries}, _tfds_dir(cfg)), "train"
+
+
+def open_region(cfg):
+    """(Source, split) of the ``region`` section."""
+    section = cfg.region
+    source = region_lib.region_jsonl({"train": list(section.paths)}, _tfds_dir(cfg), image_field=section.image_field,
+                                     image_root=section.image_root)
+    return source, "train"
 
 
 # ----------------------------------------------------------------------------- per-example maps
@@ -403,6 +412,70 @@ def _parallel_text_pipeline(cfg, source, split, size, tokenizer, process_index):
     return make
 
 
+_ROW_STREAM, _REGION_TEXT_STREAM = 4, 5
+
+
+def _region_pipeline(cfg, source, split, size, tokenizer, process_index):
+    """make(start_batch, start_example) for the region kind (``data.region``; ``cclm_jax.data.region``): per
+    image a crop around one box, flip and resize from a stateless draw seeded by its position; per batch of
+    ``max_images`` images (seeded by the batch number) RandomAugment, the rows, tokenisation and masking."""
+    section = cfg.region
+    _check_size("region", size, section.max_images)
+    base_seed = _base_seed(cfg.seed, "region", process_index)
+    settings = TextSettings(section.max_tokens, section.max_words, section.max_masks, section.mask_prob)
+    seed_words = (cfg.seed, _KIND_SALT["region"], process_index)
+    languages = tuple(section.languages)
+    rows_per_batch, grid = section.batch_size, (section.image_res // section.patch_size) ** 2
+
+    def per_example(position, raw):
+        example = source.decode(raw)
+        uniforms = tf.random.stateless_uniform([region_lib.CROP_UNIFORMS],
+                                               tf.random.experimental.stateless_fold_in(base_seed, position))
+        out = region_lib.crop_around_box(example, uniforms, section.image_res, section.careful_hflip)
+        return {**out, "meta": example["meta"], "_position": position}
+
+    def run(batch_number, images, crops, flips, metas):
+        rng = lambda stream: np.random.default_rng([*seed_words, int(batch_number), stream])  # noqa: E731
+        row_rng = rng(_ROW_STREAM)
+        rows = [region_lib.image_rows(json.loads(m), c, bool(f), row_rng, image_res=section.image_res,
+                                      max_regions=section.max_regions,
+                                      min_perc_in_image=section.min_perc_in_image, languages=languages)
+                for m, c, f in zip(metas, crops, flips)]
+        texts, arrays = region_lib.batch_rows(rows, rows_per_batch, row_rng, image_res=section.image_res,
+                                              patch_size=section.patch_size)
+        if section.randaugment:
+            images = region_lib.augment_images(images, rng(_AUGMENT_STREAM))
+        text_arrays = settings.encode_and_mask(tokenizer, [t.encode("utf-8") for t in texts],
+                                               rng(_REGION_TEXT_STREAM))
+        return [images, arrays["idx_to_group_img"], arrays["image_atts"], arrays["target_bbox"],
+                arrays["is_image"], arrays["valid"], *text_arrays]
+
+    keys = ("image", "idx_to_group_img", "image_atts", "target_bbox", "is_image", "valid") + _TEXT_KEYS
+    types = [tf.uint8, tf.int32, tf.int32, tf.float32, tf.int32, tf.bool] + [tf.int32] * 5
+    shapes = ([None, [rows_per_batch], [rows_per_batch, 1 + grid], [rows_per_batch, 4], [rows_per_batch],
+               [rows_per_batch]] + [[rows_per_batch, settings.max_tokens]] * 3
+              + [[rows_per_batch, settings.max_masks]] * 2)
+
+    def batch_stage(batch_number, batch):
+        results = tf.numpy_function(run, [batch_number, batch["image"], batch["crop"], batch["flip"], batch["meta"]],
+                                    types, stateful=False)
+        out = {"_position": batch["_position"]}
+        for key, value, shape in zip(keys, results, shapes):
+            out[key] = tf.ensure_shape(value, batch["image"].shape if shape is None else shape)
+        return out
+
+    records = source.raw(split)
+
+    def make(start_batch: int, start_example: int) -> tf.data.Dataset:
+        ds = _host_stream(records, size, cfg.shuffle_buffer, base_seed, start_example)
+        ds = ds.map(per_example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = ds.batch(section.max_images, drop_remainder=True)
+        ds = tf.data.Dataset.zip(tf.data.Dataset.counter(start_batch), ds)
+        ds = ds.map(batch_stage, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return ds.prefetch(cfg.prefetch).with_options(_options(cfg.threads))
+    return make
+
+
 def build_train_pipelines(data_config, tokenizer: Tokenizer, *, process_index: int = 0,
                           process_count: int = 1) -> Dict[str, BatchIterator]:
     """``{kind: BatchIterator}`` for each kind of ``data_config.mix`` with a positive ratio."""
@@ -413,6 +486,9 @@ def build_train_pipelines(data_config, tokenizer: Tokenizer, *, process_index: i
         if kind == "image_caption":
             source, split = open_image_caption(cfg, kind)
             build = _image_caption_pipeline
+        elif kind == "region":
+            source, split = open_region(cfg)
+            build = _region_pipeline
         else:
             source, split = open_parallel_text(cfg)
             build = _parallel_text_pipeline
@@ -445,6 +521,9 @@ class HostBatches:
         batches = [next(it) for it in self.shards.values()]
         if len(batches) == 1:
             return batches[0]
+        if "idx_to_group_img" in batches[0]:  # region rows name their image within their shard's batch
+            offsets = np.cumsum([0] + [b["image"].shape[0] for b in batches[:-1]])
+            batches = [dict(b, idx_to_group_img=b["idx_to_group_img"] + o) for b, o in zip(batches, offsets)]
         return {key: np.concatenate([b[key] for b in batches]) for key in batches[0]}
 
     def close(self) -> None:

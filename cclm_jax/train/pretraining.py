@@ -1,12 +1,14 @@
 """Pre-training as a trainer `Task` (`cclm-jax train`): the fixed-ratio mixture of image–caption and parallel-text
-batches, one optimizer update per batch kind ('alternate', the reference) or one on both ('joint').
+batches (and region batches in the 4M setting), one optimizer update per batch kind ('alternate', the reference) or
+one on all of them ('joint').
 
 `build_task(config, workdir, resuming)`:
 - validates the config and loads the tokenizer (model vocab -1 is taken from it) before anything compiles;
 - builds this process's tf.data pipelines (its `data.host_shards` input shards); the data positions of every
   shard are checkpointed and restored, so a resumed run sees the same batches;
-- step s trains on `Mixture.kind_at(s)`; the schedule advances once per mixture cycle (spec §4.1): the optimizer
-  counts its updates and steps the schedule every `steps.updates_per_cycle(config)` of them;
+- step s trains on `Mixture.kind_at(s)`; the schedule advances once per reference iteration (spec §4.1): once
+  per mixture cycle, or `Mixture.iterations_per_cycle()` times with region batches; the optimizer counts its
+  updates and steps the schedule every `steps.updates_per_cycle(config)` of them;
 - initial parameters: `init.checkpoint` (an official checkpoint or a pre-training run directory; read and checked
   against the model's shapes before anything is written or compiled), the XLM-R + Swin towers (`init.xlmr_dir`,
   `init.swin_path`), else random -- each placed straight into the run's shardings;
@@ -129,7 +131,8 @@ def build_task(config: ml_collections.ConfigDict, workdir: str, resuming: bool) 
     step_config = StepConfig(config.model, config.objectives, dropout=config.train.dropout)
 
     def mesh_losses(mesh):
-        return pretraining_losses(dataclasses.replace(step_config, mesh=mesh), config.train.mode)
+        return pretraining_losses(dataclasses.replace(step_config, mesh=mesh), config.train.mode,
+                                  tuple(mixture.kinds))
 
     def next_batches(step: int):
         kinds = tuple(iterators) if joint else (mixture.kind_at(step),)

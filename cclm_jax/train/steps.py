@@ -1,4 +1,4 @@
-"""Jitted update steps: one per batch kind (`image_caption`, `parallel_text`) or one `joint` update.
+"""Jitted update steps: one per batch kind (`image_caption`, `parallel_text`, `region`) or one `joint` update.
 
 Each step takes and donates the sharded `TrainState` and returns it with a dict of device scalars (every
 loss, the weighted total, gradient and parameter norms, learning rate, temperature, and whether the update
@@ -27,8 +27,9 @@ from cclm_jax.models.cclm import TEMP_MAX, TEMP_MIN, build_model
 from cclm_jax.optimizer import learning_rate
 from cclm_jax.train_state import TrainState, all_finite, global_norm
 
-KINDS = ("image_caption", "parallel_text")
-VIEW_LOSSES = {"image_caption": objectives.image_text_losses, "parallel_text": objectives.parallel_text_losses}
+KINDS = ("image_caption", "parallel_text")  # the 3M mixture; `region` joins for the 4M setting
+VIEW_LOSSES = {"image_caption": objectives.image_text_losses, "parallel_text": objectives.parallel_text_losses,
+               "region": objectives.region_losses}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,16 +101,21 @@ def make_update_fn(loss_fn: Callable, optimizer: optax.GradientTransformation, *
 
 
 def updates_per_cycle(config: ml_collections.ConfigDict) -> int:
-    """Optimizer updates per scheduler step of a pre-training run config: one per batch of a mixture cycle
-    (`train.mode` 'alternate', e.g. 2 for `data.mix` {parallel_text: 1, image_caption: 1}) or 1 ('joint')."""
-    return 1 if config.train.mode == "joint" else len(Mixture(dict(config.data.mix)).cycle)
+    """Optimizer updates per scheduler step of a pre-training run config: one per batch of a reference iteration
+    (`train.mode` 'alternate': 2 for `data.mix` {parallel_text: 1, image_caption: 1}, also 2 for the 4M mix
+    {image_caption: 1, parallel_text: 2, region: 1}, see `Mixture.iterations_per_cycle`) or 1 ('joint')."""
+    if config.train.mode == "joint":
+        return 1
+    mixture = Mixture(dict(config.data.mix))
+    return len(mixture.cycle) // mixture.iterations_per_cycle()
 
 
-def pretraining_losses(cfg: StepConfig, mode: str) -> dict[str, Callable]:
-    """Loss functions keyed by update: one per batch kind ('alternate' mode) or {'joint': both} ('joint' mode)."""
+def pretraining_losses(cfg: StepConfig, mode: str, kinds: tuple[str, ...] = KINDS) -> dict[str, Callable]:
+    """Loss functions keyed by update: one per batch kind of `kinds` ('alternate' mode) or {'joint': all of them}
+    ('joint' mode)."""
     if mode not in ("alternate", "joint"):
         raise ValueError(f"config.train.mode must be 'alternate' or 'joint', got {mode!r}")
-    groups = {kind: (kind,) for kind in KINDS} if mode == "alternate" else {"joint": KINDS}
+    groups = {kind: (kind,) for kind in kinds} if mode == "alternate" else {"joint": tuple(kinds)}
     return {name: view_loss_fn(cfg, kinds) for name, kinds in groups.items()}
 
 
