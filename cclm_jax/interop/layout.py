@@ -26,11 +26,12 @@ Layouts (`LAYOUTS`; the official class, and the Flax model whose parameters it h
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import ml_collections
 import numpy as np
 
+from cclm_jax.models import vit
 from cclm_jax.models.swin import relative_position_index, shifted_window_mask, stage_geometry
 from cclm_jax.models.tasks import nlvr_num_layers
 
@@ -56,8 +57,9 @@ class Entry:
     """One state_dict key.
 
     `path`: the Flax parameter path (None for buffers). `kind`: how torch and Flax tensors relate:
-    `plain` (same array), `bias` (torch flat (out,) = Flax bias of the output dims), `linear` (torch weight (out, in) = Flax kernel reshaped to (in, out) then
-    transposed; `in_ndims` leading kernel dims are inputs), `conv` (torch OIHW = Flax HWIO transposed),
+    `plain` (same array), `bias` (torch flat (out,) = Flax bias of the output dims), `linear` (torch weight
+    (out, in) = Flax kernel reshaped to (in, out) then transposed; `in_ndims` leading kernel dims are inputs),
+    `conv` (torch OIHW = Flax HWIO transposed),
     `buffer` (not a parameter; `make` builds it). `tied_to`: another torch key holding the same tensor.
     """
 
@@ -115,6 +117,39 @@ def _vision_entries(cfg: ml_collections.ConfigDict) -> list[Entry]:
                         *_norm(f"{key}.norm", path + ("norm",))]
     entries += _norm(f"{pre}.norm", root + ("norm",))
     return entries
+
+
+def vit_entries(v: ml_collections.ConfigDict, pre: str = "vision_encoder",
+                root: tuple[str, ...] = ("vision_encoder",)) -> list[Entry]:
+    """A `models.vit.VisionTransformer` of vision config `v` in the timm/BEiT key layout under `pre` (torch) /
+    `root` (Flax), in the BEiT-v2 module order: cls_token, pos_embed, patch_embed, blocks, norm / fc_norm."""
+    grid = v.image_res // v.patch_size
+    entries = [Entry(f"{pre}.cls_token", root + ("cls_token",), "plain")]
+    if v.pos_grid:
+        entries.append(Entry(f"{pre}.pos_embed", root + ("pos_embed",), "plain"))
+    entries += [Entry(f"{pre}.patch_embed.proj.weight", root + ("patch_embed", "proj", "kernel"), "conv"),
+                Entry(f"{pre}.patch_embed.proj.bias", root + ("patch_embed", "proj", "bias"), "plain")]
+    for b in range(v.depth):
+        key, path = f"{pre}.blocks.{b}", root + (f"blocks_{b}",)
+        if v.layer_scale_init:
+            entries += [Entry(f"{key}.gamma_1", path + ("gamma_1",), "plain"),
+                        Entry(f"{key}.gamma_2", path + ("gamma_2",), "plain")]
+        entries += _norm(f"{key}.norm1", path + ("norm1",))
+        if v.qkv_bias == "qv":
+            entries += [Entry(f"{key}.attn.q_bias", path + ("attn", "q_bias"), "bias"),
+                        Entry(f"{key}.attn.v_bias", path + ("attn", "v_bias"), "bias")]
+        if v.rel_pos_bias:
+            entries += [Entry(f"{key}.attn.relative_position_bias_table",
+                              path + ("attn", "relative_position_bias_table"), "plain"),
+                        Entry(f"{key}.attn.relative_position_index", None, "buffer",
+                              make=lambda g=grid: vit.relative_position_index(g).astype(np.int64))]
+        entries += [*_linear(f"{key}.attn.qkv", path + ("attn", "qkv"), bias=v.qkv_bias == "qkv"),
+                    *_linear(f"{key}.attn.proj", path + ("attn", "proj"), in_ndims=2),
+                    *_norm(f"{key}.norm2", path + ("norm2",)),
+                    *_linear(f"{key}.mlp.fc1", path + ("mlp", "fc1")),
+                    *_linear(f"{key}.mlp.fc2", path + ("mlp", "fc2"))]
+    final = "fc_norm" if v.pool == "mean" else "norm"
+    return entries + _norm(f"{pre}.{final}", root + (final,))
 
 
 def _attention_entries(key: str, path: tuple[str, ...]) -> list[Entry]:
