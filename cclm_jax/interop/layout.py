@@ -22,6 +22,7 @@ Layouts (`LAYOUTS`; the official class, and the Flax model whose parameters it h
   question states) and its LM head `text_decoder.cls.predictions.*` (our `lm_head`; decoder weight tied to
   `text_decoder.bert.embeddings.word_embeddings.weight`, decoder bias to `text_decoder.cls.predictions.bias`).
 `model_config` is always the pre-trained CCLM config (N text layers, fusion layer F), as the task models take it.
+A CCLM-X2VLM config (`model.cross`) has one layout, `pretrain` (`x2vlm_layout`: X2-VLM's `CrossViewLM`).
 """
 from __future__ import annotations
 
@@ -162,9 +163,10 @@ def _attention_entries(key: str, path: tuple[str, ...]) -> list[Entry]:
 
 
 def _bert_entries(cfg: ml_collections.ConfigDict, bert: str, root: tuple[str, ...], num_layers: int,
-                  fusion_layer: int, shared_cross_kv: bool = False) -> list[Entry]:
-    """A BertModel under `bert` (torch) / `root` (Flax): embeddings and `num_layers` layers, cross-attention from
-    `fusion_layer` on. `shared_cross_kv`: the NLVR stack, layer F+2j+1's cross key/value tied to layer F+2j's."""
+                  fusion_layer: int, shared_cross_kv: bool = False, embeddings: bool = True) -> list[Entry]:
+    """A BertModel under `bert` (torch) / `root` (Flax): embeddings (unless `embeddings=False`: X2-VLM's cross
+    encoder) and `num_layers` layers, cross-attention from `fusion_layer` on. `shared_cross_kv`: the NLVR stack,
+    layer F+2j+1's cross key/value tied to layer F+2j's."""
     t = cfg.text
     emb = f"{bert}.embeddings"
     entries = [
@@ -174,7 +176,7 @@ def _bert_entries(cfg: ml_collections.ConfigDict, bert: str, root: tuple[str, ..
         Entry(f"{emb}.position_embeddings.weight", root + ("embeddings", "position_embeddings"), "plain"),
         Entry(f"{emb}.token_type_embeddings.weight", root + ("embeddings", "token_type_embeddings"), "plain"),
         *_norm(f"{emb}.LayerNorm", root + ("embeddings", "LayerNorm")),
-    ]
+    ] if embeddings else []
     for i in range(num_layers):
         key, path = f"{bert}.encoder.layer.{i}", root + (f"layer_{i}",)
         entries += _attention_entries(f"{key}.attention", path + ("attention",))
@@ -222,6 +224,10 @@ def official_layout(model_config: ml_collections.ConfigDict, layout: str = "pret
     t = model_config.text
     n, fusion = t.num_layers, t.fusion_layer
     text = ("text_encoder",)
+    if "cross" in model_config:
+        if layout != "pretrain":
+            raise ValueError(f"no CCLM-X2VLM checkpoint layout {layout!r} (only 'pretrain')")
+        return x2vlm_layout(model_config)
     if layout == "pretrain":
         words = ("text_encoder.bert.embeddings.word_embeddings.weight", text + ("embeddings", "word_embeddings"))
         return [Entry("temp", ("temp",), "plain"), *_vision_entries(model_config),
@@ -247,6 +253,26 @@ def official_layout(model_config: ml_collections.ConfigDict, layout: str = "pret
     return [*_vision_entries(model_config), *_bert_entries(model_config, "text_encoder", text, n, fusion),
             *_bert_entries(model_config, "text_decoder.bert", decoder, n - fusion, 0),
             *_mlm_entries("text_decoder.cls.predictions", ("lm_head",), *words)]
+
+
+def x2vlm_layout(model_config: ml_collections.ConfigDict) -> list[Entry]:
+    """X2-VLM's `CrossViewLM` state_dict: `temp`, `vision_encoder.*` (BEiT-v2), `text_encoder.*` (RobertaModel, no
+    cross-attention), `cross_encoder.encoder.layer.*` (BERT layers with cross-attention, no embeddings),
+    `vision_proj`, `text_proj`, `itm_head`, `bbox_head`, `mlm_head.predictions.*` (untied decoder; its bias tied
+    to `mlm_head.predictions.bias`)."""
+    n = model_config.text.num_layers
+    pre, root = "mlm_head.predictions", ("mlm_head",)
+    return [Entry("temp", ("temp",), "plain"), *vit_entries(model_config.vision),
+            *_bert_entries(model_config, "text_encoder", ("text_encoder",), n, n),
+            *_bert_entries(model_config, "cross_encoder", ("cross_encoder",), model_config.cross.num_layers, 0,
+                           embeddings=False),
+            *_linear("vision_proj", ("vision_proj",)), *_linear("text_proj", ("text_proj",)),
+            *_mlp_head_entries("itm_head"), *_mlp_head_entries("bbox_head"),
+            Entry(f"{pre}.bias", root + ("bias",), "plain"),
+            *_linear(f"{pre}.transform.dense", root + ("transform", "dense")),
+            *_norm(f"{pre}.transform.LayerNorm", root + ("transform", "LayerNorm")),
+            Entry(f"{pre}.decoder.weight", root + ("decoder",), "plain"),
+            Entry(f"{pre}.decoder.bias", root + ("bias",), "plain", tied_to=f"{pre}.bias")]
 
 
 def to_torch_array(entry: Entry, value: np.ndarray) -> np.ndarray:
