@@ -47,7 +47,10 @@ def default_optimizer_config() -> ml_collections.ConfigDict:
     """The `optimizer` section of a run config: the CCLM pre-training values (CCLM_SPEC §4.1).
 
     lr is the base learning rate (per update, before the schedule); `lr_mult` multiplies it for parameters
-    matching `new_param_patterns`; `clip_grad_norm` is the global L2 norm bound (None disables clipping).
+    matching `new_param_patterns`; `clip_grad_norm` is the global L2 norm bound (None disables clipping);
+    `tower_lr_mults`: (name prefix, multiplier) pairs, the first prefix a parameter's name starts with scales its
+    lr too (CCLM-X2VLM's per-tower rates: lr 4e-5 for the cross encoder, `(('vision_encoder.', 0.5),
+    ('text_encoder.', 2.0))` for vision 2e-5 and text 8e-5; empty: one rate).
     """
     return ml_collections.ConfigDict({
         "name": "reference_adamw",
@@ -60,6 +63,7 @@ def default_optimizer_config() -> ml_collections.ConfigDict:
         "new_param_patterns": NEW_PARAM_PATTERNS,
         "no_decay_patterns": NO_DECAY_PATTERNS,
         "clip_grad_norm": 1.0,
+        "tower_lr_mults": (),
     })
 
 
@@ -105,6 +109,11 @@ def _optimizer_errors(o: ml_collections.ConfigDict) -> list[str]:
         if isinstance(value, str) or not isinstance(value, Sequence) or not all(
                 isinstance(p, str) and p for p in value):
             errors.append(f"optimizer.{key} must be a list of non-empty strings, got {value!r}")
+    pairs = o.tower_lr_mults
+    if isinstance(pairs, str) or not all(
+            isinstance(p, (tuple, list)) and len(p) == 2 and isinstance(p[0], str) and p[0]
+            and isinstance(p[1], (int, float)) and not isinstance(p[1], bool) and p[1] > 0 for p in pairs):
+        errors.append(f"optimizer.tower_lr_mults must be (name prefix, multiplier > 0) pairs, got {pairs!r}")
     clip = o.clip_grad_norm
     if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0):
         errors.append(f"optimizer.clip_grad_norm must be a number > 0 or None (no clipping), got {clip!r}")
@@ -154,12 +163,13 @@ def _group_name(path: tuple, names: dict[tuple[str, ...], str]) -> str:
 def param_groups(params: Any, model_config: ml_collections.ConfigDict, *,
                  no_decay_patterns: Sequence[str] = NO_DECAY_PATTERNS,
                  new_param_patterns: Sequence[str] = NEW_PARAM_PATTERNS,
-                 lr_mult: float = 2.0) -> tuple[Any, Any]:
+                 lr_mult: float = 2.0, tower_lr_mults: Sequence[tuple[str, float]] = ()) -> tuple[Any, Any]:
     """Weight-decay mask and learning-rate multipliers of every parameter (CCLM_SPEC §4.1).
 
     `params`: the plain nested dict of parameters (arrays or ShapeDtypeStructs; only the paths matter).
     Returns `(decay_mask, lr_mult_tree)`, both with the structure of `params`: Python bools (True = decayed)
-    and Python floats (`lr_mult` for new parameters, 1.0 otherwise). A new-parameter pattern that matches no
+    and Python floats (`lr_mult` for new parameters, 1.0 otherwise, times the multiplier of the first
+    `tower_lr_mults` prefix the name starts with). A new-parameter pattern that matches no
     parameter is logged as a warning (usually a typo, or the pre-training list used with a model without
     that part).
     """
@@ -170,8 +180,11 @@ def param_groups(params: Any, model_config: ml_collections.ConfigDict, *,
         if not any(pattern in name for name in all_names):
             logging.warning("optimizer.new_param_patterns entry %r matches no parameter", pattern)
     decay_mask = jax.tree.map(lambda n: not any(p in n for p in no_decay_patterns), group_names)
-    lr_mult_tree = jax.tree.map(lambda n: float(lr_mult) if any(p in n for p in new_param_patterns) else 1.0,
-                                group_names)
+    def multiplier(name: str) -> float:
+        tower = next((float(m) for prefix, m in tower_lr_mults if name.startswith(prefix)), 1.0)
+        return tower * (float(lr_mult) if any(p in name for p in new_param_patterns) else 1.0)
+
+    lr_mult_tree = jax.tree.map(multiplier, group_names)
     return decay_mask, lr_mult_tree
 
 
@@ -314,7 +327,8 @@ def make_optimizer(optimizer_config: ml_collections.ConfigDict, schedule_config:
     o, s = optimizer_config, schedule_config
     decay_mask, lr_mult_tree = param_groups(
         params, model_config, no_decay_patterns=tuple(o.no_decay_patterns),
-        new_param_patterns=tuple(o.new_param_patterns), lr_mult=o.lr_mult)
+        new_param_patterns=tuple(o.new_param_patterns), lr_mult=o.lr_mult,
+        tower_lr_mults=tuple(tuple(p) for p in o.get("tower_lr_mults", ())))
     lr_fn = linear_warmup_linear_decay(o.lr, s.warmup_steps, s.total_steps)
     if o.name == "reference_adamw":
         adam = reference_adamw(lr_fn, o.b1, o.b2, o.eps, o.weight_decay, decay_mask, lr_mult_tree)

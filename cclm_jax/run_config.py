@@ -43,7 +43,7 @@ import os
 import ml_collections
 
 from cclm_jax.data.config import KINDS, default_data_config, resolve_host_shards, validate_data_config
-from cclm_jax.models.config import base_model_config, validate_model_config
+from cclm_jax.models.config import base_model_config, reference_model_config, validate_model_config
 from cclm_jax.objectives import default_objectives_config, validate_objectives_config
 from cclm_jax.optimizer import default_optimizer_config, default_schedule_config, validate_optimizer_config
 
@@ -103,7 +103,10 @@ def _check_keys(cfg: ml_collections.ConfigDict, reference: ml_collections.Config
 
 def validate_run_config(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
     """Raise ValueError/FileNotFoundError with one clear line per problem, before any compilation."""
-    errors = _check_keys(config, default_run_config(), "config.")
+    reference = default_run_config()
+    if "model" in config:
+        reference.model = reference_model_config(config.model)
+    errors = _check_keys(config, reference, "config.")
     for key in default_run_config().keys():
         if key not in config:
             errors.append(f"config.{key}: missing section")

@@ -112,6 +112,16 @@ def x2vlm_model_config(size: str = "base") -> ml_collections.ConfigDict:
     return cfg
 
 
+def reference_model_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The default config of `cfg`'s family (CCLM or CCLM-X2VLM, Swin or ViT tower): the keys `cfg` may have."""
+    from cclm_jax.models.cclm import is_x2vlm, vision_kind
+
+    reference = x2vlm_model_config() if is_x2vlm(cfg) else base_model_config()
+    if vision_kind(cfg) == "vit":
+        reference.vision = vit_vision_config("beit2", "base")
+    return reference
+
+
 def _vit_errors(v: ml_collections.ConfigDict) -> list[str]:
     from cclm_jax.models.vit import POOLS, QKV_BIASES
 
