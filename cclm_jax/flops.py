@@ -317,7 +317,7 @@ def stablehlo_matmul_flops(module_text: str) -> int:
         elif current is not None:
             bodies[current].append(line)
 
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def total(name: str) -> int:
         count = 0
         for line in bodies[name]:
