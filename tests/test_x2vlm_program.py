@@ -112,3 +112,25 @@ def test_cli_trains_exports_and_imports(tmp_path):
 
     assert_bitwise_equal(workdir_params(tmp_path / "run"), jax.tree.map(np.asarray, params))
     assert_bitwise_equal(workdir_params(tmp_path / "imported"), jax.tree.map(np.asarray, params))
+
+
+def test_tower_init_keys_are_checked_against_the_model_family(tmp_path):
+    from cclm_jax.run_config import validate_run_config
+
+    config = load_config_file(REPO / "configs" / "cclm_base.py", "runlocal")
+    config.init.vision_path = str(tmp_path)
+    with pytest.raises(ValueError, match="config.init.vision_path: tower checkpoints initialise a CCLM-X2VLM"):
+        validate_run_config(config, num_devices=1)
+    config = load_config_file(REPO / "configs" / "cclm_x2vlm_base.py", "runlocal")
+    config.init.text_path = str(tmp_path / "absent")
+    with pytest.raises(FileNotFoundError, match="config.init.text_path"):
+        validate_run_config(config, num_devices=1)
+
+
+def test_only_retrieval_fine_tunes_x2vlm():
+    from cclm_jax.tasks.definitions import build_task_model
+
+    cfg = x2vlm_model_config("tiny")
+    assert type(build_task_model("retrieval", cfg)).__name__ == "X2VLM"
+    with pytest.raises(ValueError, match="'xvnli' has no CCLM-X2VLM model"):
+        build_task_model("xvnli", cfg)

@@ -7,7 +7,8 @@ batches, one optimizer update per batch kind ('alternate', the reference) or one
   shard are checkpointed and restored, so a resumed run sees the same batches;
 - step s trains on `Mixture.kind_at(s)`; the schedule advances once per mixture cycle (spec §4.1);
 - initial parameters: an official checkpoint (`init.checkpoint`), the XLM-R + Swin towers (`init.xlmr_dir`,
-  `init.swin_path`), else random -- each placed straight into the run's shardings;
+  `init.swin_path`), CCLM-X2VLM towers (`init.vision_path`, `text_path`, `cross_path`), else random -- each
+  placed straight into the run's shardings;
 - evaluators: dev retrieval (`train.eval_every`: 0 = at the end, N = every N steps and at the end, -1 = never).
 
 `evaluate(config, workdir, step=None)` (`cclm-jax evaluate` with a pre-training config): the dev retrieval of a
@@ -49,6 +50,12 @@ def initial_params(config: ml_collections.ConfigDict, mesh, shardings, rng: jax.
 
         _, imported = official.load(init.checkpoint, text_num_heads=init.text_num_heads)
         return parallel.shard_params(imported, shardings)
+    if any(init.get(k) for k in ("vision_path", "text_path", "cross_path")):
+        from cclm_jax.interop.pretrained import init_towers_from_hf
+
+        towers, _ = init_towers_from_hf(config.model, rng, vision=init.vision_path or None,
+                                        text=init.text_path or None, cross=init.cross_path or None)
+        return parallel.shard_params(towers, shardings)
     if init.xlmr_dir:
         from cclm_jax.interop.pretrained import init_from_pretrained
 
