@@ -153,3 +153,26 @@ def test_export_round_trip_is_key_for_key(golden, tmp_path):
     cfg2, params2 = official.load(out)
     assert cfg2.to_dict() == cfg.to_dict()
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, params2)
+
+
+def test_scanned_layers_and_cached_cross_kv_give_the_golden_outputs(golden):
+    """`scan_layers` (ViT blocks, text and cross layers as scans) and `cross_kv` reuse change no number."""
+    cfg, params, _, ref = golden
+    cfg = cfg.copy_and_resolve_references()
+    cfg.scan_layers = True
+    model = build_model(cfg)
+    img = _batch(ref, "img_")
+
+    def run(p):
+        def call(method, *args):
+            return model.apply({"params": p}, *args, method=getattr(model, method))
+
+        embeds, atts = call("encode_image", img["image"])
+        text = call("encode_text", img["text_ids"], img["text_atts"])
+        kv = call("cross_kv", embeds)
+        return (embeds, text, call("fuse", kv, atts, text, img["text_atts"]),
+                call("mlm_logits", img["text_ids_masked"], img["text_atts"], kv, atts, img["masked_pos"]))
+
+    for name, value in zip(("image_embeds", "text_embeds", "cross_embeds_pos", "mlm_logits_at_masked_pos"),
+                           jax.jit(run)(params)):
+        np.testing.assert_allclose(np.asarray(value), ref[f"img_{name}"], atol=ATOL, rtol=0, err_msg=name)
