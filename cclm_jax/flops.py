@@ -4,6 +4,9 @@ Accounting (every number is FLOPs = 2 x multiply-adds; only matrix products are 
 - dense layers: 2 * in * out per token (biases, LayerNorm, GELU, softmax, residual adds are left out: they are
   < 1% of the base model's count and are memory-bound anyway);
 - attention: 2 * Lq * Lk * D for the scores plus the same for the weighted values (per layer, per example);
+- ViT (CCLM-X2VLM): the patch convolution, per block qkv/proj/MLP and global attention over G^2 + 1 tokens;
+  CCLM-X2VLM's fusion passes run its cross encoder (`model.cross` layers) and its MLM decoder is untied (same
+  count);
 - Swin: the 4x4 patch-embedding convolution, per block qkv/proj/MLP on every token plus window attention over
   window^2 keys, PatchMerging's 4C -> 2C reduction; mean pooling, masks and the relative-position bias are free;
 - text layer: q, k, v, output (4 D^2) and the FFN (2 D F) per token plus self-attention; a fusion layer adds
@@ -85,10 +88,39 @@ def swin_flops(vision: ml_collections.ConfigDict) -> int:
     return total
 
 
+def vit_flops(vision: ml_collections.ConfigDict) -> int:
+    """Forward FLOPs of a ViT tower (`models.vit`) for one image: patch conv, then per block qkv/proj/MLP on the
+    G^2 + 1 tokens and global attention over them (layer scale, pooling and position terms are free)."""
+    grid = vision.image_res // vision.patch_size
+    tokens, width = grid * grid + 1, vision.embed_dim
+    hidden = int(width * vision.mlp_ratio)
+    per_block = (dense(tokens, width, 4 * width) + attention_scores_values(tokens, tokens, width)
+                 + dense(tokens, width, hidden) + dense(tokens, hidden, width))
+    return dense(grid * grid, 3 * vision.patch_size ** 2, width) + vision.depth * per_block
+
+
+def image_tower_flops(vision: ml_collections.ConfigDict) -> int:
+    """Forward FLOPs of the configured image tower (Swin or ViT) for one image."""
+    return vit_flops(vision) if vision.get("kind", "swin") == "vit" else swin_flops(vision)
+
+
 def vision_tokens(vision: ml_collections.ConfigDict) -> int:
-    """Image tokens the fusion layers attend to: 1 pooled CLS + (res / (patch * 2^(stages-1)))^2 patches."""
+    """Image tokens the fusion layers attend to: 1 pooled/CLS token + the patches (Swin: (res / (patch *
+    2^(stages-1)))^2; ViT: (res / patch)^2)."""
+    if vision.get("kind", "swin") == "vit":
+        return 1 + (vision.image_res // vision.patch_size) ** 2
     side = vision.image_res // vision.patch_size // 2 ** (len(vision.depths) - 1)
     return 1 + side * side
+
+
+def fusion_stack(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The text-config view of the fusion layers `fuse_flops` reads: CCLM's own text stack, or CCLM-X2VLM's cross
+    encoder (`model.cross` layers at the text width, all of them fusion layers)."""
+    if "cross" not in model:
+        return model.text
+    return ml_collections.ConfigDict({"hidden_size": model.text.hidden_size,
+                                      "intermediate_size": model.cross.intermediate_size,
+                                      "num_layers": model.cross.num_layers, "fusion_layer": 0})
 
 
 # --------------------------------------------------------------------------------------------------- text
@@ -151,7 +183,7 @@ def forward_breakdown(model: ml_collections.ConfigDict, kind: str, shapes: TextS
     d, e = t.hidden_size, model.embed_dim
     if kind == "image_caption":
         cond_tokens, cond_width = vision_tokens(model.vision), d
-        vision = swin_flops(model.vision)
+        vision = image_tower_flops(model.vision)
         encodes, projections = 1, 2
         kv_computations = 1 if cache_cross_kv else 4  # pos, neg image, neg text, MLM
     else:
@@ -159,8 +191,9 @@ def forward_breakdown(model: ml_collections.ConfigDict, kind: str, shapes: TextS
         vision = 0
         encodes, projections = 2, 2
         kv_computations = 2 if cache_cross_kv else 4  # sentence 1 for the 3 TTM passes, sentence 2 for MLM
-    fuse_no_kv = fuse_flops(t, n, cond_tokens, cond_width, with_cross_kv=False)
-    kv = (t.num_layers - t.fusion_layer) * cross_kv_flops(t, cond_tokens, cond_width)
+    fusion = fusion_stack(model)
+    fuse_no_kv = fuse_flops(fusion, n, cond_tokens, cond_width, with_cross_kv=False)
+    kv = (fusion.num_layers - fusion.fusion_layer) * cross_kv_flops(fusion, cond_tokens, cond_width)
     return {
         "vision": vision,
         "text_encode": encodes * encode_flops(t, n),
@@ -284,7 +317,7 @@ def stablehlo_matmul_flops(module_text: str) -> int:
         elif current is not None:
             bodies[current].append(line)
 
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def total(name: str) -> int:
         count = 0
         for line in bodies[name]:

@@ -36,6 +36,10 @@ Sections (each documented where its defaults live):
                    different value here is an error.
   xlmr_dir, swin_path   HF XLM-R-large directory and Microsoft Swin `.pth` for the reference
                    pre-training initialisation (both or neither).
+  vision_path, text_path, cross_path   CCLM-X2VLM towers from public checkpoints (any subset; the rest random):
+                   a BEiT-v2 `.pth` or HF Dinov2Model directory/file, an HF XLMRobertaModel (or BertModel)
+                   directory/file, an HF BertModel for the cross encoder (its last `model.cross.num_layers`
+                   layers); `interop.pretrained.init_towers_from_hf`.
 """
 from __future__ import annotations
 
@@ -45,7 +49,8 @@ import os
 import ml_collections
 
 from cclm_jax.data.config import KINDS, default_data_config, resolve_host_shards, validate_data_config
-from cclm_jax.models.config import base_model_config, validate_model_config
+from cclm_jax.models.cclm import is_x2vlm
+from cclm_jax.models.config import base_model_config, reference_model_config, validate_model_config
 from cclm_jax.objectives import default_objectives_config, validate_objectives_config
 from cclm_jax.optimizer import default_optimizer_config, default_schedule_config, validate_optimizer_config
 
@@ -72,7 +77,8 @@ def default_run_config() -> ml_collections.ConfigDict:
         "train": default_train_config(),
         "evals": {"dev": {"kind": "dev_retrieval", "every": 0, "k_test": 16}},
         "mesh": {"data": -1, "fsdp": 1, "tensor": 1},
-        "init": {"checkpoint": "", "text_num_heads": 0, "xlmr_dir": "", "swin_path": ""},
+        "init": {"checkpoint": "", "text_num_heads": 0, "xlmr_dir": "", "swin_path": "", "vision_path": "",
+                 "text_path": "", "cross_path": ""},
         "distributed": False,
     })
 
@@ -111,7 +117,10 @@ def _check_keys(cfg: ml_collections.ConfigDict, reference: ml_collections.Config
 
 def validate_run_config(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
     """Raise ValueError/FileNotFoundError with one clear line per problem, before any compilation."""
-    errors = _check_keys(config, default_run_config(), "config.")
+    reference = default_run_config()
+    if "model" in config:
+        reference.model = reference_model_config(config.model)
+    errors = _check_keys(config, reference, "config.")
     for key in default_run_config().keys():
         if key not in config:
             errors.append(f"config.{key}: missing section")
@@ -148,6 +157,13 @@ def validate_run_config(config: ml_collections.ConfigDict, num_devices: int | No
                              "model with more positions)")
     _check_batch_split(config, num_devices)
     _check_init(config.init)
+    towers = [f"config.init.{k}" for k in ("vision_path", "text_path", "cross_path") if config.init.get(k)]
+    if towers and not is_x2vlm(config.model):
+        raise ValueError(f"{', '.join(towers)}: tower checkpoints initialise a CCLM-X2VLM model (model.cross); "
+                         "for CCLM use config.init.xlmr_dir and config.init.swin_path")
+    if config.init.xlmr_dir and is_x2vlm(config.model):
+        raise ValueError("config.init.xlmr_dir / swin_path initialise CCLM; for CCLM-X2VLM use "
+                         "config.init.vision_path, text_path, cross_path")
 
 
 def resolve_vocab(config: ml_collections.ConfigDict, vocab_size: int, mask_id: int) -> None:
@@ -200,3 +216,6 @@ def _check_init(init: ml_collections.ConfigDict) -> None:
         raise FileNotFoundError(f"config.init.xlmr_dir: directory {init.xlmr_dir!r} does not exist")
     if init.swin_path and not os.path.isfile(os.path.expanduser(init.swin_path)):
         raise FileNotFoundError(f"config.init.swin_path: file {init.swin_path!r} does not exist")
+    for key in ("vision_path", "text_path", "cross_path"):
+        if init.get(key) and not os.path.exists(os.path.expanduser(init[key])):
+            raise FileNotFoundError(f"config.init.{key}: {init[key]!r} does not exist")

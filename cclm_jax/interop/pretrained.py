@@ -1,4 +1,5 @@
-"""Initialisation from public weights as the reference pre-training does (spec §6.3): XLM-R-large + Swin.
+"""Initialisation from public weights: CCLM from XLM-R-large + Swin as the reference pre-training does (spec §6.3),
+CCLM-X2VLM from BEiT-v2 / DINOv2, XLM-R and BERT checkpoints (`init_towers_from_hf`, at the end of this module).
 
 `init_from_pretrained(model_config, xlmr_dir, swin_path, rng, layer_map=None) -> (params, from_pretrained)`
 
@@ -31,7 +32,7 @@ import json
 import logging
 import os
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -242,3 +243,191 @@ def _leaf_paths(tree: dict, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...
     return out
 
 
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Towers from HF-layout / original checkpoints (CCLM-X2VLM and ViT towers)
+# ------------------------------------------------------------------------------------------------------------
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# HF Dinov2Model layer -> our (timm/BEiT) block names; the q/k/v triple is concatenated into `attn.qkv`.
+_DINOV2_BLOCK = {"norm1.": "norm1.", "norm2.": "norm2.", "attention.output.dense.": "attn.proj.",
+                 "layer_scale1.lambda1": "gamma_1", "layer_scale2.lambda1": "gamma_2", "mlp.fc1.": "mlp.fc1.",
+                 "mlp.fc2.": "mlp.fc2."}
+_VISION_IGNORED = re.compile(r"^(head\..*|.*\.relative_position_index|.*mask_token|pooler\..*|lm_head\..*"
+                             r"|norm\..*|layernorm\..*|fc_norm\..*)$")
+_TEXT_IGNORED = re.compile(r"^(pooler\..*|embeddings\.(position_ids|token_type_ids)|lm_head\..*|cls\..*)$")
+
+
+def weights_file(path: str | os.PathLike) -> str:
+    """A checkpoint file, or the weights file of an HF directory (`model.safetensors`, else `pytorch_model.bin`)."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        return path
+    for name in WEIGHT_FILES:
+        if os.path.isfile(os.path.join(path, name)):
+            return os.path.join(path, name)
+    raise FileNotFoundError(f"{path}: none of {list(WEIGHT_FILES)} found")
+
+
+def _strip_prefix(checkpoint: Checkpoint, marker: str) -> str:
+    """The prefix (e.g. 'dinov2.', 'roberta.', 'bert.', '') before `marker` in the checkpoint's keys."""
+    for key in checkpoint:
+        if key.endswith(marker):
+            return key[:-len(marker)]
+    raise CheckpointError(f"{checkpoint.path}: no key ending in {marker!r}")
+
+
+def vision_source(checkpoint: Checkpoint, key: str) -> str | tuple[str, ...] | None:
+    """The file key(s) of our `vision_encoder.<key>` (timm/BEiT name) in a ViT checkpoint: the original BEiT-v2 /
+    timm layout (same names) or HF `Dinov2Model` (`[dinov2.]embeddings.*`, `encoder.layer.*`, `layernorm`); a tuple
+    is concatenated along axis 0 (q, k, v -> qkv). None: not in the file."""
+    if "patch_embed.proj.weight" in checkpoint:
+        return key if key in checkpoint else None
+    pre = _strip_prefix(checkpoint, "embeddings.patch_embeddings.projection.weight")
+    simple = {"cls_token": "embeddings.cls_token", "pos_embed": "embeddings.position_embeddings",
+              "patch_embed.proj.weight": "embeddings.patch_embeddings.projection.weight",
+              "patch_embed.proj.bias": "embeddings.patch_embeddings.projection.bias",
+              "norm.weight": "layernorm.weight", "norm.bias": "layernorm.bias",
+              "fc_norm.weight": "layernorm.weight", "fc_norm.bias": "layernorm.bias"}
+    if key in simple:
+        return pre + simple[key]
+    m = re.match(r"blocks\.(\d+)\.(.*)$", key)
+    if not m:
+        return None
+    layer, rest = f"{pre}encoder.layer.{m.group(1)}.", m.group(2)
+    if rest.startswith("attn.qkv."):
+        suffix = rest[len("attn.qkv."):]
+        return tuple(f"{layer}attention.attention.{p}.{suffix}" for p in ("query", "key", "value"))
+    for theirs, ours in _DINOV2_BLOCK.items():
+        if rest == ours or (ours.endswith(".") and rest.startswith(ours)):
+            return layer + theirs + rest[len(ours):]
+    return None
+
+
+def text_source(checkpoint: Checkpoint, key: str, layer_map: Sequence[int] | None = None) -> str:
+    """The file key of our `text_encoder.<key>` (BertModel names) in an HF `XLMRobertaModel` / `BertModel` file
+    (`roberta.` / `bert.` prefixes or none); `layer_map[i]`: the file's layer for our layer i (default i)."""
+    pre = _strip_prefix(checkpoint, "embeddings.word_embeddings.weight")
+    m = re.match(r"encoder\.layer\.(\d+)\.(.*)$", key)
+    if m and layer_map is not None:
+        key = f"encoder.layer.{layer_map[int(m.group(1))]}.{m.group(2)}"
+    return pre + key
+
+
+def cross_source(checkpoint: Checkpoint, key: str, layer_map: Sequence[int]) -> str | None:
+    """The file key of our `cross_encoder.<key>` in an HF `BertModel` file: self-attention and FFN of layer
+    `layer_map[i]`; None for the cross-attention (new, or a file that has it: then taken too)."""
+    pre = _strip_prefix(checkpoint, "encoder.layer.0.attention.self.query.weight")
+    m = re.match(r"encoder\.layer\.(\d+)\.(.*)$", key)
+    source = f"{pre}encoder.layer.{layer_map[int(m.group(1))]}.{m.group(2)}"
+    return source if source in checkpoint else None
+
+
+def _read_sources(entry: Entry, checkpoint: Checkpoint, source: str | tuple[str, ...],
+                  shape: tuple[int, ...]) -> np.ndarray:
+    if isinstance(source, tuple):
+        tensor = np.concatenate([np.asarray(checkpoint[k], np.float32) for k in source], axis=0)
+        return from_torch_array(entry, tensor, shape)
+    return _read_parameter(entry, checkpoint, source, shape)
+
+
+def init_towers_from_hf(model_config: ml_collections.ConfigDict, rng: jax.Array, *,
+                        vision: str | os.PathLike | None = None, text: str | os.PathLike | None = None,
+                        cross: str | os.PathLike | None = None, text_layer_map: Sequence[int] | None = None,
+                        cross_layer_map: Sequence[int] | None = None) -> tuple[dict, dict]:
+    """(params, from_pretrained) of a CCLM-X2VLM model: towers from public checkpoints, the rest as `model.init`.
+
+    - `vision`: a ViT file or HF directory: the original BEiT-v2 / timm layout (`beitv2_*.pth`, `{'model': ...}`;
+      `head.*` and buffers ignored, relative position tables resized to the model's grid) or HF `Dinov2Model`
+      (q/k/v concatenated into qkv, `layernorm` -> the final norm, `mask_token` ignored; the stored position grid
+      must equal `model.vision.pos_grid`, the forward pass resizes it).
+    - `text`: an HF `XLMRobertaModel` / `BertModel` file or directory (prefix `roberta.` / `bert.` or none): the
+      embeddings and layer `text_layer_map[i]` (default i) -> text layer i; pooler and LM head ignored.
+    - `cross`: an HF `BertModel` file or directory: layer `cross_layer_map[i]` (default the last
+      `model.cross.num_layers` layers) -> cross layer i, self-attention and FFN; cross-attention is new unless the
+      file has it.
+    Every tower left out is initialised as `model.init` would. Shapes must fit the model config (CheckpointError
+    naming the file and key otherwise); file keys that are neither used nor known to be unused are an error.
+    """
+    if "cross" not in model_config:
+        raise ValueError("init_towers_from_hf builds a CCLM-X2VLM model (a config with model.cross); for CCLM use "
+                         "init_from_pretrained")
+    files = {name: open_checkpoint(weights_file(path))
+             for name, path in (("vision", vision), ("text", text), ("cross", cross)) if path is not None}
+    if cross_layer_map is None and "cross" in files:
+        layers = _count_layers(files["cross"])
+        cross_layer_map = list(range(layers - model_config.cross.num_layers, layers))
+    shapes = param_shapes(model_config)
+    loaded, used, errors = {}, {name: set() for name in files}, []
+    for entry in official_layout(model_config):
+        if entry.kind == "buffer" or entry.tied_to is not None:
+            continue
+        tower, _, rest = entry.key.partition(".")
+        name = {"vision_encoder": "vision", "text_encoder": "text", "cross_encoder": "cross"}.get(tower)
+        if name not in files:
+            continue
+        checkpoint = files[name]
+        if name == "vision":
+            source = vision_source(checkpoint, rest)
+        elif name == "text":
+            source = text_source(checkpoint, rest, text_layer_map)
+        else:
+            source = cross_source(checkpoint, rest, cross_layer_map)
+        if source is None or any(k not in checkpoint for k in (source if isinstance(source, tuple) else (source,))):
+            if name == "cross":
+                continue
+            errors.append(f"{checkpoint.path}: no tensor for {entry.key} (looked for {source})")
+            continue
+        used[name].update(source if isinstance(source, tuple) else (source,))
+        try:
+            loaded[entry.path] = jnp.asarray(_read_sources(entry, checkpoint, source, get_path(shapes, entry.path)))
+        except ValueError as e:
+            errors.append(f"{checkpoint.path}: {source} -> {entry.key}: {e}")
+    if errors:
+        raise CheckpointError(f"{len(errors)} tensor(s) missing or not fitting the model config, first: "
+                              + "; ".join(errors[:LISTED_KEYS]))
+    for name, checkpoint in files.items():
+        check_dtypes(checkpoint, dict.fromkeys(used[name], "floating"), checkpoint.path)
+        prefix = {"text": "embeddings.word_embeddings.weight",
+                  "cross": "encoder.layer.0.attention.self.query.weight"}.get(name)
+        strip = _strip_prefix(checkpoint, prefix) if prefix else ""
+        selected = set(text_layer_map if name == "text" and text_layer_map else []) | set(
+            cross_layer_map if name == "cross" else [])
+
+        def ignorable(key, name=name, strip=strip, selected=selected):
+            rest = key[len(strip):] if key.startswith(strip) else key
+            if name == "vision":
+                return bool(_VISION_IGNORED.match(rest.removeprefix("dinov2.")))
+            m = re.match(r"encoder\.layer\.(\d+)\.", rest)
+            return (bool(_TEXT_IGNORED.match(rest)) or (name == "cross" and rest.startswith("embeddings."))
+                    or bool(m and selected and int(m.group(1)) not in selected))
+
+        _check_unused(checkpoint, used[name], ignorable)
+    new_paths = [p for p in _leaf_paths(shapes) if p not in loaded]
+    new = dict(zip(new_paths, _init_all_new(model_config, rng, new_paths)))
+    logging.info("init_towers_from_hf: %d tensors from checkpoints, %d new", len(loaded), len(new))
+    params, from_pretrained = {}, {}
+    for path in _leaf_paths(shapes):
+        set_path(params, path, loaded[path] if path in loaded else new[path])
+        set_path(from_pretrained, path, path in loaded)
+    return params, from_pretrained
+
+
+def _count_layers(checkpoint: Checkpoint) -> int:
+    found = {int(m.group(1)) for k in checkpoint if (m := re.search(r"encoder\.layer\.(\d+)\.", k))}
+    return max(found) + 1 if found else 0
+
+
+def _init_all_new(model_config: ml_collections.ConfigDict, rng: jax.Array,
+                  paths: list[tuple[str, ...]]) -> list[jax.Array]:
+    """The leaves at `paths` of a full `model.init(rng, ...)` (jit keeps only what they need)."""
+    model = build_model(model_config)
+    res = model_config.vision.image_res
+
+    def init(rng):
+        ids = jnp.zeros((1, 4), jnp.int32)
+        params = nn.meta.unbox(model.init(rng, jnp.zeros((1, res, res, 3)), ids, jnp.ones_like(ids))["params"])
+        return [get_path(params, path) for path in paths]
+
+    return jax.jit(init)(rng)

@@ -34,7 +34,7 @@ from cclm_jax import objectives
 from cclm_jax import optimizer as optimizer_lib
 from cclm_jax.data.normalize import prepare_batch
 from cclm_jax.models import tasks
-from cclm_jax.models.cclm import CCLM
+from cclm_jax.models.cclm import CCLM, build_model, is_x2vlm
 from cclm_jax.models.config import base_model_config, validate_model_config
 
 TASKS = ("retrieval", "xvnli", "marvl", "xgqa")
@@ -189,8 +189,11 @@ def build_task_model(task: str, model_config: ml_collections.ConfigDict, determi
     """The Linen module of a task; `model_config` is the pre-trained CCLM `model` config."""
     _check_task(task)
     validate_model_config(model_config)
-    if task == "retrieval":
-        return CCLM(model_config, deterministic=deterministic)
+    if task == "retrieval":  # the pre-training module (CCLM or CCLM-X2VLM): retrieval calls its public methods
+        return build_model(model_config, deterministic=deterministic)
+    if is_x2vlm(model_config):
+        raise ValueError(f"fine-tuning task {task!r} has no CCLM-X2VLM model yet (retrieval has); its CCLM task "
+                         "model cross-attends inside the text stack")
     cls = {"xvnli": tasks.XVNLIModel, "marvl": tasks.NLVRModel, "xgqa": tasks.VQAModel}[task]
     return cls(model_config, deterministic=deterministic)
 

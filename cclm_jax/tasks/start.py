@@ -171,10 +171,10 @@ def initial_task_params(config: ml_collections.ConfigDict, rng: jax.Array) -> tu
     else:
         from cclm_jax.interop import official
 
+        geometry = {f"vision__{name}": config.model.vision[name] for name in ("image_res", "window_size")
+                    if name in config.model.vision}  # a ViT (CCLM-X2VLM) has no window
         loaded_config, source = official.load(os.path.expanduser(init.checkpoint),
-                                              text_num_heads=init.text_num_heads or None,
-                                              vision__image_res=config.model.vision.image_res,
-                                              vision__window_size=config.model.vision.window_size)
+                                              text_num_heads=init.text_num_heads or None, **geometry)
         model_config = task_model_config(loaded_config, config.model)
         source = jax.tree.map(np.asarray, source)
         heads = definitions.TASK_HEADS[task]

@@ -11,7 +11,8 @@ one on all of them ('joint').
   updates and steps the schedule every `steps.updates_per_cycle(config)` of them;
 - initial parameters: `init.checkpoint` (an official checkpoint or a pre-training run directory; read and checked
   against the model's shapes before anything is written or compiled), the XLM-R + Swin towers (`init.xlmr_dir`,
-  `init.swin_path`), else random -- each placed straight into the run's shardings;
+  `init.swin_path`), CCLM-X2VLM towers (`init.vision_path`, `text_path`, `cross_path`), else random -- each
+  placed straight into the run's shardings;
 - evaluators: `config.evals` of kind `dev_retrieval` (`run_config`).
 
 `evaluate(config, workdir, step=None)` (`cclm-jax evaluate` with a pre-training config): the run's checkpoint
@@ -74,6 +75,12 @@ def initial_params(config: ml_collections.ConfigDict, mesh, shardings, rng: jax.
     init = config.init
     if start is not None:
         return parallel.shard_params(start, shardings)
+    if any(init.get(k) for k in ("vision_path", "text_path", "cross_path")):
+        from cclm_jax.interop.pretrained import init_towers_from_hf
+
+        towers, _ = init_towers_from_hf(config.model, rng, vision=init.vision_path or None,
+                                        text=init.text_path or None, cross=init.cross_path or None)
+        return parallel.shard_params(towers, shardings)
     if init.xlmr_dir:
         from cclm_jax.interop.pretrained import init_from_pretrained
 
