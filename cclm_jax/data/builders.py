@@ -296,15 +296,20 @@ def load_prepared(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
     return tfds.builder_from_directory(tf.io.gfile.join(root, versions[-1]))
 
 
-def open_prepared(name: str, data_dir: str) -> sources.Source:
-    """A prepared dataset as a ``sources.Source`` with its build-time skip counts."""
-    builder = load_prepared(name, data_dir)
-    kind = dict(builder.info.metadata).get("cclm_jax", {}).get("kind")
+def source_of(builder: tfds.core.DatasetBuilder) -> sources.Source:
+    """A prepared dataset's builder as a ``sources.Source`` with its build-time skip counts."""
+    name = f"{builder.name}/{builder.builder_config.name if builder.builder_config else ''}"
+    kind = dict(builder.info.metadata or {}).get("cclm_jax", {}).get("kind")
     if kind not in _BUILDERS:
-        raise ValueError(f"{name!r} under {data_dir!r} was not written by `cclm-jax data prepare`")
+        raise ValueError(f"{name!r} in {builder.data_dir!r} was not written by `cclm-jax data prepare`")
     if builder.info.file_format.file_suffix != "tfrecord":
-        raise ValueError(f"{name!r} under {data_dir!r} is in {builder.info.file_format.value} files, which are for "
-                         "random-access loaders (tfds.data_source, grain); training reads tfrecord: prepare it with "
-                         "--file_format=tfrecord")
+        raise ValueError(f"{name!r} in {builder.data_dir!r} is in {builder.info.file_format.value} files, which are "
+                         "for random-access loaders (tfds.data_source, grain); training reads tfrecord: prepare it "
+                         "with --file_format=tfrecord")
     skipped = dict(builder.info.metadata.get("skipped", {}))
     return sources.Source(builder, skipped, parse_spec=_BUILDERS[kind].PARSE_SPEC)
+
+
+def open_prepared(name: str, data_dir: str) -> sources.Source:
+    """The prepared dataset ``name`` under ``data_dir`` as a ``sources.Source`` (``load_prepared``, ``source_of``)."""
+    return source_of(load_prepared(name, data_dir))
