@@ -259,7 +259,7 @@ def prepare(recipe: Recipe, data_dir: str, *, name: str = "", file_format: str =
         try:
             from apache_beam.options.pipeline_options import PipelineOptions
         except ImportError as e:
-            raise ImportError("Beam preparation needs Apache Beam: pip install 'cclm_jax[apache-beam]'") from e
+            raise ValueError("Beam preparation needs Apache Beam: pip install 'cclm_jax[apache-beam]'") from e
         download_config.beam_options = PipelineOptions(flags=list(beam_options))
     try:
         builder.download_and_prepare(file_format=file_format, download_config=download_config)
