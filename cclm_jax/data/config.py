@@ -28,7 +28,8 @@ image_caption (training) and eval (retrieval dev set) share the reader keys
                             dataset written by `cclm-jax data prepare`, or a prepared catalog dataset) or
                             "demo" (train split for image_caption, val split for eval).
     paths (tuple[str])      json-lines files (kind jsonl) or shard files (kind img2dataset: local or
-                            gs://); on the command line --config.data.X.paths="('a', 'b')".
+                            gs://, glob patterns allowed: "/data/cc3m/*.tar"); on the command line
+                            --config.data.X.paths="('a', 'b')".
     format (str)            img2dataset layout: "webdataset" (.tar), "parquet", "tfrecord"; "" = from
                             the file names (cclm_jax/data/img2dataset.py).
     caption_language (str)  language of the img2dataset captions ("en" for CC3M).
@@ -66,6 +67,7 @@ parallel_text
     min_score (float)       WikiMatrix: keep pairs with a LASER margin score >= this (1.04).
     paths, batch_size, max_tokens (64), max_words (64), max_masks (20), mask_prob (0.4).
 """
+import glob
 import os
 
 import ml_collections
@@ -120,8 +122,13 @@ def _positive_int(cfg, section: str, key: str):
         _fail(f"{section}.{key}" if section else key, f"must be a positive integer, got {value!r}")
 
 
-def _check_file(key: str, path):
-    if isinstance(path, str) and "://" in path:  # a bucket (gs://...): checked when read
+def _check_file(key: str, path, pattern_ok: bool = False):
+    """A file must exist; with ``pattern_ok`` a glob pattern must match one (a ``gs://`` path is checked when read)."""
+    if isinstance(path, str) and "://" in path:
+        return
+    if pattern_ok and isinstance(path, str) and any(c in path for c in "*?["):
+        if not glob.glob(os.path.expanduser(path)):
+            raise FileNotFoundError(f"config.data.{key}: no file matches {path!r}")
         return
     if not isinstance(path, str) or not os.path.isfile(os.path.expanduser(path)):
         raise FileNotFoundError(f"config.data.{key}: file {path!r} does not exist")
@@ -177,7 +184,7 @@ def _check_img2dataset(reader, section: str):
     if reader.format not in _IMG2DATASET_FORMATS:
         _fail(f"{section}.format", f"must be one of {_IMG2DATASET_FORMATS}, got {reader.format!r}")
     for i, path in enumerate(reader.paths):
-        _check_file(f"{section}.paths[{i}]", path)
+        _check_file(f"{section}.paths[{i}]", path, pattern_ok=True)
         if not reader.format and not str(path).lower().endswith((".tar", ".parquet", ".tfrecord")):
             _fail(f"{section}.paths[{i}]", f"{path!r}: cannot tell the layout from the name (.tar, .parquet, "
                   ".tfrecord); set format")
@@ -242,7 +249,7 @@ def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
             _fail("parallel_text.paths", f"kind {section.kind!r} needs input files")
         for i, entry in enumerate(section.paths if section.kind not in ("demo", "tfds") else []):
             if section.kind in ("jsonl", "wikimatrix"):
-                _check_file(f"parallel_text.paths[{i}]", entry)
+                _check_file(f"parallel_text.paths[{i}]", entry, pattern_ok=section.kind == "wikimatrix")
                 continue
             if isinstance(entry, str) or len(entry) != 2:
                 _fail(f"parallel_text.paths[{i}]", f"must be [file_1, file_2], got {entry!r}")

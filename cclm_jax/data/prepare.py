@@ -1,15 +1,18 @@
 """What a config's data sections need prepared, and ``cclm-jax data prepare``.
 
-``section_recipe(cfg, section)`` is the ``builders.Recipe`` of a reader section (``image_caption``,
-``eval``, ``parallel_text``) that reads input files (kinds ``jsonl``, ``img2dataset``,
-``aligned_text``, ``wikimatrix``, and ``demo``: the generated json-lines), or None for kind
-``tfds`` (prepared already). ``sections(cfg)`` lists the sections a training run reads (the mix's
-kinds, and ``eval``). ``prepare_config(cfg, out_dir, ...)`` builds every section's dataset into
-``out_dir`` (``data.data_dir/prepared`` by default) and returns, per section, the dataset name and
-the ``--config.data.<section>.*`` overrides that make a training run read it.
+``section_recipe(cfg, section)`` is the ``builders.Recipe`` of a reader section (``image_caption``, ``eval``,
+``parallel_text``) that reads input files (kinds ``jsonl``, ``img2dataset``, ``aligned_text``,
+``wikimatrix``, and ``demo``: the generated json-lines), or None for kind ``tfds`` (prepared
+already); glob patterns in ``paths`` (``/data/cc3m/*.tar``) are expanded. ``sections(cfg)`` lists
+the sections a training run reads (the mix's kinds, and ``eval``). ``prepare_config(cfg, out_dir,
+...)`` builds every section's dataset into ``out_dir`` (``data.data_dir/prepared`` by default) and
+returns, per section, the dataset name and the ``--config.data.<section>.*`` overrides that make a
+training run read it.
 """
 import dataclasses
 import os
+
+import tensorflow as tf
 
 from cclm_jax.data import builders, img2dataset
 from cclm_jax.data import demo as demo_lib
@@ -31,6 +34,21 @@ def _local(path: str) -> str:
     return path if "://" in path else os.path.abspath(os.path.expanduser(path))
 
 
+def expand(paths) -> list[str]:
+    """Paths with glob patterns (``*``, ``?``, ``[``; local or ``gs://``) expanded, sorted, in order."""
+    out = []
+    for path in paths:
+        path = _local(path)
+        if any(c in path for c in "*?["):
+            matches = sorted(tf.io.gfile.glob(path))
+            if not matches:
+                raise FileNotFoundError(f"no file matches {path!r}")
+            out.extend(matches)
+        else:
+            out.append(path)
+    return out
+
+
 def section_recipe(cfg, section: str) -> builders.Recipe | None:
     """The recipe of reader section ``section`` of ``cfg`` (``config.data``); None for kind tfds."""
     reader = cfg[section]
@@ -39,14 +57,15 @@ def section_recipe(cfg, section: str) -> builders.Recipe | None:
     if section == "parallel_text":
         if reader.kind == "demo":
             return builders.Recipe("parallel_text", "jsonl", {"train": [_demo_paths(cfg)["parallel"]]})
-        entries = [_local(p) if isinstance(p, str) else [_local(q) for q in p] for p in reader.paths]
+        entries = (expand(reader.paths) if reader.kind != "aligned_text"
+                   else [[_local(q) for q in pair] for pair in reader.paths])
         options = {"min_score": float(reader.min_score)} if reader.kind == "wikimatrix" else {}
         return builders.Recipe("parallel_text", reader.kind, {"train": entries}, options)
     if reader.kind == "demo":
         path = _demo_paths(cfg)["train" if section == "image_caption" else "val"]
         return builders.Recipe("image_caption", "jsonl", {"train": [path]},
                                {"image_field": "binary", "caption_fields": {"caption": ""}, "image_root": ""})
-    paths = [_local(p) for p in reader.paths]
+    paths = expand(reader.paths)
     if reader.kind == "jsonl":
         root = _local(reader.image_root) if reader.image_root else ""
         return builders.Recipe("image_caption", "jsonl", {"train": paths}, {
