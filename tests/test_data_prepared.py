@@ -88,3 +88,21 @@ def test_config_errors_name_the_key(setup, edit, message):
     edit(cfg)
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         validate_data_config(cfg)
+
+
+def test_runs_written_before_the_new_data_keys_resume(tmp_path):
+    import json
+
+    from cclm_jax.run_config import default_run_config
+    from cclm_jax.train import run_directory
+
+    config = default_run_config()
+    saved = json.loads(config.to_json_best_effort(sort_keys=True))
+    for key in ("format", "caption_language", "translations", "join_field"):  # keys this data release added
+        del saved["data"]["image_caption"][key]
+    del saved["data"]["parallel_text"]["min_score"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    run_directory.check_same_run(config, str(tmp_path))  # absent = the default: the same run
+    config.data.parallel_text.min_score = 1.2
+    with pytest.raises(ValueError, match="data.parallel_text.min_score"):
+        run_directory.check_same_run(config, str(tmp_path))

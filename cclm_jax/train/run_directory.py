@@ -53,6 +53,22 @@ def _as_json(config: ml_collections.ConfigDict) -> dict:
     return json.loads(config.to_json_best_effort(sort_keys=True))
 
 
+def fill_added_data_keys(saved: dict) -> None:
+    """Give a saved config the `config.data` keys added since it was written (absent there), at their defaults
+    (`data.config.default_data_config`): a default that did not exist then is what the run read."""
+    from cclm_jax.data.config import default_data_config
+
+    data = saved.get("data")
+    if not isinstance(data, dict):
+        return
+    for section, defaults in _as_json(default_data_config()).items():
+        if section not in data:
+            continue
+        if isinstance(defaults, dict) and isinstance(data[section], dict):
+            for key, value in defaults.items():
+                data[section].setdefault(key, value)
+
+
 def check_same_run(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Refuse (ValueError, one line) a config that differs from `workdir/config.json` in a key that would break
     exact resume; warn about the accepted changes. Nothing to check in a new directory."""
@@ -61,6 +77,7 @@ def check_same_run(config: ml_collections.ConfigDict, workdir: str) -> None:
         return
     with open(path) as f:
         saved = json.load(f)
+    fill_added_data_keys(saved)
     if saved.get("data", {}).get("host_shards") == 0 and "host_shards" in config.get("data", {}):
         saved["data"]["host_shards"] = config.data.host_shards  # written before it was resolved (one per process)
     differing = config_differences(saved, _as_json(config))
