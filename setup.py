@@ -25,9 +25,15 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS_REQUIRE = {
-    "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4"],
+    # apache-beam: the must-show test that a Beam (DirectRunner) build equals the in-process one runs in CI
+    # (installs in ~10 s; see the apache-beam extra for what it pins).
+    "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "apache-beam>=2.60,<3"],
     # torch 2.13.0 is the local CPU wheel on the dev machines; any 2.x with weights_only works.
     "torch": ["torch>=2.4,<3", "safetensors>=0.4,<1"],
+    # `cclm-jax data prepare --beam_pipeline_options=...` (cclm_jax/data/builders.py): TFDS builds as a Beam
+    # pipeline (DirectRunner here; Dataflow, Flink, Spark on a cluster). It pins protobuf < 7 and pyarrow < 26,
+    # both inside the ranges tensorflow 2.21 and tensorflow-datasets accept.
+    "apache-beam": ["apache-beam>=2.60,<3"],
     "tpu": ["jax[tpu]>=0.10.2,<0.13"],
     "gpu": ["jax[cuda12]>=0.10.2,<0.13"],
     # Ahead-of-time compiles for GPU nodes from a machine without a GPU or driver (`python -m cclm_jax.aot

@@ -1,6 +1,7 @@
 """Input pipeline throughput per source, with the full pre-training transform.
 
     python benchmarks/input_pipeline.py [--batches 20] [--repeats 5] [--write]
+    python benchmarks/input_pipeline.py --prepared [--write]   json-lines vs prepared shards, and preparation
 
 image_caption: decode JPEG crop window, RandomResizedCrop(224, 0.2-1) bicubic, flip,
 RandomAugment(2, 7), caption choice, pre_caption, XLM-R tokenisation, masking (batch 64).
@@ -14,21 +15,32 @@ the rate of one busy core, which is what "per core" means here; it is much less 
 wall clock to other jobs on a shared machine. Also the wall-clock rate with a one-thread tf.data pool. Build time (TFDS
 preparation, cached under --data-dir) is not counted. ``--write`` replaces the
 "## Input pipeline" section of benchmarks/RESULTS.md.
+
+``--prepared`` compares, for the image–caption kind with the same transform, the json-lines source
+(built into TFDS on first use, one file) with the dataset ``cclm-jax data prepare`` writes
+(``kind=tfds``, 4 tfrecord shards), alternating the two in the same process (rounds interleaved,
+so load from other jobs hits both alike), and times the preparation itself: in-process and as a
+Beam DirectRunner pipeline (when apache-beam is installed), examples per second of wall clock
+and per CPU-second of this process (Beam's DirectRunner works in this process's threads).
+``--write`` replaces the "## Input pipeline: prepared shards" section.
 """
 import argparse
 import datetime
 import os
 import pathlib
 import platform
+import shutil
+import subprocess
 import time
 
-from cclm_jax.data import pipeline
+from cclm_jax.data import builders, pipeline, prepare
 from cclm_jax.data.config import default_data_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 SECTION = "## Input pipeline"
+PREPARED_SECTION = "## Input pipeline: prepared shards"
 
 
 def config(data_dir: str, threads: int):
@@ -108,12 +120,84 @@ def markdown(rows: list, batches: int, repeats: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(text: str):
+def _timed(fn):
+    cpu, wall = time.process_time(), time.perf_counter()
+    result = fn()
+    return result, time.process_time() - cpu, time.perf_counter() - wall
+
+
+def run_prepared(data_dir: str, batches: int, repeats: int) -> dict:
+    """Image–caption throughput from json-lines vs prepared shards (interleaved rounds), and preparation rates."""
+    cfg = config(data_dir, 0)
+    cfg.mix = {"image_caption": 1}
+    recipe = prepare.section_recipe(cfg, "image_caption")
+    builds = {}
+    modes = [("in-process", None)]
+    try:
+        import apache_beam  # noqa: F401
+
+        modes.append(("Beam DirectRunner", ["--runner=DirectRunner", "--direct_num_workers=1"]))
+    except ImportError:
+        print("apache-beam is not installed: the Beam preparation is not timed")
+    for label, beam in modes:
+        out = os.path.join(data_dir, "prepared_" + label.split()[0].lower())
+        shutil.rmtree(out, ignore_errors=True)
+        builder, cpu, wall = _timed(lambda: builders.prepare(recipe, out, name="bench", beam_options=beam,  # noqa: B023
+                                                             num_shards=4))
+        n = builder.info.splits["train"].num_examples
+        builds[label] = {"examples": n, "wall_rate": n / wall, "per_cpu_second": n / cpu}
+        print(f"prepare {label}: {n} examples, {n / wall:.0f} ex/s wall, {n / cpu:.0f} ex per CPU-second", flush=True)
+    prepared = cfg.copy_and_resolve_references()
+    prepared.image_caption.update(kind="tfds", tfds_name="cclm_image_caption/bench", tfds_data_dir=out)
+    tokenizer = pipeline.load_tokenizer(cfg)
+    iterators = {"json-lines": pipeline.build_train_pipelines(cfg, tokenizer)["image_caption"],
+                 "prepared shards": pipeline.build_train_pipelines(prepared, tokenizer)["image_caption"]}
+    runs = {name: [] for name in iterators}
+    for _ in range(repeats):  # interleaved: one timed run of each source per round
+        for name, iterator in iterators.items():
+            runs[name].append(measure(iterator, cfg.image_caption.batch_size, batches, 1, warmup=1))
+    for iterator in iterators.values():
+        iterator.close()
+    reads = {}
+    for name, results in runs.items():
+        cpu = sorted(r["per_cpu_second"] for r in results)
+        wall = sorted(r["wall_rate"] for r in results)
+        reads[name] = {"per_cpu_second": cpu[-1], "per_cpu_second_median": cpu[len(cpu) // 2],
+                       "wall_rate": wall[-1], "wall_rate_median": wall[len(wall) // 2]}
+        print(f"read {name}: {reads[name]}", flush=True)
+    return {"builds": builds, "reads": reads}
+
+
+def markdown_prepared(result: dict, batches: int, repeats: int) -> str:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
+    source = ("Flickr8k train JPEGs (../shared/data), XLM-R tokenizer" if SHARED.exists()
+              else "generated demo data (64 px), demo tokenizer")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    reads = result["reads"]
+    base = reads["json-lines"]["per_cpu_second_median"]
+    lines = [
+        PREPARED_SECTION, "",
+        f"`python benchmarks/input_pipeline.py --prepared` at commit {commit.strip() or '?'} on {platform.machine()}, "
+        f"{os.cpu_count()} cores, {datetime.date.today()} (load average {load} from other jobs); data: {source}; "
+        f"image–caption kind with the full pre-training transform (as above), {repeats} interleaved rounds of "
+        f"{batches} batches of {64} per source. Reading: best / median; the ratio compares medians per CPU-second.",
+        "", "| reading from | examples/s wall | examples per CPU-second | ratio |", "|---|---|---|---|"]
+    for name, r in reads.items():
+        lines.append(f"| {name} | {r['wall_rate']:.0f} / {r['wall_rate_median']:.0f} | {r['per_cpu_second']:.0f} / "
+                     f"{r['per_cpu_second_median']:.0f} | {r['per_cpu_second_median'] / base:.2f} |")
+    lines += ["", "| preparing (`data prepare`, 4 shards) | examples | examples/s wall | examples per CPU-second |",
+              "|---|---|---|---|"]
+    for label, b in result["builds"].items():
+        lines.append(f"| {label} | {b['examples']} | {b['wall_rate']:.0f} | {b['per_cpu_second']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_section(text: str, section: str = SECTION):
     current = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    if SECTION in current:
-        start = current.index(SECTION)
-        following = current.find("\n## ", start + len(SECTION))
-        current = current[:start] + text + (current[following + 1:] if following >= 0 else "")
+    if section + "\n" in current:
+        start = current.index(section + "\n")
+        following = current.find("\n## ", start + len(section))
+        current = current[:start] + text + ("\n" + current[following + 1:] if following >= 0 else "")
     else:
         current = current.rstrip("\n") + "\n\n" + text
     RESULTS.write_text(current)
@@ -125,7 +209,15 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--data-dir", default="~/.cache/cclm_jax/bench")
     parser.add_argument("--write", action="store_true", help="update benchmarks/RESULTS.md")
+    parser.add_argument("--prepared", action="store_true", help="json-lines vs prepared shards, and preparation")
     args = parser.parse_args()
+    if args.prepared:
+        text = markdown_prepared(run_prepared(os.path.expanduser(args.data_dir), args.batches, args.repeats),
+                                 args.batches, args.repeats)
+        print(text)
+        if args.write:
+            write_section(text, PREPARED_SECTION)
+        return
     rows = run(os.path.expanduser(args.data_dir), args.batches, args.repeats)
     text = markdown(rows, args.batches, args.repeats)
     print(text)

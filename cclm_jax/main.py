@@ -8,6 +8,10 @@
   cclm-jax info     --config C                        parameter counts (tied weights once), per module
   cclm-jax export   --workdir DIR --out F.th [--step N] [--format th|safetensors]
   cclm-jax import   --checkpoint F.th --workdir DIR [--text_num_heads N]   (N only for files recording none)
+  cclm-jax data check   --config C [--sample N]       read every configured source: counts, languages, lengths,
+                                                      image sizes, skipped records; exit 1 with one line per problem
+  cclm-jax data prepare --config C [--prepared_dir D] [--beam_pipeline_options=runner=DataflowRunner,...]
+                        [--file_format tfrecord|array_record] [--num_shards N]   build the config's TFDS datasets
   cclm-jax compile  --config C --topology v5p-16 [...]   ahead-of-time compile for a TPU slice / GPU node from a
                                                       CPU: memory per chip, fit, FLOPs, collectives (cclm_jax.aot)
 
@@ -37,7 +41,9 @@ from ml_collections import config_flags
 from cclm_jax.checkpoint import UnreadableCheckpointsError
 from cclm_jax.train import console
 
-COMMANDS = ("train", "finetune", "evaluate", "info", "export", "import")
+COMMANDS = ("train", "finetune", "evaluate", "info", "export", "import", "data")
+DATA_COMMANDS = ("check", "prepare")
+CHECK_FAILED_STATUS = 1  # `data check` found problems in the data
 # Exceptions that mean "the user's config or files are wrong", reported in one line (module docstring).
 # FloatingPointError: a diverged run stopped by the trainer (`train.nonfinite`, `train.max_consecutive_skips`);
 # UnreadableCheckpointsError: no checkpoint of a run directory can be read.
@@ -53,6 +59,16 @@ _OUT = flags.DEFINE_string("out", None, "export: output file (.th) or directory 
 _FORMAT = flags.DEFINE_enum("format", "th", ["th", "safetensors"], "export: checkpoint format.")
 _STEP = flags.DEFINE_integer("step", None, "export/evaluate: checkpoint step (default: latest).")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "import: official CCLM .th/.pth file.")
+_SAMPLE = flags.DEFINE_integer("sample", 1000, "data check: usable examples read per source (0: all).")
+_PREPARED_DIR = flags.DEFINE_string("prepared_dir", None, "data prepare: output directory, local or gs:// "
+                                    "(default: config.data.data_dir/prepared).")
+_BEAM_OPTIONS = flags.DEFINE_string("beam_pipeline_options", None, "data prepare: build with Apache Beam; "
+                                    "comma-separated Beam options, e.g. runner=DataflowRunner,project=P,region=R,"
+                                    "temp_location=gs://b/tmp ('' or runner=DirectRunner: this machine).")
+_FILE_FORMAT = flags.DEFINE_enum("file_format", "tfrecord", ["tfrecord", "array_record"],
+                                 "data prepare: file format (training reads tfrecord).")
+_NUM_SHARDS = flags.DEFINE_integer("num_shards", None, "data prepare: files per dataset (default: TFDS's, "
+                                   "~1 GiB each); a multiple of the training hosts gives each host whole files.")
 _TEXT_HEADS = flags.DEFINE_integer("text_num_heads", None, "import: text attention heads of a file that records "
                                    "none (default: 16 for width 1024, 12 for 768; a recorded count wins).")
 
@@ -186,6 +202,43 @@ def cmd_import() -> None:
     print(f"imported {_CHECKPOINT.value} into {_WORKDIR.value} as step {step}")
 
 
+def _data_config(command: str) -> ml_collections.ConfigDict:
+    config = _require(_CONFIG, f"data {command}")
+    if "task" in config:
+        raise ValueError(f"cclm-jax data {command} reads pre-training configs; {config.task!r} is a fine-tuning "
+                         "config (`cclm-jax finetune` checks its files before compiling)")
+    return config.data
+
+
+def cmd_data_check() -> None:
+    from cclm_jax.data.check import check_config
+
+    reports, problems = check_config(_data_config("check"), sample=_SAMPLE.value)
+    for report in reports:
+        print("\n".join(report.lines()))
+    for problem in problems:
+        print(f"problem: {problem}", file=sys.stderr)
+    if problems:
+        sys.exit(CHECK_FAILED_STATUS)
+    print("data check passed")
+
+
+def cmd_data_prepare() -> None:
+    from cclm_jax.data.builders import beam_flags
+    from cclm_jax.data.prepare import prepare_config
+
+    beam = None if _BEAM_OPTIONS.value is None else beam_flags(_BEAM_OPTIONS.value)
+    done = prepare_config(_data_config("prepare"), _PREPARED_DIR.value or "", beam_options=beam,
+                          file_format=_FILE_FORMAT.value, num_shards=_NUM_SHARDS.value)
+    for prepared in done:
+        print(f"{prepared.section}: {prepared.name} in {prepared.data_dir}: {prepared.num_examples} examples, "
+              f"skipped {prepared.skipped}")
+    if not done:
+        print("nothing to prepare: every section reads a prepared TFDS dataset already")
+        return
+    print("train on them with these overrides:\n  " + " \\\n  ".join(o for p in done for o in p.overrides()))
+
+
 def show_traceback() -> bool:
     """Whether user errors show their traceback: `--verbosity=1` (or more) or `CCLM_TRACEBACK=1`."""
     return flags.FLAGS.verbosity >= 1 or os.environ.get("CCLM_TRACEBACK", "") not in ("", "0")
@@ -199,14 +252,17 @@ def user_error_message(error: BaseException) -> str:
 
 
 def main(argv) -> None:
-    if len(argv) != 2 or argv[1] not in COMMANDS:
+    if len(argv) < 2 or argv[1] not in COMMANDS or len(argv) != (3 if argv[1] == "data" else 2):
         raise app.UsageError(f"usage: cclm-jax {{{','.join(COMMANDS)}}} [flags]; got {argv[1:]}")
+    if argv[1] == "data" and argv[2] not in DATA_COMMANDS:
+        raise app.UsageError(f"usage: cclm-jax data {{{','.join(DATA_COMMANDS)}}} --config C; got {argv[2]!r}")
     console.setup(verbose=show_traceback())
     if argv[1] in ("train", "finetune", "evaluate"):
         with console.native_stderr_to_log():  # TensorFlow's start-up banner (written by native code)
             import tensorflow  # noqa: F401
     command = {"train": cmd_train, "finetune": cmd_finetune, "evaluate": cmd_evaluate, "info": cmd_info,
-               "export": cmd_export, "import": cmd_import}[argv[1]]
+               "export": cmd_export, "import": cmd_import, "data check": cmd_data_check,
+               "data prepare": cmd_data_prepare}[" ".join(argv[1:])]
     try:
         command()
     except USER_ERRORS as e:

@@ -8,6 +8,10 @@ Entry points (import the modules for the rest):
     pipeline.build_retrieval_eval(cfg, tokenizer)       -- tf.data pipelines (import TensorFlow)
     mixture.Mixture(ratios).kind_at(step)               -- batch-kind schedule
     image.normalize(images), image.prepare_batch(batch) -- on-device CLIP normalisation
+Pre-training data preparation:
+    builders.prepare(recipe, data_dir, beam_options=...) -- TFDS datasets, in-process or with Apache Beam
+    prepare.prepare_config(cfg, out_dir), check.check_config(cfg) -- `cclm-jax data prepare|check`
+    img2dataset.examples(path), converters.wikimatrix_examples(path) -- readers of public releases
 Downstream data:
     retrieval_sets.read_*, iglue.read_*, iglue.read_iglue -- annotation readers per benchmark family
                                                            (records and errors in annotations.py)

@@ -25,16 +25,27 @@ Top level
                             num_parallel, vocab_size, seed.
 
 image_caption (training) and eval (retrieval dev set) share the reader keys
-    kind                    "jsonl" (CCLM json-lines), "tfds" (a prepared catalog dataset) or
+    kind                    "jsonl" (CCLM json-lines), "img2dataset" (img2dataset shards), "tfds" (a
+                            dataset written by `cclm-jax data prepare`, or a prepared catalog dataset) or
                             "demo" (train split for image_caption, val split for eval).
-    paths (tuple[str])      json-lines files (kind jsonl); on the command line --config.data.X.paths="('a', 'b')".
+    paths (tuple[str])      json-lines files (kind jsonl) or shard files (kind img2dataset: local or
+                            gs://, glob patterns allowed: "/data/cc3m/*.tar"); on the command line
+                            --config.data.X.paths="('a', 'b')".
+    format (str)            img2dataset layout: "webdataset" (.tar), "parquet", "tfrecord"; "" = from
+                            the file names (cclm_jax/data/img2dataset.py).
+    caption_language (str)  language of the img2dataset captions ("en" for CC3M).
+    translations (tuple[str]) "lang=path" of caption TSVs in the CC3M layout (caption<TAB>url), e.g. the
+                            UC2 translations; joined to the samples by ``join_field``.
+    join_field (str)        "url" (the sample's url, default) or "key" (the sample key).
     image_field (str)       json field with base64 bytes or, with image_root, a path.
     image_root (str)        "" = base64 images; else the directory that image paths are relative to.
     caption_fields (dict)   field -> language; "" = the field holds {lang: text | [texts]} (or a
                             list of such dicts). {} (default) = {"caption": ""}, the CCLM layout
                             (an empty default, so that ``update`` does not merge a stale key).
     tfds_name, tfds_split, tfds_data_dir, image_feature, caption_feature, tfds_language
-                            catalog dataset (kind tfds), e.g. "coco_captions", "train",
+                            dataset of kind tfds: "cclm_image_caption/<name>" (written by `cclm-jax data
+                            prepare`; languages from the data, the feature keys unused; tfds_data_dir ""
+                            = data_dir/tfds) or a catalog dataset, e.g. "coco_captions", "train",
                             "image", "captions/text", "en".
     languages (tuple[str])  keep only captions in these languages; () = all.
     image_res (int)         output pixels (square).
@@ -51,7 +62,10 @@ eval only
 
 parallel_text
     kind                    "jsonl" (source_text/target_text lines), "aligned_text" (paths =
-                            [[file_1, file_2], ...] line-aligned, .gz ok) or "demo".
+                            [[file_1, file_2], ...] line-aligned, .gz ok: OPUS Moses files),
+                            "wikimatrix" (WikiMatrix.<l1>-<l2>.tsv[.gz] files), "tfds"
+                            (tfds_name "cclm_parallel_text/<name>" in tfds_data_dir, tfds_split) or "demo".
+    min_score (float)       WikiMatrix: keep pairs with a LASER margin score >= this (1.04).
     paths, batch_size, max_tokens (64), max_words (64), max_masks (20), mask_prob (0.4).
 
 region (region grounding, the 4M setting; records and sampling: ``cclm_jax/data/region.py``)
@@ -69,6 +83,7 @@ region (region grounding, the 4M setting; records and sampling: ``cclm_jax/data/
     max_tokens, max_words, max_masks, mask_prob
                             as for image_caption (40, 40, 12, 0.4).
 """
+import glob
 import os
 
 import ml_collections
@@ -76,8 +91,9 @@ import ml_collections
 from cclm_jax.data.mixture import Mixture
 
 KINDS = ("image_caption", "parallel_text", "region")
-_IMAGE_KINDS = ("jsonl", "tfds", "demo")
-_PARALLEL_KINDS = ("jsonl", "aligned_text", "demo")
+_IMAGE_KINDS = ("jsonl", "img2dataset", "tfds", "demo")
+_PARALLEL_KINDS = ("jsonl", "aligned_text", "wikimatrix", "tfds", "demo")
+_IMG2DATASET_FORMATS = ("", "webdataset", "parquet", "tfrecord")
 
 
 def _reader_defaults(kind: str, image_res: int, max_tokens: int) -> dict:
@@ -85,6 +101,7 @@ def _reader_defaults(kind: str, image_res: int, max_tokens: int) -> dict:
         kind=kind, paths=(), image_field="binary", image_root="", caption_fields={},
         tfds_name="", tfds_split="train", tfds_data_dir="", image_feature="image",
         caption_feature="captions/text", tfds_language="en", languages=(),
+        format="", caption_language="en", translations=(), join_field="url",
         image_res=image_res, max_tokens=max_tokens, max_words=max_tokens)
 
 
@@ -106,7 +123,8 @@ def default_data_config() -> ml_collections.ConfigDict:
         randaugment=True, max_masks=12, mask_prob=0.4, sample_2_captions=False)
     cfg.eval = dict(_reader_defaults("demo", 224, 40), batch_size=64)
     cfg.parallel_text = dict(kind="demo", paths=(), batch_size=128, max_tokens=64, max_words=64,
-                             max_masks=20, mask_prob=0.4)
+                             max_masks=20, mask_prob=0.4, min_score=1.04, tfds_name="", tfds_split="train",
+                             tfds_data_dir="")
     cfg.region = dict(kind="jsonl", paths=(), image_field="binary", image_root="", languages=(), image_res=224,
                       patch_size=32, batch_size=128, max_images=48, max_regions=5, min_perc_in_image=0.5,
                       careful_hflip=True, randaugment=True, max_tokens=40, max_words=40, max_masks=12,
@@ -124,7 +142,14 @@ def _positive_int(cfg, section: str, key: str):
         _fail(f"{section}.{key}" if section else key, f"must be a positive integer, got {value!r}")
 
 
-def _check_file(key: str, path):
+def _check_file(key: str, path, pattern_ok: bool = False):
+    """A file must exist; with ``pattern_ok`` a glob pattern must match one (a ``gs://`` path is checked when read)."""
+    if isinstance(path, str) and "://" in path:
+        return
+    if pattern_ok and isinstance(path, str) and any(c in path for c in "*?["):
+        if not glob.glob(os.path.expanduser(path)):
+            raise FileNotFoundError(f"config.data.{key}: no file matches {path!r}")
+        return
     if not isinstance(path, str) or not os.path.isfile(os.path.expanduser(path)):
         raise FileNotFoundError(f"config.data.{key}: file {path!r} does not exist")
 
@@ -153,6 +178,8 @@ def _check_reader(cfg, section: str):
         for field, language in reader.caption_fields.items():
             if not isinstance(language, str):
                 _fail(f"{section}.caption_fields.{field}", f"must be a language code or '', got {language!r}")
+    if reader.kind == "img2dataset":
+        _check_img2dataset(reader, section)
     if reader.kind == "tfds" and not reader.tfds_name:
         _fail(f"{section}.tfds_name", "kind 'tfds' needs a catalog dataset name")
     _positive_int(cfg, section, "image_res")
@@ -177,6 +204,37 @@ def _check_region(cfg):
     if not 0.0 <= section.min_perc_in_image < 1.0:
         _fail("region.min_perc_in_image", f"must be in [0, 1), got {section.min_perc_in_image!r}")
     _check_text_limits(cfg, "region", masks=True)
+
+
+def translation_files(section) -> dict[str, str]:
+    """{language: path} of a reader section's ``translations`` ("lang=path" strings)."""
+    pairs = {}
+    for i, item in enumerate(section.translations):
+        lang, sep, path = item.partition("=") if isinstance(item, str) else ("", "", "")
+        if not sep or not lang or not path:
+            raise ValueError(f"translations[{i}] must be 'lang=path', got {item!r}")
+        pairs[lang] = os.path.expanduser(path) if "://" not in path else path
+    return pairs
+
+
+def _check_img2dataset(reader, section: str):
+    if not reader.paths:
+        _fail(f"{section}.paths", "kind 'img2dataset' needs at least one shard file")
+    if reader.format not in _IMG2DATASET_FORMATS:
+        _fail(f"{section}.format", f"must be one of {_IMG2DATASET_FORMATS}, got {reader.format!r}")
+    for i, path in enumerate(reader.paths):
+        _check_file(f"{section}.paths[{i}]", path, pattern_ok=True)
+        if not reader.format and not str(path).lower().endswith((".tar", ".parquet", ".tfrecord")):
+            _fail(f"{section}.paths[{i}]", f"{path!r}: cannot tell the layout from the name (.tar, .parquet, "
+                  ".tfrecord); set format")
+    try:
+        translations = translation_files(reader)
+    except ValueError as e:
+        _fail(section, str(e))
+    for lang, path in translations.items():
+        _check_file(f"{section}.translations[{lang}]", path)
+    if not isinstance(reader.join_field, str) or not reader.join_field:
+        _fail(f"{section}.join_field", "must name the sample field the translations join on ('url' or 'key')")
 
 
 def resolve_host_shards(cfg: ml_collections.ConfigDict, process_count: int) -> int:
@@ -225,11 +283,13 @@ def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
         section = cfg.parallel_text
         if section.kind not in _PARALLEL_KINDS:
             _fail("parallel_text.kind", f"must be one of {_PARALLEL_KINDS}, got {section.kind!r}")
-        if section.kind != "demo" and not section.paths:
+        if section.kind == "tfds" and not section.tfds_name:
+            _fail("parallel_text.tfds_name", "kind 'tfds' needs a dataset name (cclm_parallel_text/<name>)")
+        if section.kind not in ("demo", "tfds") and not section.paths:
             _fail("parallel_text.paths", f"kind {section.kind!r} needs input files")
-        for i, entry in enumerate(section.paths if section.kind != "demo" else []):
-            if section.kind == "jsonl":
-                _check_file(f"parallel_text.paths[{i}]", entry)
+        for i, entry in enumerate(section.paths if section.kind not in ("demo", "tfds") else []):
+            if section.kind in ("jsonl", "wikimatrix"):
+                _check_file(f"parallel_text.paths[{i}]", entry, pattern_ok=section.kind == "wikimatrix")
                 continue
             if isinstance(entry, str) or len(entry) != 2:
                 _fail(f"parallel_text.paths[{i}]", f"must be [file_1, file_2], got {entry!r}")

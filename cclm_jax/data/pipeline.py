@@ -43,9 +43,10 @@ from typing import Callable, Dict, Iterator
 import numpy as np
 import tensorflow as tf
 
+from cclm_jax.data import builders, randaugment, sources
 from cclm_jax.data import demo as demo_lib
 from cclm_jax.data import image as image_lib
-from cclm_jax.data import randaugment, sources
+from cclm_jax.data import prepare as prepare_lib
 from cclm_jax.data import region as region_lib
 from cclm_jax.data.config import resolve_host_shards, validate_data_config
 from cclm_jax.data.mixture import Mixture
@@ -80,6 +81,10 @@ def _tfds_dir(cfg) -> str:
 def open_image_caption(cfg, section: str):
     """(Source, split) of reader section ``image_caption`` or ``eval``."""
     reader = cfg[section]
+    if reader.kind == "tfds" and builders.is_prepared_name(reader.tfds_name):
+        return builders.open_prepared(reader.tfds_name, reader.tfds_data_dir or _tfds_dir(cfg)), reader.tfds_split
+    if reader.kind == "img2dataset":  # small runs: prepared in this process on first use
+        return builders.source_of(builders.prepare(prepare_lib.section_recipe(cfg, section), _tfds_dir(cfg))), "train"
     if reader.kind == "tfds":
         source = sources.catalog_image_caption(
             reader.tfds_name, image_feature=reader.image_feature,
@@ -100,6 +105,11 @@ def open_image_caption(cfg, section: str):
 def open_parallel_text(cfg):
     """(Source, split) of the ``parallel_text`` section."""
     section = cfg.parallel_text
+    if section.kind == "tfds":
+        return builders.open_prepared(section.tfds_name, section.tfds_data_dir or _tfds_dir(cfg)), section.tfds_split
+    if section.kind == "wikimatrix":
+        recipe = prepare_lib.section_recipe(cfg, "parallel_text")
+        return builders.source_of(builders.prepare(recipe, _tfds_dir(cfg))), "train"
     entries = [_demo_paths(cfg)["parallel"]] if section.kind == "demo" else [
         p if isinstance(p, str) else list(p) for p in section.paths]
     return sources.parallel_text({"train": entries}, _tfds_dir(cfg)), "train"

@@ -56,6 +56,17 @@ def _as_json(config: ml_collections.ConfigDict) -> dict:
     return json.loads(config.to_json_best_effort(sort_keys=True))
 
 
+def added_since(saved: dict, config: dict) -> set[str]:
+    """Dotted keys of `config` that `saved` lacks and whose value is today's default (`default_run_config`): keys
+    added to the package after the run was written, at the value the run used without knowing them (a new batch
+    kind's ratio only at 0)."""
+    from cclm_jax.run_config import default_run_config
+
+    old, new, defaults = _flat(saved), _flat(config), _flat(_as_json(default_run_config()))
+    return {k for k, v in new.items() if k not in old and k in defaults and defaults[k] == v
+            and (not k.startswith("data.mix.") or v == 0)}
+
+
 def check_same_run(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Refuse (ValueError, one line) a config that differs from `workdir/config.json` in a key that would break
     exact resume; warn about the accepted changes. Nothing to check in a new directory."""
@@ -68,7 +79,7 @@ def check_same_run(config: ml_collections.ConfigDict, workdir: str) -> None:
         saved["data"]["host_shards"] = config.data.host_shards  # written before it was resolved (one per process)
     if "optimizer" in saved:  # the substring lists of earlier versions, in today's regex tables
         saved["optimizer"] = upgrade_legacy_section(saved["optimizer"])
-    differing = config_differences(saved, _as_json(config))
+    differing = sorted(set(config_differences(saved, _as_json(config))) - added_since(saved, _as_json(config)))
     refused = [k for k in differing if not _resumable(k)]
     if refused:
         shown = ", ".join(f"{k} ({_flat(saved).get(k, '<absent>')!r} -> {_flat(_as_json(config)).get(k, '<absent>')!r})"
