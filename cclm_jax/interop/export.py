@@ -21,7 +21,8 @@ import json
 import os
 import pathlib
 import struct
-from typing import Callable, Mapping, NamedTuple
+from collections.abc import Callable, Mapping
+from typing import NamedTuple
 
 import jax
 import ml_collections
@@ -34,6 +35,8 @@ from cclm_jax.interop.shapes import param_shapes
 SAFETENSORS_NAME, CONFIG_NAME = "model.safetensors", "config.json"
 EXPORT_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
                  "float16": np.dtype(np.float16)}
+VIT_FIELDS = ("kind", "image_res", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "layer_norm_eps",
+              "qkv_bias", "rel_pos_bias", "pos_grid", "layer_scale_init", "pool")
 _SAFETENSORS_DTYPE_NAMES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "int64": "I64",
                             "int32": "I32", "float64": "F64"}
 
@@ -42,19 +45,27 @@ def architecture_dict(model_config: ml_collections.ConfigDict) -> dict:
     """The architecture as plain JSON: {"vision": {...}, "text": {...}, "embed_dim"} (see module docstring).
 
     vision: image_res (px), patch_size (px), embed_dim (stage-0 width), depths, num_heads (per stage),
-    window_size, mlp_ratio; text: vocab_size, hidden_size, num_heads, intermediate_size, num_layers,
-    fusion_layer, max_position_embeddings, type_vocab_size, layer_norm_eps; embed_dim (ITC projection).
+    window_size, mlp_ratio (a ViT: kind 'vit' and `VIT_FIELDS`);
+    text: vocab_size, hidden_size, num_heads, intermediate_size, num_layers,
+    fusion_layer, max_position_embeddings, type_vocab_size, layer_norm_eps; embed_dim (ITC projection);
+    CCLM-X2VLM adds `cross` (num_layers, num_heads, intermediate_size, layer_norm_eps).
     """
     v, t = model_config.vision, model_config.text
+    if v.get("kind", "swin") == "vit":
+        vision = {name: v[name] for name in VIT_FIELDS}
+    else:
+        vision = {"image_res": int(v.image_res), "patch_size": int(v.patch_size), "embed_dim": int(v.embed_dim),
+                  "depths": [int(d) for d in v.depths], "num_heads": [int(h) for h in v.num_heads],
+                  "window_size": int(v.window_size), "mlp_ratio": float(v.mlp_ratio)}
+    cross = {"cross": model_config.cross.to_dict()} if "cross" in model_config else {}
     return {
-        "vision": {"image_res": int(v.image_res), "patch_size": int(v.patch_size), "embed_dim": int(v.embed_dim),
-                   "depths": [int(d) for d in v.depths], "num_heads": [int(h) for h in v.num_heads],
-                   "window_size": int(v.window_size), "mlp_ratio": float(v.mlp_ratio)},
+        "vision": vision,
         "text": {"vocab_size": int(t.vocab_size), "hidden_size": int(t.hidden_size), "num_heads": int(t.num_heads),
                  "intermediate_size": int(t.intermediate_size), "num_layers": int(t.num_layers),
                  "fusion_layer": int(t.fusion_layer), "max_position_embeddings": int(t.max_position_embeddings),
                  "type_vocab_size": int(t.type_vocab_size), "layer_norm_eps": float(t.layer_norm_eps)},
         "embed_dim": int(model_config.embed_dim),
+        **cross,
     }
 
 

@@ -22,15 +22,17 @@ Layouts (`LAYOUTS`; the official class, and the Flax model whose parameters it h
   question states) and its LM head `text_decoder.cls.predictions.*` (our `lm_head`; decoder weight tied to
   `text_decoder.bert.embeddings.word_embeddings.weight`, decoder bias to `text_decoder.cls.predictions.bias`).
 `model_config` is always the pre-trained CCLM config (N text layers, fusion layer F), as the task models take it.
+A CCLM-X2VLM config (`model.cross`) has one layout, `pretrain` (`x2vlm_layout`: X2-VLM's `CrossViewLM`).
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import ml_collections
 import numpy as np
 
+from cclm_jax.models import vit
 from cclm_jax.models.swin import relative_position_index, shifted_window_mask, stage_geometry
 from cclm_jax.models.tasks import nlvr_num_layers
 
@@ -56,8 +58,9 @@ class Entry:
     """One state_dict key.
 
     `path`: the Flax parameter path (None for buffers). `kind`: how torch and Flax tensors relate:
-    `plain` (same array), `bias` (torch flat (out,) = Flax bias of the output dims), `linear` (torch weight (out, in) = Flax kernel reshaped to (in, out) then
-    transposed; `in_ndims` leading kernel dims are inputs), `conv` (torch OIHW = Flax HWIO transposed),
+    `plain` (same array), `bias` (torch flat (out,) = Flax bias of the output dims), `linear` (torch weight
+    (out, in) = Flax kernel reshaped to (in, out) then transposed; `in_ndims` leading kernel dims are inputs),
+    `conv` (torch OIHW = Flax HWIO transposed),
     `buffer` (not a parameter; `make` builds it). `tied_to`: another torch key holding the same tensor.
     """
 
@@ -117,6 +120,39 @@ def _vision_entries(cfg: ml_collections.ConfigDict) -> list[Entry]:
     return entries
 
 
+def vit_entries(v: ml_collections.ConfigDict, pre: str = "vision_encoder",
+                root: tuple[str, ...] = ("vision_encoder",)) -> list[Entry]:
+    """A `models.vit.VisionTransformer` of vision config `v` in the timm/BEiT key layout under `pre` (torch) /
+    `root` (Flax), in the BEiT-v2 module order: cls_token, pos_embed, patch_embed, blocks, norm / fc_norm."""
+    grid = v.image_res // v.patch_size
+    entries = [Entry(f"{pre}.cls_token", root + ("cls_token",), "plain")]
+    if v.pos_grid:
+        entries.append(Entry(f"{pre}.pos_embed", root + ("pos_embed",), "plain"))
+    entries += [Entry(f"{pre}.patch_embed.proj.weight", root + ("patch_embed", "proj", "kernel"), "conv"),
+                Entry(f"{pre}.patch_embed.proj.bias", root + ("patch_embed", "proj", "bias"), "plain")]
+    for b in range(v.depth):
+        key, path = f"{pre}.blocks.{b}", root + (f"blocks_{b}",)
+        if v.layer_scale_init:
+            entries += [Entry(f"{key}.gamma_1", path + ("gamma_1",), "plain"),
+                        Entry(f"{key}.gamma_2", path + ("gamma_2",), "plain")]
+        entries += _norm(f"{key}.norm1", path + ("norm1",))
+        if v.qkv_bias == "qv":
+            entries += [Entry(f"{key}.attn.q_bias", path + ("attn", "q_bias"), "bias"),
+                        Entry(f"{key}.attn.v_bias", path + ("attn", "v_bias"), "bias")]
+        if v.rel_pos_bias:
+            entries += [Entry(f"{key}.attn.relative_position_bias_table",
+                              path + ("attn", "relative_position_bias_table"), "plain"),
+                        Entry(f"{key}.attn.relative_position_index", None, "buffer",
+                              make=lambda g=grid: vit.relative_position_index(g).astype(np.int64))]
+        entries += [*_linear(f"{key}.attn.qkv", path + ("attn", "qkv"), bias=v.qkv_bias == "qkv"),
+                    *_linear(f"{key}.attn.proj", path + ("attn", "proj"), in_ndims=2),
+                    *_norm(f"{key}.norm2", path + ("norm2",)),
+                    *_linear(f"{key}.mlp.fc1", path + ("mlp", "fc1")),
+                    *_linear(f"{key}.mlp.fc2", path + ("mlp", "fc2"))]
+    final = "fc_norm" if v.pool == "mean" else "norm"
+    return entries + _norm(f"{pre}.{final}", root + (final,))
+
+
 def _attention_entries(key: str, path: tuple[str, ...]) -> list[Entry]:
     entries = []
     for proj in ("query", "key", "value"):
@@ -127,9 +163,10 @@ def _attention_entries(key: str, path: tuple[str, ...]) -> list[Entry]:
 
 
 def _bert_entries(cfg: ml_collections.ConfigDict, bert: str, root: tuple[str, ...], num_layers: int,
-                  fusion_layer: int, shared_cross_kv: bool = False) -> list[Entry]:
-    """A BertModel under `bert` (torch) / `root` (Flax): embeddings and `num_layers` layers, cross-attention from
-    `fusion_layer` on. `shared_cross_kv`: the NLVR stack, layer F+2j+1's cross key/value tied to layer F+2j's."""
+                  fusion_layer: int, shared_cross_kv: bool = False, embeddings: bool = True) -> list[Entry]:
+    """A BertModel under `bert` (torch) / `root` (Flax): embeddings (unless `embeddings=False`: X2-VLM's cross
+    encoder) and `num_layers` layers, cross-attention from `fusion_layer` on. `shared_cross_kv`: the NLVR stack,
+    layer F+2j+1's cross key/value tied to layer F+2j's."""
     t = cfg.text
     emb = f"{bert}.embeddings"
     entries = [
@@ -139,7 +176,7 @@ def _bert_entries(cfg: ml_collections.ConfigDict, bert: str, root: tuple[str, ..
         Entry(f"{emb}.position_embeddings.weight", root + ("embeddings", "position_embeddings"), "plain"),
         Entry(f"{emb}.token_type_embeddings.weight", root + ("embeddings", "token_type_embeddings"), "plain"),
         *_norm(f"{emb}.LayerNorm", root + ("embeddings", "LayerNorm")),
-    ]
+    ] if embeddings else []
     for i in range(num_layers):
         key, path = f"{bert}.encoder.layer.{i}", root + (f"layer_{i}",)
         entries += _attention_entries(f"{key}.attention", path + ("attention",))
@@ -187,6 +224,10 @@ def official_layout(model_config: ml_collections.ConfigDict, layout: str = "pret
     t = model_config.text
     n, fusion = t.num_layers, t.fusion_layer
     text = ("text_encoder",)
+    if "cross" in model_config:
+        if layout != "pretrain":
+            raise ValueError(f"no CCLM-X2VLM checkpoint layout {layout!r} (only 'pretrain')")
+        return x2vlm_layout(model_config)
     if layout == "pretrain":
         words = ("text_encoder.bert.embeddings.word_embeddings.weight", text + ("embeddings", "word_embeddings"))
         return [Entry("temp", ("temp",), "plain"), *_vision_entries(model_config),
@@ -212,6 +253,26 @@ def official_layout(model_config: ml_collections.ConfigDict, layout: str = "pret
     return [*_vision_entries(model_config), *_bert_entries(model_config, "text_encoder", text, n, fusion),
             *_bert_entries(model_config, "text_decoder.bert", decoder, n - fusion, 0),
             *_mlm_entries("text_decoder.cls.predictions", ("lm_head",), *words)]
+
+
+def x2vlm_layout(model_config: ml_collections.ConfigDict) -> list[Entry]:
+    """X2-VLM's `CrossViewLM` state_dict: `temp`, `vision_encoder.*` (BEiT-v2), `text_encoder.*` (RobertaModel, no
+    cross-attention), `cross_encoder.encoder.layer.*` (BERT layers with cross-attention, no embeddings),
+    `vision_proj`, `text_proj`, `itm_head`, `bbox_head`, `mlm_head.predictions.*` (untied decoder; its bias tied
+    to `mlm_head.predictions.bias`)."""
+    n = model_config.text.num_layers
+    pre, root = "mlm_head.predictions", ("mlm_head",)
+    return [Entry("temp", ("temp",), "plain"), *vit_entries(model_config.vision),
+            *_bert_entries(model_config, "text_encoder", ("text_encoder",), n, n),
+            *_bert_entries(model_config, "cross_encoder", ("cross_encoder",), model_config.cross.num_layers, 0,
+                           embeddings=False),
+            *_linear("vision_proj", ("vision_proj",)), *_linear("text_proj", ("text_proj",)),
+            *_mlp_head_entries("itm_head"), *_mlp_head_entries("bbox_head"),
+            Entry(f"{pre}.bias", root + ("bias",), "plain"),
+            *_linear(f"{pre}.transform.dense", root + ("transform", "dense")),
+            *_norm(f"{pre}.transform.LayerNorm", root + ("transform", "LayerNorm")),
+            Entry(f"{pre}.decoder.weight", root + ("decoder",), "plain"),
+            Entry(f"{pre}.decoder.bias", root + ("bias",), "plain", tied_to=f"{pre}.bias")]
 
 
 def to_torch_array(entry: Entry, value: np.ndarray) -> np.ndarray:

@@ -39,7 +39,8 @@ import math
 import os
 import re
 import warnings
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -55,8 +56,8 @@ from cclm_jax.interop.shapes import param_shapes
 from cclm_jax.models.config import base_model_config, validate_model_config
 from cclm_jax.models.tasks import NLVR_CLASSES, XVNLI_CLASSES
 
-__all__ = ["CheckpointError", "detect_layout", "infer_model_config", "load", "params_from_state_dict",
-           "read_state_dict", "save", "state_dict_from_params"]
+__all__ = ["CheckpointError", "detect_layout", "infer_model_config", "is_x2vlm_state_dict", "load",
+           "params_from_state_dict", "read_state_dict", "save", "state_dict_from_params"]
 
 # Attention heads by text width for the checkpoints CCLM is built from (XLM-R large / base).
 KNOWN_TEXT_HEADS = {1024: 16, 768: 12}
@@ -80,7 +81,7 @@ def detect_layout(state_dict: Mapping[str, Any]) -> str:
     `text_encoder.bert.*`: pretrain; `text_decoder.*`: vqa; a `cls_head` with 3 outputs: xvnli, with 2: nlvr;
     otherwise a plain `text_encoder.*`: retrieval (a missing ITM head is then reported as missing keys).
     """
-    if "text_encoder.bert.embeddings.word_embeddings.weight" in state_dict:
+    if "text_encoder.bert.embeddings.word_embeddings.weight" in state_dict or is_x2vlm_state_dict(state_dict):
         return "pretrain"
     if "text_encoder.embeddings.word_embeddings.weight" not in state_dict:
         raise CheckpointError("no text_encoder word embeddings found (looked for "
@@ -106,11 +107,78 @@ def _shape(state_dict: Mapping, key: str) -> tuple[int, ...]:
     return shape(key) if callable(shape) else tuple(state_dict[key].shape)
 
 
+def is_x2vlm_state_dict(state_dict: Mapping[str, Any]) -> bool:
+    """A CCLM-X2VLM (X2-VLM `CrossViewLM`) state_dict: it has a separate `cross_encoder`."""
+    return any(key.startswith("cross_encoder.") for key in state_dict)
+
+
+def _infer_vit(sd: Mapping, keys: list[str], recorded: Mapping,
+               pre: str = "vision_encoder") -> ml_collections.ConfigDict:
+    """`model.vision` of a ViT state_dict under `pre` (`layout.vit_entries` names): variant fields from which keys
+    exist, sizes from shapes; the heads from the relative position table, else `recorded` (the file's
+    architecture), else width / 64."""
+    patch = _shape(sd, f"{pre}.patch_embed.proj.weight")
+    width, patch_size = int(patch[0]), int(patch[2])
+    block = f"{pre}.blocks.0"
+    v = ml_collections.ConfigDict({"kind": "vit", "patch_size": patch_size, "embed_dim": width,
+                                   "depth": _count(rf"{re.escape(pre)}\.blocks\.(\d+)\.", keys),
+                                   "mlp_ratio": _shape(sd, f"{block}.mlp.fc1.weight")[0] / width,
+                                   "layer_norm_eps": 1e-6, "drop_path_rate": 0.1})
+    v.rel_pos_bias = f"{block}.attn.relative_position_bias_table" in sd
+    v.qkv_bias = ("qv" if f"{block}.attn.q_bias" in sd else "qkv" if f"{block}.attn.qkv.bias" in sd else "none")
+    v.layer_scale_init = 0.1 if f"{block}.gamma_1" in sd else 0.0
+    v.pool = "mean" if f"{pre}.fc_norm.weight" in sd else "cls"
+    v.pos_grid = (math.isqrt(_shape(sd, f"{pre}.pos_embed")[1] - 1) if f"{pre}.pos_embed" in sd else 0)
+    if v.rel_pos_bias:
+        rows, heads = _shape(sd, f"{block}.attn.relative_position_bias_table")
+        v.num_heads = int(heads)
+        grid = (math.isqrt(int(rows) - 3) + 1) // 2
+    else:
+        v.num_heads = int(recorded.get("num_heads", max(1, width // 64)))
+        grid = v.pos_grid or 224 // patch_size
+    v.image_res = int(recorded.get("image_res", grid * patch_size))
+    return v
+
+
+def _infer_x2vlm(sd: Mapping, keys: list[str], text_num_heads: int | None,
+                 file_config: Mapping | None) -> ml_collections.ConfigDict:
+    """The CCLM-X2VLM config of an X2-VLM `CrossViewLM` state_dict (`layout.x2vlm_layout`)."""
+    recorded = _recorded_architecture(file_config)
+    cfg = base_model_config()
+    cfg.vision = _infer_vit(sd, keys, recorded.get("vision", {}))
+    t = cfg.text
+    t.vocab_size, t.hidden_size = (int(d) for d in _shape(sd, "text_encoder.embeddings.word_embeddings.weight"))
+    t.max_position_embeddings = int(_shape(sd, "text_encoder.embeddings.position_embeddings.weight")[0])
+    t.type_vocab_size = int(_shape(sd, "text_encoder.embeddings.token_type_embeddings.weight")[0])
+    t.intermediate_size = int(_shape(sd, "text_encoder.encoder.layer.0.intermediate.dense.weight")[0])
+    t.num_layers = t.fusion_layer = _count(r"text_encoder\.encoder\.layer\.(\d+)\.", keys)
+    t.mask_token_id = t.vocab_size - 1
+    t.num_heads = int(text_num_heads or KNOWN_TEXT_HEADS.get(t.hidden_size, max(1, t.hidden_size // 32)))
+    cross_recorded = recorded.get("cross", {})
+    cfg.cross = ml_collections.ConfigDict({
+        "num_layers": _count(r"cross_encoder\.encoder\.layer\.(\d+)\.", keys),
+        "num_heads": int(cross_recorded.get("num_heads", t.num_heads)),
+        "intermediate_size": int(_shape(sd, "cross_encoder.encoder.layer.0.intermediate.dense.weight")[0]),
+        "layer_norm_eps": float(cross_recorded.get("layer_norm_eps", 1e-12))})
+    cfg.embed_dim = int(_shape(sd, "text_proj.weight")[0])
+    cfg.temp = float(sd["temp"])
+    return cfg
+
+
 def infer_model_config(state_dict: Mapping[str, np.ndarray], text_num_heads: int | None = None,
                        file_config: Mapping | None = None, **overrides) -> ml_collections.ConfigDict:
     """The pre-trained CCLM `model` config of a state_dict of any layout: everything from shapes, text heads
-    from the argument, `embed_dim` / `temp` from `file_config` (the file's `config`) where no tensor holds them."""
+    from the argument, `embed_dim` / `temp` from `file_config` (the file's `config`) where no tensor holds them.
+    A CCLM-X2VLM state_dict (`is_x2vlm_state_dict`) gives a CCLM-X2VLM config (`models.x2vlm_model_config`)."""
     sd, keys = state_dict, list(state_dict)
+    if is_x2vlm_state_dict(sd):
+        try:
+            cfg = _infer_x2vlm(sd, keys, text_num_heads, file_config)
+        except KeyError as e:
+            raise CheckpointError(f"cannot infer the CCLM-X2VLM architecture: missing key {e.args[0]!r}") from e
+        _apply_overrides(cfg, overrides)
+        validate_model_config(cfg)
+        return cfg
     layout = detect_layout(sd)
     bert = "text_encoder.bert" if layout == "pretrain" else "text_encoder"
     cfg = base_model_config()
@@ -186,7 +254,15 @@ def _apply_overrides(cfg: ml_collections.ConfigDict, overrides: Mapping[str, Any
 
 
 def _geometry(model_config: ml_collections.ConfigDict) -> tuple[int, int]:
-    return model_config.vision.image_res, model_config.vision.window_size
+    return model_config.vision.image_res, model_config.vision.get("window_size", 0)
+
+
+def _resize_table(tensor: np.ndarray, rows: int, model_config: ml_collections.ConfigDict) -> np.ndarray:
+    """A relative position table resized to `rows`: Swin tables whole, BEiT tables without their 3 CLS rows
+    (kept as they are)."""
+    if model_config.vision.get("kind", "swin") != "vit":
+        return resize_relative_position_table(tensor, rows)
+    return np.concatenate([resize_relative_position_table(tensor[:-3], rows - 3), tensor[-3:]])
 
 
 def params_from_state_dict(state_dict: Mapping[str, np.ndarray], model_config: ml_collections.ConfigDict,
@@ -218,7 +294,7 @@ def _convert(state_dict: Mapping[str, np.ndarray], model_config: ml_collections.
         try:
             tensor = np.asarray(state_dict[entry.key], np.float32)
             if resize and entry.key.endswith(".relative_position_bias_table"):
-                tensor = resize_relative_position_table(tensor, shape[0])
+                tensor = _resize_table(tensor, shape[0], model_config)
             value = from_torch_array(entry, tensor, shape)
         except ValueError as e:
             errors.append(str(e) if str(e).startswith(entry.key) else f"{entry.key}: {e}")

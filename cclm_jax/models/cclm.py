@@ -1,4 +1,7 @@
-"""The CCLM model: Swin image tower, XLM-R text/fusion stack, projections and heads (Flax Linen).
+"""The CCLM model: Swin (or ViT) image tower, XLM-R text/fusion stack, projections and heads (Flax Linen).
+
+`build_model` returns this module, or its CCLM-X2VLM subclass (`models.x2vlm`) for a config with a `cross`
+section; both have the methods below.
 
 Public methods (use with `model.apply({'params': params}, ..., method=model.<name>)`):
 - `encode_image(image) -> (image_embeds (B, Ni, D), image_atts (B, Ni) int32 ones)`; `image` is a float
@@ -31,6 +34,7 @@ from cclm_jax.models.common import DenseGeneral, param_with_axes
 from cclm_jax.models.heads import MLMHead, MLPHead, torch_linear_bias_init, torch_linear_kernel_init
 from cclm_jax.models.swin import SwinTransformer
 from cclm_jax.models.text import TextStack
+from cclm_jax.models.vit import VisionTransformer
 
 TEMP_MIN, TEMP_MAX = 0.001, 0.5
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -61,13 +65,9 @@ class CCLM(nn.Module):
 
     def setup(self):
         cfg = self.config
-        v, t = cfg.vision, cfg.text
+        t = cfg.text
         dtype = DTYPES[cfg.dtype]
-        self.vision_encoder = SwinTransformer(
-            image_res=v.image_res, patch_size=v.patch_size, embed_dim=v.embed_dim,
-            depths=tuple(v.depths), num_heads=tuple(v.num_heads), window_size=v.window_size,
-            mlp_ratio=v.mlp_ratio, drop_path_rate=v.drop_path_rate, remat=cfg.remat,
-            deterministic=self.deterministic, dtype=dtype, scan_layers=cfg.get("scan_layers", False))
+        self.vision_encoder = vision_tower(cfg, self.deterministic)
         self.text_encoder = TextStack(
             vocab_size=t.vocab_size, hidden=t.hidden_size, num_heads=t.num_heads,
             intermediate=t.intermediate_size, num_layers=t.num_layers, fusion_layer=t.fusion_layer,
@@ -161,15 +161,46 @@ class CCLM(nn.Module):
         return self.temp + jax.lax.stop_gradient(jnp.clip(self.temp, TEMP_MIN, TEMP_MAX) - self.temp)
 
 
+def vision_kind(model_config: ml_collections.ConfigDict) -> str:
+    """'swin' (CCLM's tower; the default) or 'vit' (BEiT-v2 / DINOv2, `models.vit`)."""
+    return model_config.vision.get("kind", "swin")
+
+
 def vision_width(model_config: ml_collections.ConfigDict) -> int:
-    """Width of the Swin output tokens: embed_dim * 2^(stages-1)."""
+    """Width of the image tokens: Swin embed_dim * 2^(stages-1), ViT embed_dim."""
     v = model_config.vision
+    if vision_kind(model_config) == "vit":
+        return v.embed_dim
     return v.embed_dim * 2 ** (len(v.depths) - 1)
 
 
+def vision_tower(model_config: ml_collections.ConfigDict, deterministic: bool) -> nn.Module:
+    """The image tower of `model.vision` (module attribute `vision_encoder` of both model families)."""
+    v, dtype, scan = model_config.vision, DTYPES[model_config.dtype], model_config.get("scan_layers", False)
+    if vision_kind(model_config) == "vit":
+        return VisionTransformer(
+            image_res=v.image_res, patch_size=v.patch_size, width=v.embed_dim, depth=v.depth, num_heads=v.num_heads,
+            mlp_ratio=v.mlp_ratio, qkv_bias=v.qkv_bias, rel_pos_bias=v.rel_pos_bias, pos_grid=v.pos_grid,
+            layer_scale_init=v.layer_scale_init, pool=v.pool, eps=v.layer_norm_eps, drop_path_rate=v.drop_path_rate,
+            remat=model_config.remat, deterministic=deterministic, dtype=dtype, scan_layers=scan)
+    return SwinTransformer(
+        image_res=v.image_res, patch_size=v.patch_size, embed_dim=v.embed_dim,
+        depths=tuple(v.depths), num_heads=tuple(v.num_heads), window_size=v.window_size,
+        mlp_ratio=v.mlp_ratio, drop_path_rate=v.drop_path_rate, remat=model_config.remat,
+        deterministic=deterministic, dtype=dtype, scan_layers=scan)
+
+
+def is_x2vlm(model_config: ml_collections.ConfigDict) -> bool:
+    """Whether a `model` config is CCLM-X2VLM (a separate cross encoder: the `cross` section)."""
+    return "cross" in model_config
+
+
 def build_model(model_config: ml_collections.ConfigDict, deterministic: bool = True) -> CCLM:
-    """The CCLM module for a `model` config (validated first). `deterministic=False` enables dropout."""
+    """The module for a `model` config (validated first): `CCLM`, or `x2vlm.X2VLM` when the config has a `cross`
+    section (same public methods). `deterministic=False` enables dropout."""
     from cclm_jax.models.config import validate_model_config
+    from cclm_jax.models.x2vlm import X2VLM
 
     validate_model_config(model_config)
-    return CCLM(model_config, deterministic=deterministic)
+    cls = X2VLM if is_x2vlm(model_config) else CCLM
+    return cls(model_config, deterministic=deterministic)

@@ -68,12 +68,23 @@ class MLMTransform(nn.Module):
 
 
 class MLMHead(nn.Module):
-    """Transform + decoder bias (V,); the decoder weight is the word embedding matrix (tied)."""
+    """Transform + decoder bias (V,); the decoder weight is the word embedding matrix (tied, CCLM) or, with
+    `tied=False` (X2-VLM), its own `decoder` (V, `hidden`) used by `decode`."""
 
     vocab_size: int
     eps: float
     dtype: Any = jnp.float32
+    tied: bool = True
+    hidden: int = 0
 
     def setup(self):
         self.transform = MLMTransform(self.eps, self.dtype)
         self.bias = param_with_axes(self, "bias", nn.initializers.zeros, (self.vocab_size,), ("vocab",))
+        if not self.tied:
+            self.decoder = param_with_axes(self, "decoder", bert_init(), (self.vocab_size, self.hidden),
+                                           ("vocab", "embed"))
+
+    def decode(self, hidden: jax.Array) -> jax.Array:
+        """Untied decoder: (..., D) transformed states -> (..., V) float32 logits (+ bias)."""
+        logits = jnp.einsum("...d,vd->...v", hidden, self.decoder.astype(hidden.dtype))
+        return (logits + self.bias.astype(hidden.dtype)).astype(jnp.float32)

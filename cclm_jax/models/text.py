@@ -177,8 +177,19 @@ class TextLayer(nn.Module):
         return self.output(self.intermediate(x), x)
 
 
+def roberta_position_ids(ids: jax.Array, pad_token_id: int) -> jax.Array:
+    """RoBERTa / XLM-R position ids (HF `create_position_ids_from_input_ids`): real tokens count up from
+    pad_token_id + 1 (2, 3, ... for XLM-R), pads keep pad_token_id; (B, L) -> (B, L) int32."""
+    real = (ids != pad_token_id).astype(jnp.int32)
+    return jnp.cumsum(real, axis=1) * real + pad_token_id
+
+
 class Embeddings(nn.Module):
-    """word[ids] + position[0..L-1] + token_type[0] -> LayerNorm -> dropout; (B, L) -> (B, L, D)."""
+    """word[ids] + position + token_type[0] -> LayerNorm -> dropout; (B, L) -> (B, L, D).
+
+    Positions are 0..L-1 (BERT, CCLM) or, with `roberta_pad_id` set, `roberta_position_ids(ids, roberta_pad_id)`
+    (XLM-R, X2-VLM's text encoder).
+    """
 
     vocab_size: int
     hidden: int
@@ -188,6 +199,7 @@ class Embeddings(nn.Module):
     eps: float
     deterministic: bool = True
     dtype: Any = jnp.float32
+    roberta_pad_id: int | None = None
 
     def setup(self):
         self.word_embeddings = param_with_axes(
@@ -200,9 +212,12 @@ class Embeddings(nn.Module):
         self.drop = nn.Dropout(self.dropout)
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        length = ids.shape[1]
         x = jnp.take(self.word_embeddings, ids, axis=0)
-        x = x + self.position_embeddings[:length][None] + self.token_type_embeddings[0][None, None]
+        if self.roberta_pad_id is None:
+            positions = self.position_embeddings[:ids.shape[1]][None]
+        else:
+            positions = jnp.take(self.position_embeddings, roberta_position_ids(ids, self.roberta_pad_id), axis=0)
+        x = x + positions + self.token_type_embeddings[0][None, None]
         x = self.LayerNorm(x)
         return self.drop(x, deterministic=self.deterministic).astype(self.dtype)
 
@@ -218,6 +233,9 @@ class TextStack(nn.Module):
     the fly: the parameter tree keeps its per-layer `layer_{i}` entries (checkpoints, interop, optimizer groups
     and shardings are unchanged) while the compiled program holds one copy of the layer instead of one per
     layer and pass. Initialisation always runs the plain loop.
+
+    X2-VLM uses two stacks: a text encoder (`fusion_layer = num_layers`, `roberta_pad_id` set: XLM-R positions)
+    and a cross encoder without embeddings (`vocab_size = 0`, `fusion_layer = 0`: `fuse` runs every layer).
     """
 
     vocab_size: int
@@ -236,11 +254,13 @@ class TextStack(nn.Module):
     dtype: Any = jnp.float32
     attention_impl: str = "xla"
     scan_layers: bool = False
+    roberta_pad_id: int | None = None
 
     def setup(self):
-        self.embeddings = Embeddings(self.vocab_size, self.hidden, self.max_positions,
-                                     self.type_vocab_size, self.dropout, self.eps, self.deterministic,
-                                     self.dtype)
+        if self.vocab_size:
+            self.embeddings = Embeddings(self.vocab_size, self.hidden, self.max_positions,
+                                         self.type_vocab_size, self.dropout, self.eps, self.deterministic,
+                                         self.dtype, self.roberta_pad_id)
         layer_cls = nn.remat(TextLayer) if self.remat else TextLayer
         self.layer = [
             layer_cls(self.hidden, self.num_heads, self.intermediate, i >= self.fusion_layer,
