@@ -7,6 +7,11 @@
   cclm-jax info     --config C                        parameter counts (tied weights once), per module
   cclm-jax export   --workdir DIR --out F.th [--step N] [--format th|safetensors]
   cclm-jax import   --checkpoint F.th --workdir DIR [--text_num_heads N]   (N only for files recording none)
+  cclm-jax index    --workdir RUN --images DIR --out INDEX [--texts FILE] [--checkpoint F --tokenizer SPM]
+                                                      image (and text) features of a folder, resumable
+  cclm-jax search   --index INDEX --query "ein Hund rennt" [--top 10] [--html out.html] [--image]
+                                                      text -> images (--image: the query is an image file,
+                                                      ranked against the index's texts); cclm_jax.inference
   cclm-jax compile  --config C --topology v5p-16 [...]   ahead-of-time compile for a TPU slice / GPU node from a
                                                       CPU: memory per chip, fit, FLOPs, collectives (cclm_jax.aot)
 
@@ -32,7 +37,7 @@ from ml_collections import config_flags
 
 from cclm_jax.checkpoint import UnreadableCheckpointsError
 
-COMMANDS = ("train", "finetune", "evaluate", "info", "export", "import")
+COMMANDS = ("train", "finetune", "evaluate", "info", "export", "import", "index", "search")
 # Exceptions that mean "the user's config or files are wrong", reported in one line (module docstring).
 # FloatingPointError: a diverged run stopped by the trainer (`train.nonfinite`, `train.max_consecutive_skips`);
 # UnreadableCheckpointsError: no checkpoint of a run directory can be read.
@@ -49,6 +54,16 @@ _STEP = flags.DEFINE_integer("step", None, "export/evaluate: checkpoint step (de
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "import: official CCLM .th/.pth file.")
 _TEXT_HEADS = flags.DEFINE_integer("text_num_heads", None, "import: text attention heads of a file that records "
                                    "none (default: 16 for width 1024, 12 for 768; a recorded count wins).")
+_IMAGES = flags.DEFINE_string("images", None, "index: folder of images to index (recursive).")
+_TEXTS = flags.DEFINE_string("texts", None, "index: text file, one candidate sentence per line (for search --image).")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "index: SentencePiece model (default: the run's).")
+_BATCH = flags.DEFINE_integer("batch_size", 32, "index: images per batch.")
+_INDEX = flags.DEFINE_string("index", None, "search: index directory written by `cclm-jax index`.")
+_QUERY = flags.DEFINE_string("query", None, "search: the query sentence (with --image: an image file).")
+_TOP = flags.DEFINE_integer("top", 10, "search: results to show (ITM re-ranks these).")
+_HTML = flags.DEFINE_string("html", None, "search: also write a self-contained HTML page of the results.")
+_IMAGE = flags.DEFINE_bool("image", False, "search: the query is an image; rank the index's texts.")
+_RERANK = flags.DEFINE_bool("rerank", True, "search: re-rank the top results by the ITM head.")
 
 
 def _require(flag, command: str):
@@ -177,6 +192,31 @@ def cmd_import() -> None:
     print(f"imported {_CHECKPOINT.value} into {_WORKDIR.value} as step {step}")
 
 
+def cmd_index() -> None:
+    from cclm_jax import inference
+
+    if bool(_WORKDIR.value) == bool(_CHECKPOINT.value):
+        raise app.UsageError("cclm-jax index: give one model, --workdir RUN or --checkpoint FILE")
+    model = inference.load(_WORKDIR.value or _CHECKPOINT.value, tokenizer=_TOKENIZER.value,
+                           text_num_heads=_TEXT_HEADS.value)
+    counts = inference.build_index(model, _require(_IMAGES, "index"), _require(_OUT, "index"), texts=_TEXTS.value,
+                                   batch_size=_BATCH.value)
+    print(json.dumps(counts))
+
+
+def cmd_search() -> None:
+    from cclm_jax import inference
+
+    query = _require(_QUERY, "search")
+    results = inference.search(_require(_INDEX, "search"), query, top=_TOP.value, image=_IMAGE.value,
+                               rerank=_RERANK.value)
+    for rank, (item, value) in enumerate(results, 1):
+        print(f"{rank:3d}  {value:9.4f}  {item}")
+    if _HTML.value:
+        inference.write_html(_HTML.value, query, results, image=_IMAGE.value)
+        print(f"wrote {_HTML.value}")
+
+
 def show_traceback() -> bool:
     """Whether user errors show their traceback: `--verbosity=1` (or more) or `CCLM_TRACEBACK=1`."""
     return flags.FLAGS.verbosity >= 1 or os.environ.get("CCLM_TRACEBACK", "") not in ("", "0")
@@ -194,7 +234,7 @@ def main(argv) -> None:
         raise app.UsageError(f"usage: cclm-jax {{{','.join(COMMANDS)}}} [flags]; got {argv[1:]}")
     logging.getLogger().setLevel(logging.INFO)
     command = {"train": cmd_train, "finetune": cmd_finetune, "evaluate": cmd_evaluate, "info": cmd_info,
-               "export": cmd_export, "import": cmd_import}[argv[1]]
+               "export": cmd_export, "import": cmd_import, "index": cmd_index, "search": cmd_search}[argv[1]]
     try:
         command()
     except USER_ERRORS as e:

