@@ -18,7 +18,8 @@ its gradient and `vision_encoder.` is in the no-decay list, so AdamW leaves it e
 
 `get_config(arg)`, comma-separated options:
 - a training language ('en', 'de', 'fr', 'cs', 'zh'; zero-shot to the others), default all five;
-- 'random': the same model and recipe from random weights (the baseline row);
+- 'random': the same model and recipe from random weights, the image tower trained too (a random locked tower
+  would be pointless; the baseline row);
 - 'unlocked': train the image tower too (lr x1, with decay).
 
   cclm-jax finetune --config configs/small_real.py --workdir /tmp/small_real \\
@@ -62,7 +63,7 @@ def get_config(arg: str = ""):
     config.eval.update(batch_size=64, k_test=16, pairs_per_block=512)
     config.data.update(flickr8k_root="", max_tokens=32, max_words=32, languages=LANGUAGES, augment=False,
                        train_language=languages[0] if languages else "en")
-    if "unlocked" in options:
+    if "unlocked" in options or "random" in options:
         config.model.vision.frozen = False
         config.optimizer.no_decay_patterns = tuple(p for p in config.optimizer.no_decay_patterns
                                                    if p != "vision_encoder.")
