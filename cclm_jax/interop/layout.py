@@ -85,6 +85,8 @@ def _norm(key: str, path: tuple[str, ...]) -> list[Entry]:
 
 def _vision_entries(cfg: ml_collections.ConfigDict) -> list[Entry]:
     v = cfg.vision
+    if v.get("kind", "swin") == "vit":  # a CCLM with a ViT tower (configs/small_real.py: DINOv2)
+        return vit_entries(v)
     pre, root = "vision_encoder", ("vision_encoder",)
     entries = [
         Entry(f"{pre}.patch_embed.proj.weight", root + ("patch_embed", "proj", "kernel"), "conv"),

