@@ -10,9 +10,10 @@
 
 The schedule is driven by the optimizer's own update count: the reference steps its LR scheduler once per
 *iteration* (one parallel-text and one image–caption update, spec §2.5), so pre-training passes
-`updates_per_schedule_step` = the updates of one mixture cycle. A skipped (non-finite) update keeps the whole
-optimizer state, so it advances neither Adam's count nor the schedule. The learning rate of the last update is in
-the state (`learning_rate(opt_state)`, for metrics).
+`updates_per_schedule_step` = the updates of one mixture cycle. A skipped (non-finite) update keeps Adam's state
+(moments and count) but still advances the schedule (`state_after_skip`): the schedule counts iterations, as the
+reference's scheduler does, so a fault tied to one learning rate passes and the schedule ends where configured. The
+learning rate of the last update is in the state (`learning_rate(opt_state)`, for metrics).
 
 `optimizer.name` picks the update rule (both share the state layout):
 - `reference_adamw` (default): transformers-4.12.5 AdamW exactly. Per parameter, with t its update count,
@@ -357,6 +358,16 @@ def make_optimizer(optimizer_config: ml_collections.ConfigDict, schedule_config:
 
     return optax.inject_hyperparams(chain)(
         learning_rate=lambda count: schedule(count // updates_per_schedule_step))
+
+
+def state_after_skip(new_state: Any, old_state: Any, finite: jax.Array) -> Any:
+    """The optimizer state after an update that was applied (`finite` True: `new_state`) or skipped (False:
+    `old_state`, except that a `make_optimizer` state's schedule position and learning rate are `new_state`'s)."""
+    kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, old_state)
+    if isinstance(new_state, optax.InjectStatefulHyperparamsState):
+        kept = kept._replace(count=new_state.count, hyperparams=new_state.hyperparams,
+                             hyperparams_states=new_state.hyperparams_states)
+    return kept
 
 
 def learning_rate(opt_state: Any) -> jax.Array | None:

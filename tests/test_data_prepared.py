@@ -90,7 +90,9 @@ def test_config_errors_name_the_key(setup, edit, message):
         validate_data_config(cfg)
 
 
-def test_runs_written_before_the_new_data_keys_resume(tmp_path):
+def test_runs_written_before_new_config_keys_resume(tmp_path):
+    """Keys added after a run was written (this data release's, the region section and losses, a new batch kind)
+    read as their defaults; a non-default value of one is another run."""
     import json
 
     from cclm_jax.run_config import default_run_config
@@ -101,8 +103,14 @@ def test_runs_written_before_the_new_data_keys_resume(tmp_path):
     for key in ("format", "caption_language", "translations", "join_field"):  # keys this data release added
         del saved["data"]["image_caption"][key]
     del saved["data"]["parallel_text"]["min_score"]
+    del saved["data"]["region"], saved["data"]["mix"]["region"]
+    del saved["objectives"]["weights"]["bbox"], saved["objectives"]["weights"]["giou"]
     (tmp_path / "config.json").write_text(json.dumps(saved))
     run_directory.check_same_run(config, str(tmp_path))  # absent = the default: the same run
     config.data.parallel_text.min_score = 1.2
     with pytest.raises(ValueError, match="data.parallel_text.min_score"):
+        run_directory.check_same_run(config, str(tmp_path))
+    config.data.parallel_text.min_score = 1.04
+    config.data.mix = {"image_caption": 1, "parallel_text": 1, "region": 1}
+    with pytest.raises(ValueError, match=r"differs in data.mix.region \('<absent>' -> 1\)"):
         run_directory.check_same_run(config, str(tmp_path))

@@ -432,5 +432,5 @@ def test_run_configs_of_earlier_versions_resume(tmp_path, task):
     run_directory.check_same_run(config, str(tmp_path))
     saved["optimizer"]["new_param_patterns"] = ["cls_head", "temp"]
     (tmp_path / "config.json").write_text(json.dumps(saved))
-    with pytest.raises(ValueError, match=r"optimizer.lr_mults .*optimizer.new_param_patterns"):
+    with pytest.raises(ValueError, match=r"differs in optimizer.lr_mult \(2.0 .*optimizer.new_param_patterns"):
         run_directory.check_same_run(config, str(tmp_path))

@@ -8,6 +8,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
@@ -234,3 +235,29 @@ def test_moved_train_keys_point_to_config_evals():
     config.train.eval_every = 4
     with pytest.raises(ValueError, match=r"config.train.eval_every: unknown key \(now config.evals.dev.every\)"):
         validate_run_config(config)
+
+
+def test_a_skipped_update_keeps_adams_state_and_advances_the_schedule():
+    """lr(k) = 1e38 at schedule step 1 only: that update overflows the weights and is skipped; the next one runs at
+    lr(2) = 0 (the schedule counts iterations), with Adam's count and moments as before the skipped one."""
+    from cclm_jax.optimizer import default_optimizer_config
+
+    ocfg = default_optimizer_config()
+    ocfg.update(lr=1e38, clip_grad_norm=None)
+    scfg = ml_collections.ConfigDict({"kind": "linear", "warmup_steps": 1, "total_steps": 2})
+    params = {"w": jnp.ones((2,))}
+    optimizer = make_optimizer(ocfg, scfg, params)
+    loss_fn = lambda p, batches, rng: (jnp.sum(p["w"] * batches["x"]), {})  # noqa: E731
+    update = jax.jit(make_update_fn(loss_fn, optimizer))
+    state = create_train_state(params, optimizer, jax.random.PRNGKey(0))
+    batch = {"x": jnp.array([1.0, 2.0])}
+    state, metrics = update(state, batch)  # schedule step 0: lr 0, Adam's count 1
+    adam_before = jax.tree.map(np.asarray, state.opt_state.inner_state[0])
+    state, metrics = update(state, batch)  # schedule step 1: lr 1e38 -> weights overflow
+    assert int(metrics["skipped_nonfinite"]) == 1 and metrics["lr"] == np.float32(1e38)
+    for before, after in zip(jax.tree.leaves(adam_before), jax.tree.leaves(state.opt_state.inner_state[0])):
+        np.testing.assert_array_equal(before, np.asarray(after))
+    assert int(state.opt_state.count) == 2
+    state, metrics = update(state, batch)  # schedule step 2: lr 0, applied
+    assert int(metrics["skipped_nonfinite"]) == 0 and float(metrics["lr"]) == 0.0
+    assert int(state.opt_state.inner_state[0].count) == 2 and int(state.skips) == 0

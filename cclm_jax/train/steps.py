@@ -24,7 +24,7 @@ from cclm_jax import objectives
 from cclm_jax.data.mixture import Mixture
 from cclm_jax.data.normalize import prepare_batch
 from cclm_jax.models.cclm import TEMP_MAX, TEMP_MIN, build_model
-from cclm_jax.optimizer import learning_rate
+from cclm_jax.optimizer import learning_rate, state_after_skip
 from cclm_jax.train_state import TrainState, all_finite, global_norm
 
 KINDS = ("image_caption", "parallel_text")  # the 3M mixture; `region` joins for the 4M setting
@@ -69,8 +69,8 @@ def make_update_fn(loss_fn: Callable, optimizer: optax.GradientTransformation, *
     """The one (un-jitted) update of every run: `update(state, batches) -> (state, metrics)`.
 
     `loss_fn(params, batches, rng) -> (total, measurements)`; `prepare_params` maps the parameters before the
-    forward and is kept in them (pre-training's temperature clamp). The update is skipped (parameters and the whole
-    optimizer state kept, so neither Adam's count nor the schedule advance; `nonfinite` and `skips` counted) when
+    forward and is kept in them (pre-training's temperature clamp). The update is skipped (parameters and Adam's
+    state kept; the schedule advances, `optimizer.state_after_skip`; `nonfinite` and `skips` counted) when
     the loss, the gradient norm or any new parameter is not finite. Metrics: the measurements, `loss`,
     `grad_norm`, `param_norm`, `lr` (the learning rate of this update, when the optimizer holds one:
     `optimizer.learning_rate`), `skipped_nonfinite` (device scalars; nothing here talks to the host).
@@ -88,7 +88,7 @@ def make_update_fn(loss_fn: Callable, optimizer: optax.GradientTransformation, *
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
         skipped = (~finite).astype(jnp.int32)
         state = state.replace(step=state.step + 1, params=keep(new_params, params),
-                              opt_state=keep(opt_state, state.opt_state), nonfinite=state.nonfinite + skipped,
+                              opt_state=state_after_skip(opt_state, state.opt_state, finite), nonfinite=state.nonfinite + skipped,
                               skips=(state.skips + 1) * skipped)
         metrics = {**measurements, "loss": total, "grad_norm": grad_norm, "param_norm": global_norm(state.params),
                    "skipped_nonfinite": skipped}
