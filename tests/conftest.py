@@ -26,9 +26,25 @@ GOLDEN = SHARED / "reference" / "golden"
 DATA = SHARED / "data"
 
 
+INTEGRATION = os.environ.get("CCLM_INTEGRATION", "") == "1"
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "libtpu: compiles for a TPU topology from this CPU; needs libtpu "
                             "(pip install 'jax[tpu]'), skipped without it")
+    config.addinivalue_line("markers", "integration: a long end-to-end run (minutes: whole CLI programs, several "
+                            "processes, real data); run with CCLM_INTEGRATION=1, skipped otherwise")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Integration tests run only with CCLM_INTEGRATION=1 (or when `-m` selects them), keeping the default suite
+    within its time budget; what they cover is listed in the README."""
+    if INTEGRATION or "integration" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="integration test: set CCLM_INTEGRATION=1 to run it")
+    for item in items:
+        if "integration" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,7 @@ import time
 
 import jax
 import numpy as np
+import pytest
 import task_batches  # tests/task_batches.py
 from flax import linen as nn
 
@@ -49,6 +50,7 @@ def _tiny_config(tokenizer):
     return config
 
 
+@pytest.mark.integration
 def test_flickr8k_multilingual_retrieval_finetuning(shared_data_dir, tmp_path, capsys):
     root = shared_data_dir / "flickr8k"
     train = {lang: retrieval_sets.read_flickr8k(root / "train.jsonl", root, lang) for lang in LANGUAGES}

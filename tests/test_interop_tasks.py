@@ -306,9 +306,9 @@ def test_params_of_another_task_are_rejected_on_export(loaded, layout_file):
 
 def test_import_records_the_task_and_export_gives_the_file_back(layout_file, cfg, tmp_path):
     layout, state_dict, path = layout_file
-    if layout != "nlvr" and os.environ.get("CCLM_SLOW") != "1":
+    if layout != "nlvr" and os.environ.get("CCLM_INTEGRATION") != "1":
         pytest.skip("Orbax round trip of ~1,500 arrays takes seconds: NLVR (the intricate layout) by default, "
-                    "every layout with CCLM_SLOW=1")
+                    "every layout with CCLM_INTEGRATION=1")
     workdir = tmp_path / "run"
     assert import_to_workdir(str(path), str(workdir)) == 0
     config = read_run_config(str(workdir))

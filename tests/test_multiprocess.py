@@ -4,7 +4,7 @@ gloo collectives) reach bitwise the parameters of one process with two devices t
 (`HostBatches`, per-shard data positions) is tested without compiling anything.
 
 The default run trains a trimmed micro model on parallel text only (compile-bound: three processes compile the
-step); `CCLM_SLOW=1` adds the micro config with both batch kinds and dropout, resumed across process counts.
+step); `CCLM_INTEGRATION=1` adds the micro config with both batch kinds and dropout, resumed across process counts.
 """
 import json
 import os
@@ -29,7 +29,7 @@ import tiny  # noqa: E402  (configs/tiny.py)
 from run_checks import assert_bitwise_equal, logged_losses, workdir_params  # noqa: E402
 
 DEMO_DIR = pathlib.Path(os.environ.get("CCLM_TEST_DATA_DIR", "/tmp/cclm_jax_test_data"))
-SLOW = os.environ.get("CCLM_SLOW") == "1"
+SLOW = os.environ.get("CCLM_INTEGRATION") == "1"
 # The trimmed micro model of the default run: 32 px, one Swin block per stage, 1 text + 1 fusion layer, no
 # dropout (random-number ops dominate CPU compile time), parallel text only (one step function).
 CHEAP = ("--config.data.mix={'parallel_text': 1}", "--config.train.dropout=False",
@@ -186,12 +186,14 @@ def _check_same_run(one, two, steps: int) -> None:
     assert all(f"batches@{shard}" in kind for kind in positions.values() for shard in (0, 1))
 
 
+@pytest.mark.integration
 def test_two_processes_train_like_one_process(tmp_path):
     _one_process(tmp_path / "one", 2, CHEAP)  # first: builds the demo data for the pair if needed
     _two_processes(tmp_path / "two", 2, CHEAP)
     _check_same_run(tmp_path / "one", tmp_path / "two", 2)
 
 
+@pytest.mark.integration
 def test_sigterm_to_one_host_stops_both_at_the_same_step(tmp_path):
     """SIGTERM reaches process 1 only: the processes agree at the next step boundary, save one checkpoint together
     and exit 0 (a flag of its own would send process 1 into the collective save alone, and hang)."""
@@ -202,7 +204,7 @@ def test_sigterm_to_one_host_stops_both_at_the_same_step(tmp_path):
     assert (tmp_path / "two" / "checkpoints" / str(stopped[0]) / "params").is_dir()
 
 
-@pytest.mark.skipif(not SLOW, reason="CCLM_SLOW=1: the micro config with both batch kinds (~4 compiles)")
+@pytest.mark.skipif(not SLOW, reason="CCLM_INTEGRATION=1: the micro config with both batch kinds (~4 compiles)")
 def test_two_processes_train_like_one_and_resume_in_one(tmp_path):
     """Both kinds with dropout; then the pair's checkpoint continues in one process (per-shard data positions)
     and equals the one-process run continued."""

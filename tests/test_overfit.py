@@ -1,16 +1,15 @@
 """Training the model on one repeated image–caption batch and one repeated sentence-pair batch drives every
-loss down (contrastive losses towards 0) within 100 alternating updates (micro config; set CCLM_SLOW=1 for
-the golden-sized tiny model)."""
-import os
+loss down (contrastive losses towards 0) within 100 alternating updates (micro config; an integration test:
+CCLM_INTEGRATION=1)."""
 import pathlib
 import sys
 
 import jax
 import numpy as np
+import pytest
 
 from cclm_jax import parallel
 from cclm_jax.models import build_model
-from cclm_jax.models.config import tiny_model_config
 from cclm_jax.optimizer import make_optimizer
 from cclm_jax.train.steps import StepConfig, make_train_steps
 from cclm_jax.train_state import create_train_state
@@ -39,10 +38,9 @@ def _batches(model_config, b=4, length=12, masks=3):
     return {"image_caption": image_batch, "parallel_text": {**text(), **text("_2")}}
 
 
+@pytest.mark.integration
 def test_losses_go_down_on_repeated_batches():
     config = tiny.get_config("micro")
-    if os.environ.get("CCLM_SLOW"):
-        config.model = tiny_model_config()
     config.model.text.update(vocab_size=100, mask_token_id=99)
     config.optimizer.update(lr=5e-4, lr_mults=())
     config.schedule.update(warmup_steps=5, total_steps=UPDATES)

@@ -83,6 +83,7 @@ def test_evaluate_reproduces_the_runs_final_dev_retrieval(uninterrupted):
     assert report["dev"]["en"]["i2t_r1"] == logged["eval/dev/en/i2t_r1"]
 
 
+@pytest.mark.integration
 def test_diverged_weights_stop_the_run_with_a_clear_error(tmp_path):
     proc = subprocess.run(_train_cmd(tmp_path, STEPS, "--config.optimizer.lr=1e30",
                                      "--config.train.max_consecutive_skips=2", "--config.evals.dev.every=-1"),
@@ -114,6 +115,7 @@ def test_resume_after_sigterm_is_exact(uninterrupted, tmp_path):
         assert resumed[step] == full[step], step
 
 
+@pytest.mark.integration
 def test_resume_after_sigkill_uses_last_complete_checkpoint(uninterrupted, tmp_path):
     proc = subprocess.Popen(_train_cmd(tmp_path), env=_env(), cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)

@@ -1,6 +1,6 @@
 """The 4M mixture end to end through the CLI (micro config, `configs/tiny.py:micro,4m`): parallel-text,
 image–caption and region updates, a checkpoint, and a resumed run that continues with the region batch.
-With CCLM_SLOW=1 the resumed run is also compared bit for bit with an uninterrupted one."""
+The resumed run is compared bit for bit with an uninterrupted one (an integration test: CCLM_INTEGRATION=1)."""
 import json
 import os
 import pathlib
@@ -35,6 +35,7 @@ def regions(tmp_path_factory):
     return path
 
 
+@pytest.mark.integration
 def test_4m_mixture_trains_and_resumes(regions, tmp_path):
     _train(tmp_path, regions, 2)  # parallel_text, image_caption; checkpoint at step 2
     _train(tmp_path, regions, 3)  # resumed: the region update
@@ -50,8 +51,7 @@ def test_4m_mixture_trains_and_resumes(regions, tmp_path):
     # schedule step = step // 2 (two updates per reference iteration): warmup 2 -> lr(step 2) = lr / 2
     config = json.loads((tmp_path / "config.json").read_text())
     assert region["train/region/lr"] == pytest.approx(config["optimizer"]["lr"] / 2, rel=1e-6)
-    if os.environ.get("CCLM_SLOW"):
-        straight = tmp_path / "straight"
-        _train(straight, regions, 3)
-        assert_bitwise_equal(workdir_params(straight), workdir_params(tmp_path))
-        assert logged_losses(straight) == logged_losses(tmp_path)
+    straight = tmp_path / "straight"
+    _train(straight, regions, 3)
+    assert_bitwise_equal(workdir_params(straight), workdir_params(tmp_path))
+    assert logged_losses(straight) == logged_losses(tmp_path)

@@ -84,6 +84,7 @@ def _env() -> dict:
     return env
 
 
+@pytest.mark.integration
 def test_cli_trains_exports_and_imports(tmp_path):
     """`cclm-jax train` of the runlocal recipe shrunk further (2 joint updates), `export` to the X2-VLM layout,
     `import` back: the parameters survive bit for bit."""
