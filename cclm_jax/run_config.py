@@ -127,6 +127,9 @@ def validate_run_config(config: ml_collections.ConfigDict, num_devices: int | No
     if errors:
         raise ValueError("invalid config:\n  " + "\n  ".join(errors))
     validate_model_config(config.model)
+    if config.data.mix.get("region", 0) > 0 and is_x2vlm(config.model):
+        raise ValueError("config.data.mix.region: region batches train CCLM models; CCLM-X2VLM has no region "
+                         "losses yet (set the ratio to 0)")
     validate_data_config(config.data)
     validate_objectives_config(config.objectives)
     validate_optimizer_config(config.optimizer, config.schedule)
@@ -145,10 +148,11 @@ def validate_run_config(config: ml_collections.ConfigDict, num_devices: int | No
         if config.data[kind].image_res != config.model.vision.image_res:
             raise ValueError(f"config.data.{kind}.image_res {config.data[kind].image_res} must equal "
                              f"config.model.vision.image_res {config.model.vision.image_res}")
-    stride = config.model.vision.patch_size * 2 ** (len(config.model.vision.depths) - 1)
-    if config.data.mix.get("region", 0) > 0 and config.data.region.patch_size != stride:
-        raise ValueError(f"config.data.region.patch_size {config.data.region.patch_size} must equal the image "
-                         f"tower's total stride {stride} (model.vision.patch_size x 2^(stages - 1))")
+    if config.data.mix.get("region", 0) > 0:
+        stride = config.model.vision.patch_size * 2 ** (len(config.model.vision.depths) - 1)
+        if config.data.region.patch_size != stride:
+            raise ValueError(f"config.data.region.patch_size {config.data.region.patch_size} must equal the image "
+                             f"tower's total stride {stride} (model.vision.patch_size x 2^(stages - 1))")
     positions = config.model.text.max_position_embeddings
     for kind in [k for k in KINDS if config.data.mix.get(k, 0) > 0] + ["eval"]:
         if config.data[kind].max_tokens > positions:

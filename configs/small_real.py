@@ -12,9 +12,9 @@ project's CLIP input normalisation).
 
 Training: Flickr8k retrieval fine-tuning (ITC + ITM with image ids; test on the 237 val images, ITM re-ranking the
 top `eval.k_test`), captions of all five languages (en/de/fr/cs/zh) unless a training language is given.
-lr 5e-5 for the towers, x10 (`optimizer.lr_mult`) for the new parameters (cross-attention, projections, ITM head,
+lr 5e-5 for the towers, x10 (`optimizer.lr_mults`) for the new parameters (cross-attention, projections, ITM head,
 temperature); 2 epochs at batch 32, no augmentation. The image tower is locked (LiT): `model.vision.frozen` stops
-its gradient and `vision_encoder.` is in the no-decay list, so AdamW leaves it exactly as loaded.
+its gradient and `vision_encoder/.*` heads the weight-decay table at 0, so AdamW leaves it exactly as loaded.
 
 `get_config(arg)`, comma-separated options:
 - a training language ('en', 'de', 'fr', 'cs', 'zh'; zero-shot to the others), default all five;
@@ -31,6 +31,8 @@ from cclm_jax.models.config import base_model_config, vit_vision_config
 
 LANGUAGES = ("en", "de", "fr", "cs", "zh")
 OPTIONS = ("random", "unlocked")
+NEW_PARAMETERS_X10 = ((".*/crossattention/.*", 10.0), ("(text_proj|vision_proj|itm_head)/.*", 10.0), ("temp", 10.0))
+LOCKED_TOWER_NO_DECAY = (("vision_encoder/.*", 0.0),)
 
 
 def model_config():
@@ -56,17 +58,15 @@ def get_config(arg: str = ""):
     config.name = "flickr8k"
     config.model = model_config()
     config.init.towers = True
-    config.optimizer.update(lr=5e-5, lr_mult=10.0, clip_grad_norm=None,
-                            new_param_patterns=("crossattention", "text_proj", "vision_proj", "temp", "itm_head"))
-    config.optimizer.no_decay_patterns = tuple(config.optimizer.no_decay_patterns) + ("vision_encoder.",)
+    config.optimizer.update(lr=5e-5, clip_grad_norm=None, lr_mults=NEW_PARAMETERS_X10,
+                            wd_mults=LOCKED_TOWER_NO_DECAY + tuple(config.optimizer.wd_mults))
     config.train.update(epochs=2, batch_size=32, log_every=10, checkpoint_every=100)
     config.eval.update(batch_size=64, k_test=16, pairs_per_block=512)
     config.data.update(flickr8k_root="", max_tokens=32, max_words=32, languages=LANGUAGES, augment=False,
                        train_language=languages[0] if languages else "en")
     if "unlocked" in options or "random" in options:
         config.model.vision.frozen = False
-        config.optimizer.no_decay_patterns = tuple(p for p in config.optimizer.no_decay_patterns
-                                                   if p != "vision_encoder.")
+        config.optimizer.wd_mults = tuple(config.optimizer.wd_mults)[len(LOCKED_TOWER_NO_DECAY):]
     if "random" in options:
         config.init.towers, config.init.from_scratch = False, True
     return tasks.apply_protocol(config, "zero_shot" if languages else "all_languages")

@@ -127,6 +127,15 @@ def test_tower_init_keys_are_checked_against_the_model_family(tmp_path):
         validate_run_config(config, num_devices=1)
 
 
+def test_region_batches_are_refused_for_x2vlm():
+    from cclm_jax.run_config import validate_run_config
+
+    config = load_config_file(REPO / "configs" / "cclm_x2vlm_base.py", "runlocal")
+    config.data.mix = {"parallel_text": 2, "image_caption": 1, "region": 1}
+    with pytest.raises(ValueError, match="config.data.mix.region: region batches train CCLM models"):
+        validate_run_config(config, num_devices=1)
+
+
 def test_only_retrieval_fine_tunes_x2vlm():
     from cclm_jax.tasks.definitions import build_task_model
 
