@@ -78,7 +78,10 @@ def compile_parts(config, batch: int, parts: list[str], log=print) -> list[dict]
     for part in parts:
         kind = "image_caption" if part == "forward" else part
         batches = abstract_batch(config, kind, batch)
-        fn, args = (jax.jit(forward), (params, batches)) if part == "forward" else (steps[kind], (state, {kind: batches}))
+        if part == "forward":
+            fn, args = jax.jit(forward), (params, batches)
+        else:
+            fn, args = steps[kind], (state, {kind: batches})
         t0 = time.perf_counter()
         lowered = fn.lower(*args)
         t1 = time.perf_counter()
@@ -105,7 +108,8 @@ def markdown(rows: list[dict]) -> str:
              "largest vocab-sized array | (B, L, vocab) logits |", "|" + "---|" * 10]
     for r in rows:
         lines.append(f"| {r['part']} | {r['lower_s']:.1f} | {r['compile_s']:.1f} | {r['temp_gib']:.2f} | "
-                     f"{r['args_gib']:.2f} | {r['total_gib']:.2f} | {r['xla_gflop']:,.0f} | {r['analytic_gflop']:,.0f} | "
+                     f"{r['args_gib']:.2f} | {r['total_gib']:.2f} | {r['xla_gflop']:,.0f} | "
+                     f"{r['analytic_gflop']:,.0f} | "
                      f"`{r['vocab_array']}` | {'PRESENT' if r['all_token_logits'] else 'absent'} |")
     return "\n".join(lines)
 

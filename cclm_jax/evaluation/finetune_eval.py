@@ -15,7 +15,8 @@ the mesh's batch axes, and gets the full predictions back.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import ml_collections
@@ -24,8 +25,14 @@ from jax.sharding import Mesh
 
 from cclm_jax import parallel
 from cclm_jax.data.finetune_data import report_name
-from cclm_jax.data.finetune_input import (answer_candidates, encode_texts, eval_image_batches, image_source,
-                                          load_images, text_fields)
+from cclm_jax.data.finetune_input import (
+    answer_candidates,
+    encode_texts,
+    eval_image_batches,
+    image_source,
+    load_images,
+    text_fields,
+)
 from cclm_jax.data.iglue import ImagePairExample
 from cclm_jax.data.retrieval_sets import RetrievalSet
 from cclm_jax.data.text import pre_question

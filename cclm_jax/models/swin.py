@@ -11,7 +11,8 @@ Images are NHWC float32, already normalised. Parameter names mirror the PyTorch 
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -32,8 +32,7 @@ from flax import linen as nn
 from cclm_jax.models.cclm import DTYPES, to_nhwc
 from cclm_jax.models.heads import MLMHead, MLPHead
 from cclm_jax.models.swin import SwinTransformer
-from cclm_jax.models.text import (Embeddings, TextLayer, TextStack, cross_attention_bias,
-                                  self_attention_bias)
+from cclm_jax.models.text import Embeddings, TextLayer, TextStack, cross_attention_bias, self_attention_bias
 
 XVNLI_CLASSES = 3
 NLVR_CLASSES = 2
@@ -363,9 +362,9 @@ def init_nlvr_params(pretrained: dict, rng: jax.Array) -> dict:
     text = {"embeddings": _copy(source["embeddings"])}
     for i in range(fusion):
         text[f"layer_{i}"] = _copy(source[f"layer_{i}"])
-    for l in range(fusion, n):
+    for layer in range(fusion, n):
         for copy in (0, 1):
-            text[f"layer_{fusion + 2 * (l - fusion) + copy}"] = _copy(source[f"layer_{l}"])
+            text[f"layer_{fusion + 2 * (layer - fusion) + copy}"] = _copy(source[f"layer_{layer}"])
     params = {"vision_encoder": _copy(pretrained["vision_encoder"]), "text_encoder": text,
               "cls_head": _new_head(NLVR_CLASSES, _hidden_size(pretrained), rng)}
     return drop_shared_cross_kv(params, fusion)

@@ -7,9 +7,20 @@
 Training (`train.finetuning`) and evaluation (`evaluation.finetune_eval`) build on these; the data they read is
 in `data.finetune_data` / `data.finetune_input`.
 """
-from cclm_jax.tasks.definitions import (PROTOCOLS, TASK_HEADS, TASK_LOSSES, TASKS, apply_protocol, build_task_model,
-                                        default_finetune_config, init_task_params, json_retrieval_config,
-                                        make_loss_fn, make_predict_fn, validate_finetune_config)
+from cclm_jax.tasks.definitions import (
+                                        PROTOCOLS,
+                                        TASK_HEADS,
+                                        TASK_LOSSES,
+                                        TASKS,
+                                        apply_protocol,
+                                        build_task_model,
+                                        default_finetune_config,
+                                        init_task_params,
+                                        json_retrieval_config,
+                                        make_loss_fn,
+                                        make_predict_fn,
+                                        validate_finetune_config,
+)
 
 __all__ = ["PROTOCOLS", "TASK_HEADS", "TASK_LOSSES", "TASKS", "apply_protocol", "build_task_model",
            "default_finetune_config", "init_task_params", "json_retrieval_config", "make_loss_fn",

@@ -14,7 +14,8 @@ config's ``patch_size: 32`` (the output stride).
 """
 import math
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 

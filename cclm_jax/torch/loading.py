@@ -8,7 +8,7 @@ import json
 import pathlib
 import pickle
 import warnings
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 

@@ -4,7 +4,7 @@ Parameter and buffer names equal the official state_dict keys, so ``load_state_d
 accepts an official or exported checkpoint (see ``cclm_jax.torch.loading`` for files). All methods are
 float32-exact ports of the reference; dropout and drop-path are absent (eval semantics).
 """
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F

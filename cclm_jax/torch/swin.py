@@ -4,7 +4,7 @@ Submodule and buffer names follow the official ``vision_encoder.*`` state_dict k
 float tensors, already normalised; the output is ``[mean of the final tokens; final tokens]``,
 shape (B, 1 + (image_res / (patch_size * 2^(stages-1)))², width).
 """
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F

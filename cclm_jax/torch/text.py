@@ -6,7 +6,7 @@ attention masks are (B, L) integer tensors (masks 1 = attend, 0 = padding); hidd
 (B, L, hidden_size) floats.
 """
 import math
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F

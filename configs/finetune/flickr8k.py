@@ -16,8 +16,8 @@ fine-tuning (ITC + ITM with image ids, ITM re-ranking of the top `k_test` in eva
   cclm-jax finetune --config configs/finetune/flickr8k.py:tiny --workdir /tmp/f8k \\
     --config.data.flickr8k_root=../shared/data/flickr8k --config.data.tokenizer=/tmp/f8k_spm.model
 """
-from cclm_jax.models.config import tiny_model_config
 from cclm_jax import tasks
+from cclm_jax.models.config import tiny_model_config
 
 LANGUAGES = ("en", "de", "fr", "cs", "zh")
 

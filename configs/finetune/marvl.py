@@ -6,8 +6,8 @@ The spec's table gives no max_tokens for NLVR; 40 (the caption tasks' value) is 
 `get_config(protocol)`: 'zero_shot' (default), 'translate_test', 'few_shot' (`marvl-<lang>_train<shots>`),
 'all_languages'. NLVR2 training data: ALBEF/CCLM json lists (`data.iglue.read_nlvr_json`) in `data.train_files`.
 """
-from cclm_jax.evaluation.metrics import IGLUE_LANGUAGES
 from cclm_jax import tasks
+from cclm_jax.evaluation.metrics import IGLUE_LANGUAGES
 
 
 def get_config(arg: str = ""):

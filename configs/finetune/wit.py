@@ -4,8 +4,8 @@ tr/vi; lr 3e-5, 5 epochs, max 80 tokens, k_test 128, evaluation from epoch 3.
 `get_config(protocol)`: 'zero_shot' (default), 'translate_test', 'all_languages' (IGLUE has no WIT few-shot
 files). Images are the WIT test images (`data.image_root`) or embedded in the annotation lines.
 """
-from cclm_jax.evaluation.metrics import IGLUE_LANGUAGES
 from cclm_jax import tasks
+from cclm_jax.evaluation.metrics import IGLUE_LANGUAGES
 
 
 def get_config(arg: str = ""):

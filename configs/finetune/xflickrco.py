@@ -9,8 +9,8 @@ de/en/es/id/ja/ru/tr/zh; lr 3e-5, 10 epochs, max 80 tokens, k_test 128, evaluati
   --config.data.image_root.flickr30k=/data/flickr30k/images --config.data.image_root.coco=/data/coco/val2014 \
   --config.data.tokenizer=/data/xlm-roberta-large/sentencepiece.bpe.model
 """
-from cclm_jax.evaluation.metrics import IGLUE_LANGUAGES
 from cclm_jax import tasks
+from cclm_jax.evaluation.metrics import IGLUE_LANGUAGES
 
 
 def get_config(arg: str = ""):

@@ -6,8 +6,8 @@ first-token probability are re-ranked by likelihood (`eval.k_test`); evaluation 
 
 `get_config(protocol)`: 'zero_shot' (default), 'few_shot' (`train_<shots>.json`), 'all_languages'.
 """
-from cclm_jax.evaluation.metrics import IGLUE_LANGUAGES
 from cclm_jax import tasks
+from cclm_jax.evaluation.metrics import IGLUE_LANGUAGES
 
 
 def get_config(arg: str = ""):

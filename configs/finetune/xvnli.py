@@ -4,8 +4,8 @@
 `get_config(protocol)`: 'zero_shot' (default), 'translate_test', 'few_shot' (`train_<shots>` files),
 'all_languages'. Images: Flickr30K (`data.image_root/<Flikr30kID>.jpg`).
 """
-from cclm_jax.evaluation.metrics import IGLUE_LANGUAGES
 from cclm_jax import tasks
+from cclm_jax.evaluation.metrics import IGLUE_LANGUAGES
 
 
 def get_config(arg: str = ""):
