@@ -127,13 +127,62 @@ def test_tower_init_keys_are_checked_against_the_model_family(tmp_path):
         validate_run_config(config, num_devices=1)
 
 
-def test_region_batches_are_refused_for_x2vlm():
+def test_x2vlm_region_batches_need_the_vit_patch_grid(tmp_path):
+    """Region batches are accepted for CCLM-X2VLM when `data.region.patch_size` is the ViT's patch size (16: the
+    14x14 grid of its tokens), refused in one line naming both keys otherwise."""
     from cclm_jax.run_config import validate_run_config
+    from tests.test_data_region import _region_file
 
+    _region_file(tmp_path / "regions.jsonl", n_images=2)
     config = load_config_file(REPO / "configs" / "cclm_x2vlm_base.py", "runlocal")
-    config.data.mix = {"parallel_text": 2, "image_caption": 1, "region": 1}
-    with pytest.raises(ValueError, match="config.data.mix.region: region batches train CCLM models"):
+    config.data.mix = {"parallel_text": 2, "image_caption": 1, "region": 1}  # joint: one batch of each per update
+    config.data.region.update(paths=(str(tmp_path / "regions.jsonl"),), image_res=224, patch_size=32)
+    with pytest.raises(ValueError, match=r"config.data.region.patch_size 32 must equal the image tower's total "
+                                         r"stride 16 \(model.vision.patch_size\)"):
         validate_run_config(config, num_devices=1)
+    config.data.region.patch_size = 16
+    validate_run_config(config, num_devices=1)
+
+
+def test_x2vlm_joint_update_on_pipeline_region_batches(tmp_path):
+    """A region batch from the training pipeline (32 px, ViT patch 16: 1 + 2x2 tokens) through the pre-training
+    loss (`train.steps.pretraining_losses`, 'joint') of a micro CCLM-X2VLM: the five losses, finite and positive,
+    and gradients reaching the ViT, the cross encoder and the box head."""
+    from cclm_jax.data import pipeline
+    from cclm_jax.data.config import default_data_config, validate_data_config
+    from cclm_jax.data.tokenizer import Tokenizer
+    from cclm_jax.objectives import default_objectives_config
+    from cclm_jax.train.steps import StepConfig, pretraining_losses
+    from cclm_jax.train_state import global_norm
+    from tests.test_data_region import WORDS, _region_file
+
+    _region_file(tmp_path / "regions.jsonl", n_images=6)
+    tok = Tokenizer.train([" ".join(WORDS)] * 20 + ["a picture", "ein bild de"], tmp_path / "spm", vocab_size=60)
+    data = default_data_config()
+    data.data_dir, data.shuffle_buffer, data.mix = str(tmp_path / "cache"), 8, {"region": 1}
+    data.region.update(paths=(str(tmp_path / "regions.jsonl"),), image_res=32, patch_size=16, batch_size=6,
+                       max_images=3, max_tokens=12, max_words=12, max_masks=4)
+    validate_data_config(data)
+    batch = next(pipeline.build_train_pipelines(data, tok)["region"])
+    assert batch["image_atts"].shape == (6, 1 + 2 * 2)
+    cfg = x2vlm_model_config("tiny")
+    cfg.vision.update(image_res=32, depth=1)
+    cfg.text.update(vocab_size=tok.vocab_size, mask_token_id=tok.mask_id, num_layers=1, fusion_layer=1)
+    cfg.cross.num_layers = 1
+    params = jax.jit(build_model(cfg).init)(jax.random.PRNGKey(0), np.zeros((1, 32, 32, 3), np.float32),
+                                            np.zeros((1, 4), np.int32), np.ones((1, 4), np.int32))["params"]
+    loss_fn = pretraining_losses(StepConfig(cfg, default_objectives_config(), dropout=False), "joint",
+                                 ("region",))["joint"]
+    (total, measured), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
+        nn.meta.unbox(params), {"region": batch}, jax.random.PRNGKey(1))
+    names = ("itc", "itm", "mlm", "bbox", "giou")
+    assert sorted(measured) == sorted(names)
+    for name in names:
+        assert np.isfinite(float(measured[name])) and float(measured[name]) > 0, name
+    assert float(total) == pytest.approx(sum(float(measured[n]) for n in names), rel=1e-6)
+    for module in ("vision_encoder", "cross_encoder", "bbox_head", "text_encoder"):
+        norm = float(global_norm(grads[module]))
+        assert np.isfinite(norm) and norm > 0, module
 
 
 def test_only_retrieval_fine_tunes_x2vlm():
