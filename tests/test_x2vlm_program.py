@@ -13,6 +13,7 @@ from flax import linen as nn
 from cclm_jax.interop import official
 from cclm_jax.interop.shapes import abstract_params, official_shapes, param_shapes
 from cclm_jax.models import build_model, x2vlm_model_config
+from cclm_jax.models.cclm import vision_stride
 from cclm_jax.optimizer import param_multipliers
 from cclm_jax.run_config import load_config_file
 from tests.conftest import REPO
@@ -136,12 +137,18 @@ def test_x2vlm_region_batches_need_the_vit_patch_grid(tmp_path):
     _region_file(tmp_path / "regions.jsonl", n_images=2)
     config = load_config_file(REPO / "configs" / "cclm_x2vlm_base.py", "runlocal")
     config.data.mix = {"parallel_text": 2, "image_caption": 1, "region": 1}  # joint: one batch of each per update
-    config.data.region.update(paths=(str(tmp_path / "regions.jsonl"),), image_res=224, patch_size=32)
+    config.data.region.paths = (str(tmp_path / "regions.jsonl"),)
+    validate_run_config(config, num_devices=1)  # the recipe's region section: 224 px, patch 16
+    config.data.region.patch_size = 32
     with pytest.raises(ValueError, match=r"config.data.region.patch_size 32 must equal the image tower's total "
                                          r"stride 16 \(model.vision.patch_size\)"):
         validate_run_config(config, num_devices=1)
-    config.data.region.patch_size = 16
-    validate_run_config(config, num_devices=1)
+    cclm = load_config_file(REPO / "configs" / "tiny.py", "micro,4m")
+    cclm.data.region.update(paths=config.data.region.paths, patch_size=16)
+    stride = vision_stride(cclm.model)
+    assert stride == cclm.model.vision.patch_size * 2 == 8  # 2 Swin stages
+    with pytest.raises(ValueError, match=rf"stride {stride} \(model.vision.patch_size x 2\^\(stages - 1\)\)"):
+        validate_run_config(cclm, num_devices=1)
 
 
 def test_x2vlm_joint_update_on_pipeline_region_batches(tmp_path):
