@@ -4,9 +4,8 @@ One optimizer update per iteration on the summed losses of an image–caption ba
 (`train.mode = 'joint'`, X2-VLM's `mixed_in_batch`), gradient clipping 1.0, AdamW with per-tower learning rates
 (cross encoder 4e-5, vision 2e-5, text 8e-5: the `optimizer.lr_mults` table; projections, heads and `temp` x2),
 warmup 1000, linear decay over 39 epochs. Start from a released CCLM-X2VLM or X2-VLM file (`init.checkpoint`).
-Region batches (X2-VLM's third view) are off by default; `data.region` is set for this ViT (224 px, patch 16) and
-`data.mix` with a `region` entry plus `data.region.paths` adds them to every update (see the README). Give the data
-by path:
+Region batches (X2-VLM's third view) are off by default: a `region` entry in `data.mix` with `data.region.paths` and
+`data.region.patch_size=16` (this ViT's patch) adds them to every update (see the README). Give the data by path:
 
   cclm-jax train --config configs/cclm_x2vlm_base.py --workdir gs://bucket/run \
     --config.data.image_caption.paths="('/data/cc3m/part-000.jsonl', ...)" \
@@ -44,7 +43,6 @@ def x2vlm_run_config(size: str, arg: str, name: str):
     data.parallel_text.update(kind="jsonl", paths=[], batch_size=1024, max_tokens=64, max_words=64,
                               max_masks=16, mask_prob=0.4)
     data.eval.update(image_res=224)
-    data.region.update(image_res=224, patch_size=16, max_regions=5, min_perc_in_image=0.5)  # the ViT's 14x14 grid
     config.optimizer.update(lr=4e-5, weight_decay=0.01, clip_grad_norm=1.0, lr_mults=X2VLM_LR_MULTS)
     config.schedule.update(warmup_steps=1000, total_steps=ITERATIONS_PER_EPOCH * EPOCHS)
     config.train.update(mode="joint", num_steps=ITERATIONS_PER_EPOCH * EPOCHS, log_every=100,

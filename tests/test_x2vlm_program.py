@@ -138,11 +138,11 @@ def test_x2vlm_region_batches_need_the_vit_patch_grid(tmp_path):
     config = load_config_file(REPO / "configs" / "cclm_x2vlm_base.py", "runlocal")
     config.data.mix = {"parallel_text": 2, "image_caption": 1, "region": 1}  # joint: one batch of each per update
     config.data.region.paths = (str(tmp_path / "regions.jsonl"),)
-    validate_run_config(config, num_devices=1)  # the recipe's region section: 224 px, patch 16
-    config.data.region.patch_size = 32
     with pytest.raises(ValueError, match=r"config.data.region.patch_size 32 must equal the image tower's total "
                                          r"stride 16 \(model.vision.patch_size\)"):
-        validate_run_config(config, num_devices=1)
+        validate_run_config(config, num_devices=1)  # the default region grid is Swin-B's (patch 32)
+    config.data.region.patch_size = 16
+    validate_run_config(config, num_devices=1)
     cclm = load_config_file(REPO / "configs" / "tiny.py", "micro,4m")
     cclm.data.region.update(paths=config.data.region.paths, patch_size=16)
     stride = vision_stride(cclm.model)
