@@ -115,6 +115,39 @@ def test_cli_trains_exports_and_imports(tmp_path):
     assert_bitwise_equal(workdir_params(tmp_path / "imported"), jax.tree.map(np.asarray, params))
 
 
+@pytest.mark.integration
+def test_cli_trains_with_region_batches(tmp_path):
+    """`cclm-jax train` of the runlocal recipe at 32 px with region batches (ViT patch 16): two joint updates, each
+    logging the five region losses with the image-caption and parallel-text ones, and the total their sum."""
+    import json
+
+    from tests.test_data_region import _region_file
+
+    _region_file(tmp_path / "regions.jsonl", n_images=16)
+    args = ["--config.model.vision.image_res=32", "--config.data.image_caption.image_res=32",
+            "--config.data.eval.image_res=32", "--config.model.vision.depth=1", "--config.model.text.num_layers=1",
+            "--config.model.text.fusion_layer=1", "--config.model.cross.num_layers=1", "--config.train.dropout=False",
+            "--config.train.num_steps=2", "--config.train.log_every=1", "--config.evals.dev.every=-1",
+            f"--config.data.data_dir={os.environ.get('CCLM_TEST_DATA_DIR', '/tmp/cclm_jax_test_data')}",
+            "--config.data.mix={'parallel_text': 2, 'image_caption': 1, 'region': 1}",
+            f"--config.data.region.paths=('{tmp_path / 'regions.jsonl'}',)", "--config.data.region.image_res=32",
+            "--config.data.region.patch_size=16", "--config.data.region.batch_size=8",
+            "--config.data.region.max_images=4"]
+    proc = subprocess.run([sys.executable, "-m", "cclm_jax", "train", "--config=configs/cclm_x2vlm_base.py:runlocal",
+                           f"--workdir={tmp_path / 'run'}", *args], env=_env(), capture_output=True, text=True,
+                          timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "train/joint/loss" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    names = {"region": ("itc", "itm", "mlm", "bbox", "giou"), "image_caption": ("itc", "itm", "mlm"),
+             "parallel_text": ("ttc", "ttm", "mlm")}
+    for row in steps:
+        values = [row[f"train/joint/{kind}/{n}"] for kind, ns in names.items() for n in ns]
+        assert all(np.isfinite(v) and v > 0 for v in values)
+        assert row["train/joint/loss"] == pytest.approx(sum(values), rel=1e-5)
+
+
 def test_tower_init_keys_are_checked_against_the_model_family(tmp_path):
     from cclm_jax.run_config import validate_run_config
 
