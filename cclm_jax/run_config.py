@@ -49,7 +49,7 @@ import os
 import ml_collections
 
 from cclm_jax.data.config import KINDS, default_data_config, resolve_host_shards, validate_data_config
-from cclm_jax.models.cclm import is_x2vlm
+from cclm_jax.models.cclm import is_x2vlm, vision_kind, vision_stride
 from cclm_jax.models.config import base_model_config, reference_model_config, validate_model_config
 from cclm_jax.objectives import default_objectives_config, validate_objectives_config
 from cclm_jax.optimizer import default_optimizer_config, default_schedule_config, validate_optimizer_config
@@ -127,9 +127,6 @@ def validate_run_config(config: ml_collections.ConfigDict, num_devices: int | No
     if errors:
         raise ValueError("invalid config:\n  " + "\n  ".join(errors))
     validate_model_config(config.model)
-    if config.data.mix.get("region", 0) > 0 and is_x2vlm(config.model):
-        raise ValueError("config.data.mix.region: region batches train CCLM models; CCLM-X2VLM has no region "
-                         "losses yet (set the ratio to 0)")
     validate_data_config(config.data)
     validate_objectives_config(config.objectives)
     validate_optimizer_config(config.optimizer, config.schedule)
@@ -149,10 +146,12 @@ def validate_run_config(config: ml_collections.ConfigDict, num_devices: int | No
             raise ValueError(f"config.data.{kind}.image_res {config.data[kind].image_res} must equal "
                              f"config.model.vision.image_res {config.model.vision.image_res}")
     if config.data.mix.get("region", 0) > 0:
-        stride = config.model.vision.patch_size * 2 ** (len(config.model.vision.depths) - 1)
+        stride = vision_stride(config.model)
         if config.data.region.patch_size != stride:
+            how = ("model.vision.patch_size" if vision_kind(config.model) == "vit"
+                   else "model.vision.patch_size x 2^(stages - 1)")
             raise ValueError(f"config.data.region.patch_size {config.data.region.patch_size} must equal the image "
-                             f"tower's total stride {stride} (model.vision.patch_size x 2^(stages - 1))")
+                             f"tower's total stride {stride} ({how})")
     positions = config.model.text.max_position_embeddings
     for kind in [k for k in KINDS if config.data.mix.get(k, 0) > 0] + ["eval"]:
         if config.data[kind].max_tokens > positions:

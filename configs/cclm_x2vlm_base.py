@@ -4,7 +4,8 @@ One optimizer update per iteration on the summed losses of an image–caption ba
 (`train.mode = 'joint'`, X2-VLM's `mixed_in_batch`), gradient clipping 1.0, AdamW with per-tower learning rates
 (cross encoder 4e-5, vision 2e-5, text 8e-5: the `optimizer.lr_mults` table; projections, heads and `temp` x2),
 warmup 1000, linear decay over 39 epochs. Start from a released CCLM-X2VLM or X2-VLM file (`init.checkpoint`).
-Region batches (X2-VLM's third view) are not in this recipe yet (see the README). Give the data by path:
+Region batches (X2-VLM's third view) are off by default: a `region` entry in `data.mix` with `data.region.paths` and
+`data.region.patch_size=16` (this ViT's patch) adds them to every update (see the README). Give the data by path:
 
   cclm-jax train --config configs/cclm_x2vlm_base.py --workdir gs://bucket/run \
     --config.data.image_caption.paths="('/data/cc3m/part-000.jsonl', ...)" \

@@ -176,6 +176,15 @@ def vision_width(model_config: ml_collections.ConfigDict) -> int:
     return v.embed_dim * 2 ** (len(v.depths) - 1)
 
 
+def vision_stride(model_config: ml_collections.ConfigDict) -> int:
+    """Pixels per side of one output patch token (the region patch masks' cell): ViT patch_size, Swin patch_size *
+    2^(stages-1)."""
+    v = model_config.vision
+    if vision_kind(model_config) == "vit":
+        return v.patch_size
+    return v.patch_size * 2 ** (len(v.depths) - 1)
+
+
 def vision_tower(model_config: ml_collections.ConfigDict, deterministic: bool) -> nn.Module:
     """The image tower of `model.vision` (module attribute `vision_encoder` of both model families)."""
     v, dtype, scan = model_config.vision, DTYPES[model_config.dtype], model_config.get("scan_layers", False)
