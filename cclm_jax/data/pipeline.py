@@ -118,7 +118,8 @@ def open_parallel_text(cfg):
 def open_region(cfg):
     """(Source, split) of the ``region`` section."""
     section = cfg.region
-    source = region_lib.region_jsonl({"train": list(section.paths)}, _tfds_dir(cfg), image_field=section.image_field,
+    paths = [_demo_paths(cfg)["region_train"]] if section.kind == "demo" else list(section.paths)
+    source = region_lib.region_jsonl({"train": paths}, _tfds_dir(cfg), image_field=section.image_field,
                                      image_root=section.image_root)
     return source, "train"
 
