@@ -20,8 +20,9 @@ image–text retrieval far above chance within minutes.
 captions, XLM-R id layout), ``region_train.jsonl`` and ``region_val.jsonl`` (region grounding, the 4M
 setting: ``num_train`` / ``num_val`` pictures of 2-3 different shapes at non-overlapping places, each shape an
 elem with its pixel box and its caption in the four languages; ``cclm_jax.data.region`` records; from their own
-random stream, so the other files are what they were before region files existed), and returns their paths. The pipeline then builds them into TFDS datasets with the
-ordinary json-lines builders. Everything is a deterministic function of the spec.
+random stream, so the other files are what they were before region files existed), and returns their paths.
+The pipeline then builds them into TFDS datasets with the ordinary json-lines builders. Everything is a
+deterministic function of the spec.
 """
 import base64
 import dataclasses
@@ -32,7 +33,6 @@ import os
 import pathlib
 import shutil
 import tempfile
-from typing import Dict
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -296,7 +296,7 @@ def _write_regions(root: pathlib.Path, spec: DemoSpec) -> None:
         os.replace(staging, root / f"{name}.jsonl")
 
 
-def demo_paths(data_dir, spec: DemoSpec) -> Dict[str, str]:
+def demo_paths(data_dir, spec: DemoSpec) -> dict[str, str]:
     """Where ``prepare_demo`` puts the files of ``spec`` (keys train, val, parallel, spm, region_train,
     region_val)."""
     root = pathlib.Path(os.path.expanduser(str(data_dir))) / spec.key()
@@ -305,8 +305,10 @@ def demo_paths(data_dir, spec: DemoSpec) -> Dict[str, str]:
             "region_train": str(root / "region_train.jsonl"), "region_val": str(root / "region_val.jsonl")}
 
 
-def prepare_demo(data_dir, spec: DemoSpec = DemoSpec()) -> Dict[str, str]:
-    """Generate the demo files once (atomically) and return ``demo_paths(data_dir, spec)``."""
+def prepare_demo(data_dir, spec: DemoSpec | None = None) -> dict[str, str]:
+    """Generate the demo files of ``spec`` (default ``DemoSpec()``) once (atomically) and return
+    ``demo_paths(data_dir, spec)``; a directory generated before region files existed gets them added."""
+    spec = spec or DemoSpec()
     paths = demo_paths(data_dir, spec)
     root = pathlib.Path(paths["train"]).parent
     if (root / "spec.json").exists():
