@@ -88,6 +88,16 @@ def test_region_records_are_valid_and_boxes_enclose_their_shapes(paths):
     assert counts == {2, 3}
 
 
+def test_region_files_are_deterministic_and_added_to_older_directories(paths, tmp_path):
+    again = demo.prepare_demo(tmp_path, SPEC)
+    for key in ("region_train", "region_val"):
+        assert pathlib.Path(again[key]).read_bytes() == pathlib.Path(paths[key]).read_bytes()
+        os.remove(again[key])  # as a directory generated before region files existed
+    assert demo.prepare_demo(tmp_path, SPEC) == again
+    for key in ("region_train", "region_val"):
+        assert pathlib.Path(again[key]).read_bytes() == pathlib.Path(paths[key]).read_bytes()
+
+
 def test_box_iou_hand_computed():
     a = np.array([[0.25, 0.25, 0.5, 0.5], [0.25, 0.25, 0.5, 0.5], [0.5, 0.5, 0.0, 0.0]])
     b = np.array([[0.375, 0.25, 0.5, 0.5], [0.75, 0.75, 0.5, 0.5], [0.5, 0.5, 0.0, 0.0]])
@@ -124,6 +134,10 @@ def test_demo_4m_config_is_valid(config):
     validate_run_config(config, num_devices=1)
     assert dict(config.data.mix) == {"parallel_text": 2, "image_caption": 1, "region": 1}
     assert config.data.region.kind == "demo" and config.evals.grounding.kind == "grounding"
+    config.data.region.kind = "coco"
+    with pytest.raises(ValueError, match="config.data.region.kind: must be 'jsonl' or 'demo', got 'coco'"):
+        validate_run_config(config, num_devices=1)
+    config.data.region.kind = "demo"
     with pytest.raises(ValueError, match="'N', '4m' or '4m,N'"):
         load_config_file(REPO / "configs/demo.py", "4m,x")
 
