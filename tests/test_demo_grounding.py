@@ -194,3 +194,27 @@ def test_demo_4m_cli_run_reports_grounding(data_dir, paths, tmp_path):
         assert 0.0 <= final[f"eval/grounding/{lang}/grounding_acc"] <= 100.0
         assert f"eval/dev/{lang}/i2t_r1" in final
     assert 30.0 < final["eval/grounding/chance_random_shape"] < 50.0  # 1 / (2 or 3 shapes)
+
+
+def test_swin_absolute_position_embedding_option():
+    """`model.vision.ape` (the official Swin option): a (1, P, C) table added after the patch embedding, so the
+    same picture shifted by a patch is no longer the same token set; off, there is no such parameter."""
+    from cclm_jax.interop.export import architecture_dict
+    from cclm_jax.models.swin import SwinTransformer
+
+    kwargs = dict(image_res=32, patch_size=4, embed_dim=8, depths=(1, 1), num_heads=(1, 2), window_size=4)
+    image = jnp.zeros((1, 32, 32, 3)).at[:, 4:8, 4:8].set(1.0)
+    plain = SwinTransformer(**kwargs).init(jax.random.PRNGKey(0), image)["params"]
+    assert "absolute_pos_embed" not in plain
+    model = SwinTransformer(**kwargs, ape=True)
+    params = model.init(jax.random.PRNGKey(0), image)["params"]
+    assert params["absolute_pos_embed"].value.shape == (1, 64, 8)
+    zero = jax.tree_util.tree_map(lambda x: x, params)
+    zero["absolute_pos_embed"] = zero["absolute_pos_embed"].replace_boxed(jnp.zeros((1, 64, 8)))
+    with_table = model.apply({"params": params}, image)
+    np.testing.assert_allclose(model.apply({"params": zero}, image),
+                               SwinTransformer(**kwargs).apply({"params": plain}, image), atol=1e-6)
+    assert not np.allclose(with_table, model.apply({"params": zero}, image), atol=1e-3)
+    config = load_config_file(REPO / "configs/demo.py", "4m").model
+    with pytest.raises(ValueError, match="model.vision.ape: a Swin with an absolute position embedding cannot"):
+        architecture_dict(config)
