@@ -29,6 +29,10 @@ Sections (each documented where its defaults live):
   every > 0 runs one every `every` steps and at the end, 0 at the end only, -1 never. Kinds:
   dev_retrieval    retrieval on the dev set `data.eval` names (`evaluation.dev`); k_test: candidates re-ranked
                    by the ITM head (0 = ITC scores only). Metrics `eval/<name>/<lang>/i2t_r1`, ...
+  grounding        box-head grounding on held-out region records (`evaluation.grounding`): paths (region
+                   json-lines; empty = the demo's region_val.jsonl), image_field, image_root, languages.
+                   Metrics `eval/<name>/<lang>/grounding_acc` (IoU >= 0.5, percent), `<lang>/mean_iou`,
+                   `chance_mean_box`, `chance_random_shape`.
 `init`:
   checkpoint       '' (random init), an official CCLM `.th` (imported), or an Orbax workdir to start from.
   text_num_heads   attention heads of an imported official checkpoint that records none (shapes cannot

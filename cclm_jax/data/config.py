@@ -69,7 +69,8 @@ parallel_text
     paths, batch_size, max_tokens (64), max_words (64), max_masks (20), mask_prob (0.4).
 
 region (region grounding, the 4M setting; records and sampling: ``cclm_jax/data/region.py``)
-    kind                    "jsonl" (region json-lines).
+    kind                    "jsonl" (region json-lines in ``paths``) or "demo" (the demo's
+                            ``region_train.jsonl``: 2-3 shapes per picture, ``cclm_jax/data/demo.py``).
     paths, image_field, image_root, languages
                             as for image_caption.
     image_res, patch_size   output pixels and the image tower's total stride (32 for Swin): the patch
@@ -189,10 +190,10 @@ def _check_reader(cfg, section: str):
 
 def _check_region(cfg):
     section = cfg.region
-    if section.kind != "jsonl":
-        _fail("region.kind", f"must be 'jsonl', got {section.kind!r}")
-    if not section.paths:
-        _fail("region.paths", "needs at least one region json-lines file")
+    if section.kind not in ("jsonl", "demo"):
+        _fail("region.kind", f"must be 'jsonl' or 'demo', got {section.kind!r}")
+    if section.kind == "jsonl" and not section.paths:
+        _fail("region.paths", "needs at least one region json-lines file (or kind 'demo')")
     for i, path in enumerate(section.paths):
         _check_file(f"region.paths[{i}]", path)
     if section.image_root and not os.path.isdir(os.path.expanduser(section.image_root)):

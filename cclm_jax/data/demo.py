@@ -17,8 +17,12 @@ image–text retrieval far above chance within minutes.
 ``train.jsonl`` and ``val.jsonl`` (CCLM layout: base64 PNG in ``binary``, ``caption`` =
 ``{lang: text}``), ``parallel.jsonl`` (``source_text``/``target_text``/``source_lang``/
 ``target_lang``) and ``spm.model`` (a BPE SentencePiece model trained on the cleaned
-captions, XLM-R id layout), and returns their paths. The pipeline then builds them into TFDS datasets with the
-ordinary json-lines builders. Everything is a deterministic function of the spec.
+captions, XLM-R id layout), ``region_train.jsonl`` and ``region_val.jsonl`` (region grounding, the 4M
+setting: ``num_train`` / ``num_val`` pictures of 2-3 different shapes at non-overlapping places, each shape an
+elem with its pixel box and its caption in the four languages; ``cclm_jax.data.region`` records; from their own
+random stream, so the other files are what they were before region files existed), and returns their paths.
+The pipeline then builds them into TFDS datasets with the ordinary json-lines builders. Everything is a
+deterministic function of the spec.
 """
 import base64
 import dataclasses
@@ -29,7 +33,6 @@ import os
 import pathlib
 import shutil
 import tempfile
-from typing import Dict
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -47,6 +50,9 @@ COLOURS = {
 }
 BACKGROUND = (240, 240, 240)
 SIZES = {"small": 0.13, "medium": 0.2, "large": 0.28}  # radius / image side
+REGION_SCALE = 0.7  # shapes of the region pictures (2-3 per picture) are this much smaller
+REGION_SHAPES = (2, 3)  # shapes per region picture (uniform)
+_AND = {"en": "and", "de": "und", "fr": "et", "es": "y"}
 _WORD_LIMIT = 64  # demo captions have at most 5 words
 
 # Nouns with grammatical gender (m/f/n).
@@ -158,6 +164,12 @@ def render(scene: Scene, image_size: int, rng: np.random.Generator) -> np.ndarra
     draw = ImageDraw.Draw(canvas)
     r = SIZES[scene.size] * rng.uniform(0.92, 1.08) * big
     cx, cy = rng.uniform(1.02 * r, big - 1.02 * r, size=2)
+    _draw_shape(draw, scene, cx, cy, r)
+    return _downscale_with_noise(canvas, image_size, rng)
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, scene: Scene, cx: float, cy: float, r: float) -> None:
+    """Draw ``scene``'s shape centred at (cx, cy) with radius ``r`` (canvas pixels)."""
     colour = COLOURS[scene.colour]
     if scene.shape in ("circle", "ring"):
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
@@ -169,9 +181,50 @@ def render(scene: Scene, image_size: int, rng: np.random.Generator) -> np.ndarra
         draw.rectangle([cx - side, cy - side, cx + side, cy + side], fill=colour)
     else:
         draw.polygon(_shape_points(scene.shape, cx, cy, r), fill=colour)
+
+
+def _shape_extent(shape: str, r: float) -> tuple[float, float, float, float]:
+    """(left, top, right, bottom) offsets of the drawn shape from its centre, canvas pixels."""
+    if shape in ("circle", "ring"):
+        return -r, -r, r, r
+    if shape == "square":
+        return -0.85 * r, -0.85 * r, 0.85 * r, 0.85 * r
+    points = np.array(_shape_points(shape, 0.0, 0.0, r))
+    return (*points.min(axis=0), *points.max(axis=0))
+
+
+def _downscale_with_noise(canvas: Image.Image, image_size: int, rng: np.random.Generator) -> np.ndarray:
     pixels = np.asarray(canvas.resize((image_size, image_size), Image.Resampling.BOX), np.float32)
     pixels = pixels + rng.normal(0.0, 4.0, pixels.shape)
     return np.clip(np.round(pixels), 0, 255).astype(np.uint8)
+
+
+def render_regions(scenes: list[Scene], image_size: int, rng: np.random.Generator) -> tuple[np.ndarray, list] | None:
+    """A picture with every scene of ``scenes`` at a random place, no two bounding boxes within 2 pixels of each
+    other, shapes ``REGION_SCALE`` times their single-shape size. Returns (uint8 (image_size, image_size, 3),
+    [[x, y, w, h], ...] integer boxes in pixels enclosing each drawn shape), or None when 50 tries per shape
+    found no free place."""
+    big = image_size * 4
+    canvas = Image.new("RGB", (big, big), BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    boxes: list[list[int]] = []
+    placed = []
+    for scene in scenes:
+        r = SIZES[scene.size] * REGION_SCALE * rng.uniform(0.92, 1.08) * big
+        left, top, right, bottom = _shape_extent(scene.shape, r)
+        for _ in range(50):
+            cx, cy = rng.uniform(1.02 * r, big - 1.02 * r, size=2)
+            x0, y0 = int(np.floor((cx + left) / 4)), int(np.floor((cy + top) / 4))
+            x1, y1 = int(np.ceil((cx + right) / 4)), int(np.ceil((cy + bottom) / 4))
+            x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, image_size), min(y1, image_size)
+            if all(x0 >= b[2] + 2 or x1 + 2 <= b[0] or y0 >= b[3] + 2 or y1 + 2 <= b[1] for b in placed):
+                break
+        else:
+            return None
+        placed.append((x0, y0, x1, y1))
+        boxes.append([x0, y0, x1 - x0, y1 - y0])
+        _draw_shape(draw, scene, cx, cy, r)
+    return _downscale_with_noise(canvas, image_size, rng), boxes
 
 
 def _png_base64(pixels: np.ndarray) -> str:
@@ -203,18 +256,64 @@ def _write_parallel(path: pathlib.Path, count: int, rng: np.random.Generator):
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
-def demo_paths(data_dir, spec: DemoSpec) -> Dict[str, str]:
-    """Where ``prepare_demo`` puts the files of ``spec`` (keys train, val, parallel, spm)."""
+def region_record(scenes: list[Scene], image_size: int, rng: np.random.Generator) -> dict | None:
+    """One region json-lines record (``cclm_jax.data.region``) of ``scenes`` drawn together, or None when they
+    do not fit: ``binary`` base64 PNG, ``caption`` = {lang: the shapes' captions joined by "and"}, ``elems`` =
+    [{"bb": [x, y, w, h] pixels, "caption": {lang: text}}] in the order of ``scenes``."""
+    drawn = render_regions(scenes, image_size, rng)
+    if drawn is None:
+        return None
+    pixels, boxes = drawn
+    whole = {lang: f" {_AND[lang]} ".join(caption(s, lang) for s in scenes) for lang in LANGUAGES}
+    elems = [{"bb": box, "caption": {lang: caption(s, lang) for lang in LANGUAGES}} for s, box in zip(scenes, boxes)]
+    return {"binary": _png_base64(pixels), "caption": whole, "elems": elems}
+
+
+def _write_region_split(path: pathlib.Path, count: int, spec: DemoSpec, rng: np.random.Generator) -> None:
+    """``count`` pictures of 2-3 different scenes each (distinct captions, so each caption names one shape)."""
+    with path.open("w", encoding="utf-8") as f:
+        written = 0
+        while written < count:
+            n = REGION_SHAPES[rng.integers(len(REGION_SHAPES))]
+            scenes = []
+            while len(scenes) < n:
+                scene = random_scene(rng)
+                if scene not in scenes:
+                    scenes.append(scene)
+            record = region_record(scenes, spec.image_size, rng)
+            if record is not None:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                written += 1
+
+
+def _write_regions(root: pathlib.Path, spec: DemoSpec) -> None:
+    """``region_train.jsonl`` (``num_train`` pictures) and ``region_val.jsonl`` (``num_val``) from their own
+    random stream (seeded by (seed, 17)), so the other files stay what they were; atomic per file."""
+    rng = np.random.default_rng([spec.seed, 17])
+    for name, count in (("region_train", spec.num_train), ("region_val", spec.num_val)):
+        staging = root / f".{name}.{os.getpid()}.tmp"
+        _write_region_split(staging, count, spec, rng)
+        os.replace(staging, root / f"{name}.jsonl")
+
+
+def demo_paths(data_dir, spec: DemoSpec) -> dict[str, str]:
+    """Where ``prepare_demo`` puts the files of ``spec`` (keys train, val, parallel, spm, region_train,
+    region_val)."""
     root = pathlib.Path(os.path.expanduser(str(data_dir))) / spec.key()
     return {"train": str(root / "train.jsonl"), "val": str(root / "val.jsonl"),
-            "parallel": str(root / "parallel.jsonl"), "spm": str(root / "spm.model")}
+            "parallel": str(root / "parallel.jsonl"), "spm": str(root / "spm.model"),
+            "region_train": str(root / "region_train.jsonl"), "region_val": str(root / "region_val.jsonl")}
 
 
-def prepare_demo(data_dir, spec: DemoSpec = DemoSpec()) -> Dict[str, str]:
-    """Generate the demo files once (atomically) and return ``demo_paths(data_dir, spec)``."""
+def prepare_demo(data_dir, spec: DemoSpec | None = None) -> dict[str, str]:
+    """Generate the demo files of ``spec`` (default ``DemoSpec()``) once (atomically) and return
+    ``demo_paths(data_dir, spec)``; a directory generated before region files existed gets them added."""
+    spec = spec or DemoSpec()
     paths = demo_paths(data_dir, spec)
     root = pathlib.Path(paths["train"]).parent
     if (root / "spec.json").exists():
+        if not os.path.exists(paths["region_val"]):  # generated before the region files existed
+            _write_regions(root, spec)
         return paths
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{spec.key()}-", dir=root.parent))
@@ -224,6 +323,7 @@ def prepare_demo(data_dir, spec: DemoSpec = DemoSpec()) -> Dict[str, str]:
         _write_image_split(staging / "val.jsonl", spec.num_val, spec, rng)
         _write_parallel(staging / "parallel.jsonl", spec.num_parallel, rng)
         Tokenizer.train(texts, staging / "spm", vocab_size=spec.vocab_size)
+        _write_regions(staging, spec)
         (staging / "spec.json").write_text(json.dumps(dataclasses.asdict(spec), sort_keys=True))
         try:
             staging.rename(root)

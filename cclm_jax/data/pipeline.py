@@ -38,7 +38,7 @@ import dataclasses
 import json
 import os
 import weakref
-from typing import Callable, Dict, Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import tensorflow as tf
@@ -62,7 +62,7 @@ _TEXT_KEYS = ("text_ids", "text_atts", "text_ids_masked", "masked_pos", "masked_
 
 # ----------------------------------------------------------------------------- opening sources
 
-def _demo_paths(cfg) -> Dict[str, str]:
+def _demo_paths(cfg) -> dict[str, str]:
     spec = demo_lib.DemoSpec(**cfg.demo.to_dict())
     return demo_lib.prepare_demo(os.path.join(os.path.expanduser(cfg.data_dir), "demo"), spec)
 
@@ -118,7 +118,8 @@ def open_parallel_text(cfg):
 def open_region(cfg):
     """(Source, split) of the ``region`` section."""
     section = cfg.region
-    source = region_lib.region_jsonl({"train": list(section.paths)}, _tfds_dir(cfg), image_field=section.image_field,
+    paths = [_demo_paths(cfg)["region_train"]] if section.kind == "demo" else list(section.paths)
+    source = region_lib.region_jsonl({"train": paths}, _tfds_dir(cfg), image_field=section.image_field,
                                      image_root=section.image_root)
     return source, "train"
 
@@ -279,7 +280,7 @@ class BatchIterator:
     """
 
     def __init__(self, kind: str, make_dataset: Callable[[int, int], tf.data.Dataset],
-                 batch_size: int, skipped: Dict[str, int]):
+                 batch_size: int, skipped: dict[str, int]):
         self.kind = kind
         self.batch_size = batch_size
         self.skipped = dict(skipped)
@@ -288,10 +289,10 @@ class BatchIterator:
         self._next_example = 0
         self._iterator = None
 
-    def __iter__(self) -> Iterator[Dict[str, np.ndarray]]:
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return self
 
-    def __next__(self) -> Dict[str, np.ndarray]:
+    def __next__(self) -> dict[str, np.ndarray]:
         if self._iterator is None:
             self._iterator = iter(self._make_dataset(self._batches, self._next_example))
             _OPEN_ITERATORS.add(self)
@@ -306,12 +307,12 @@ class BatchIterator:
         self._iterator = None
         _OPEN_ITERATORS.discard(self)
 
-    def get_state(self) -> Dict[str, np.ndarray]:
+    def get_state(self) -> dict[str, np.ndarray]:
         """Position after the last batch handed out (numpy int64 scalars)."""
         return {"batches": np.int64(self._batches), "next_example": np.int64(self._next_example),
                 "batch_size": np.int64(self.batch_size)}
 
-    def set_state(self, state: Dict[str, np.ndarray]) -> None:
+    def set_state(self, state: dict[str, np.ndarray]) -> None:
         """Continue from a ``get_state()`` result (of a pipeline with the same config)."""
         missing = {"batches", "next_example", "batch_size"} - set(state)
         if missing:
@@ -323,7 +324,7 @@ class BatchIterator:
         self._next_example = int(state["next_example"])
         self.close()
 
-    def metrics(self) -> Dict[str, int]:
+    def metrics(self) -> dict[str, int]:
         """Counters to log: examples skipped at build time, by reason."""
         return {f"data/{self.kind}/skipped_{reason}": n for reason, n in sorted(self.skipped.items())}
 
@@ -487,7 +488,7 @@ def _region_pipeline(cfg, source, split, size, tokenizer, process_index):
 
 
 def build_train_pipelines(data_config, tokenizer: Tokenizer, *, process_index: int = 0,
-                          process_count: int = 1) -> Dict[str, BatchIterator]:
+                          process_count: int = 1) -> dict[str, BatchIterator]:
     """``{kind: BatchIterator}`` for each kind of ``data_config.mix`` with a positive ratio."""
     validate_data_config(data_config)
     cfg = data_config
@@ -516,7 +517,7 @@ class HostBatches:
     ``get_state()`` / ``set_state()`` map each shard index to its ``BatchIterator`` state.
     """
 
-    def __init__(self, shards: Dict[int, BatchIterator]):
+    def __init__(self, shards: dict[int, BatchIterator]):
         if not shards:
             raise ValueError("HostBatches needs at least one shard")
         self.shards = dict(sorted(shards.items()))
@@ -524,10 +525,10 @@ class HostBatches:
         self.kind = first.kind
         self.batch_size = sum(it.batch_size for it in self.shards.values())
 
-    def __iter__(self) -> Iterator[Dict[str, np.ndarray]]:
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return self
 
-    def __next__(self) -> Dict[str, np.ndarray]:
+    def __next__(self) -> dict[str, np.ndarray]:
         batches = [next(it) for it in self.shards.values()]
         if len(batches) == 1:
             return batches[0]
@@ -540,11 +541,11 @@ class HostBatches:
         for it in self.shards.values():
             it.close()
 
-    def get_state(self) -> Dict[int, Dict[str, np.ndarray]]:
+    def get_state(self) -> dict[int, dict[str, np.ndarray]]:
         """``{shard index: BatchIterator.get_state()}`` for the shards of this process."""
         return {shard: it.get_state() for shard, it in self.shards.items()}
 
-    def set_state(self, states: Dict[int, Dict[str, np.ndarray]]) -> None:
+    def set_state(self, states: dict[int, dict[str, np.ndarray]]) -> None:
         """Continue from ``{shard index: state}`` (it may hold other processes' shards too)."""
         missing = sorted(set(self.shards) - set(states))
         if missing:
@@ -553,13 +554,13 @@ class HostBatches:
         for shard, it in self.shards.items():
             it.set_state(states[shard])
 
-    def metrics(self) -> Dict[str, int]:
+    def metrics(self) -> dict[str, int]:
         """The source's build-time skip counts (the same for every shard)."""
         return next(iter(self.shards.values())).metrics()
 
 
 def build_host_pipelines(data_config, tokenizer: Tokenizer, *, process_index: int = 0,
-                         process_count: int = 1) -> Dict[str, HostBatches]:
+                         process_count: int = 1) -> dict[str, HostBatches]:
     """``{kind: HostBatches}`` of process ``process_index`` of ``process_count``: input shards
     ``p*k .. p*k+k-1`` of ``data.host_shards`` (k = host_shards / process_count)."""
     shards = resolve_host_shards(data_config, process_count)
@@ -582,12 +583,12 @@ class RetrievalData:
     """
 
     num_images: int
-    texts: Dict[str, Dict[str, np.ndarray]]
+    texts: dict[str, dict[str, np.ndarray]]
     batch_size: int
     _images: tf.data.Dataset
-    skipped: Dict[str, int]
+    skipped: dict[str, int]
 
-    def image_batches(self) -> Iterator[Dict[str, np.ndarray]]:
+    def image_batches(self) -> Iterator[dict[str, np.ndarray]]:
         for batch in self._images:
             batch = {k: v.numpy() for k, v in batch.items()}
             n = batch["image"].shape[0]
@@ -607,7 +608,7 @@ def build_retrieval_eval(data_config, tokenizer: Tokenizer, *, section: str = "e
     records = source.read(split)
     settings = TextSettings(reader.max_tokens, reader.max_words, 1, 0.5)
     languages = list(reader.languages)
-    by_language: Dict[str, list] = {}
+    by_language: dict[str, list] = {}
     num_images = 0
     for example in records.map(lambda ex: {"captions": ex["captions"], "languages": ex["languages"],
                                            "allowed": _allowed_captions(ex, languages)}):

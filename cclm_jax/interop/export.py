@@ -53,6 +53,9 @@ def architecture_dict(model_config: ml_collections.ConfigDict) -> dict:
     v, t = model_config.vision, model_config.text
     if v.get("kind", "swin") == "vit":
         vision = {name: v[name] for name in VIT_FIELDS}
+    elif v.get("ape", False):
+        raise ValueError("model.vision.ape: a Swin with an absolute position embedding cannot be exported yet (the "
+                         "official layout and the PyTorch port have none)")
     else:
         vision = {"image_res": int(v.image_res), "patch_size": int(v.patch_size), "embed_dim": int(v.embed_dim),
                   "depths": [int(d) for d in v.depths], "num_heads": [int(h) for h in v.num_heads],

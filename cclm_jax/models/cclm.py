@@ -198,7 +198,7 @@ def vision_tower(model_config: ml_collections.ConfigDict, deterministic: bool) -
         image_res=v.image_res, patch_size=v.patch_size, embed_dim=v.embed_dim,
         depths=tuple(v.depths), num_heads=tuple(v.num_heads), window_size=v.window_size,
         mlp_ratio=v.mlp_ratio, drop_path_rate=v.drop_path_rate, remat=model_config.remat,
-        deterministic=deterministic, dtype=dtype, scan_layers=scan)
+        deterministic=deterministic, dtype=dtype, scan_layers=scan, ape=v.get("ape", False))
 
 
 def is_x2vlm(model_config: ml_collections.ConfigDict) -> bool:

@@ -5,7 +5,8 @@
 
 - `vision`: kind ('swin', the default when absent, or 'vit'); Swin: image_res (px), patch_size, embed_dim
   (stage-0 width), depths, num_heads (per stage), window_size, mlp_ratio, drop_path_rate (max stochastic-depth
-  rate, linear over all blocks); ViT (`vit_vision_config`, `models/vit.py`): image_res, patch_size, embed_dim
+  rate, linear over all blocks), ape (a learned absolute position embedding after the patch embedding, as the
+  official Swin's option; False in CCLM); ViT (`vit_vision_config`, `models/vit.py`): image_res, patch_size, embed_dim
   (width), depth, num_heads, mlp_ratio, drop_path_rate, layer_norm_eps, qkv_bias ('qv' | 'qkv' | 'none'),
   rel_pos_bias, pos_grid (stored absolute-position grid side, 0: none), layer_scale_init (0: none),
   pool ('mean' | 'cls').
@@ -40,6 +41,7 @@ def base_model_config() -> ml_collections.ConfigDict:
         "vision": {
             "image_res": 224, "patch_size": 4, "embed_dim": 128, "depths": (2, 2, 18, 2),
             "num_heads": (4, 8, 16, 32), "window_size": 7, "mlp_ratio": 4.0, "drop_path_rate": 0.1,
+            "ape": False,
         },
         "text": {
             "vocab_size": 250002, "hidden_size": 1024, "num_heads": 16, "intermediate_size": 4096,

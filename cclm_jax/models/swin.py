@@ -4,7 +4,8 @@ Semantics follow the official CCLM/Swin code (spec §1.2): patch embedding conv 
 stages of window attention with a relative position bias table ((2W-1)^2, heads), cyclic shift on odd
 blocks with an additive -100 mask, no shift (and window = stage resolution) when the stage resolution is
 <= the window, PatchMerging in the reference channel order with LayerNorm and a bias-free reduction,
-final LayerNorm, and a mean-pooled "CLS" token prepended to the patch tokens.
+final LayerNorm, and a mean-pooled "CLS" token prepended to the patch tokens. `ape` (off in CCLM; the official
+Swin's option) adds a learned absolute position embedding (1, (H/p)^2, C) after the patch embedding.
 
 Images are NHWC float32, already normalised. Parameter names mirror the PyTorch state_dict
 (`layers.{s}.blocks.{b}.attn.qkv` <-> `layers_{s}/blocks_{b}/attn/qkv`) so conversion is a name map.
@@ -291,9 +292,14 @@ class SwinTransformer(nn.Module):
     deterministic: bool = True
     dtype: Any = jnp.float32
     scan_layers: bool = False
+    ape: bool = False
 
     def setup(self):
         n_stages = len(self.depths)
+        if self.ape:  # the official Swin's optional absolute position embedding (off in CCLM's towers)
+            grid = self.image_res // self.patch_size
+            self.absolute_pos_embed = param_with_axes(self, "absolute_pos_embed", trunc_normal_init(0.02),
+                                                      (1, grid * grid, self.embed_dim), (None, None, "embed"))
         rates = np.linspace(0.0, self.drop_path_rate, sum(self.depths)).tolist()
         self.patch_embed = PatchEmbed(self.patch_size, self.embed_dim, self.dtype)
         layers, start = [], 0
@@ -315,6 +321,8 @@ class SwinTransformer(nn.Module):
 
     def __call__(self, image: jax.Array) -> jax.Array:
         x = self.patch_embed(image.astype(self.dtype))
+        if self.ape:
+            x = x + self.absolute_pos_embed.astype(self.dtype)
         for layer in self.layers:
             x = layer(x)
         x = self.norm(x)

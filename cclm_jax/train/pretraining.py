@@ -188,7 +188,17 @@ def eval_makers(config: ml_collections.ConfigDict, tokenizer) -> dict:
             raise ValueError(f"config.evals.{name}.k_test must be a non-negative integer, got {k_test!r}")
         return lambda params, step: dev_retrieval(config, params, parallel.make_mesh(config.mesh), tokenizer, k_test)
 
-    return {"dev_retrieval": make_dev_retrieval}
+    def make_grounding(name: str, spec) -> Callable:
+        from cclm_jax.data.demo import DemoSpec, prepare_demo
+        from cclm_jax.evaluation.grounding import make_grounding
+
+        def demo_val_path() -> str:
+            root = os.path.join(os.path.expanduser(config.data.data_dir), "demo")
+            return prepare_demo(root, DemoSpec(**config.data.demo.to_dict()))["region_val"]
+
+        return make_grounding(config.data, config.model, name, spec, tokenizer, demo_val_path)
+
+    return {"dev_retrieval": make_dev_retrieval, "grounding": make_grounding}
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
