@@ -179,13 +179,20 @@ class TrainBatches:
 
     rows: the training rows; global_batch: B (divisible by `process_count`); seed: `train.seed`;
     text: keyword arguments of `text_fields` (max_tokens, max_words, and for xGQA max_answers, answer_tokens).
+    image_features: an object whose `lookup(sources)` gives the (N, T, D) image-tower outputs of image sources
+    (`tasks.locked_tower.ImageFeatures`): batches then carry `image_embeds` instead of `image` pixels (one image
+    per row, no augmentation).
     """
 
     def __init__(self, task: str, rows: Sequence, tokenizer: Tokenizer, *, global_batch: int, image_res: int,
-                 seed: int, augment: bool = True, process_index: int = 0, process_count: int = 1, **text):
+                 seed: int, augment: bool = True, process_index: int = 0, process_count: int = 1,
+                 image_features=None, **text):
         if global_batch % process_count:
             raise ValueError(f"config.train.batch_size {global_batch} is not divisible by the {process_count} "
                              "processes")
+        if image_features is not None and (augment or task == "marvl"):
+            raise ValueError("cached image-tower features need one image per row and data.augment = False")
+        self.image_features = image_features
         self.task, self.rows, self.tokenizer = task, list(rows), tokenizer
         self.global_batch, self.image_res, self.seed, self.augment = global_batch, image_res, seed, augment
         self.host_batch = global_batch // process_count
@@ -222,6 +229,9 @@ class TrainBatches:
         rows = [self.rows[i] for i in index]
         sources = [s for r in rows for s in row_images(self.task, r)]
         k = self.images_per_row
+        if self.image_features is not None:
+            yield from self._feature_batches(rows, sources, valid)
+            return
         if self.augment:
             seeds = np.stack([np.full(len(sources), self.seed, np.int64),
                               np.repeat(positions * k, k) + np.tile(np.arange(k), len(rows))], axis=1)
@@ -237,5 +247,13 @@ class TrainBatches:
                 batch.update(image=pixels[0::2], image_2=pixels[1::2])
             else:
                 batch["image"] = pixels
+            batch["valid"] = valid[chunk]
+            yield batch
+
+    def _feature_batches(self, rows: list, sources: list, valid: np.ndarray) -> Iterator[dict[str, np.ndarray]]:
+        for start in range(0, len(rows), self.host_batch):
+            chunk = slice(start, start + self.host_batch)
+            batch = text_fields(self.task, rows[chunk], self.tokenizer, **self.text)
+            batch["image_embeds"] = self.image_features.lookup(sources[chunk])
             batch["valid"] = valid[chunk]
             yield batch

@@ -9,7 +9,9 @@
   official Swin's option; False in CCLM); ViT (`vit_vision_config`, `models/vit.py`): image_res, patch_size, embed_dim
   (width), depth, num_heads, mlp_ratio, drop_path_rate, layer_norm_eps, qkv_bias ('qv' | 'qkv' | 'none'),
   rel_pos_bias, pos_grid (stored absolute-position grid side, 0: none), layer_scale_init (0: none),
-  pool ('mean' | 'cls').
+  pool ('mean' | 'cls'). Both: frozen (a locked image tower, LiT: no gradient reaches it; pair it with a zero
+  weight-decay row for `vision_encoder/.*`, as `configs/small_real.py` does; retrieval fine-tuning without
+  augmentation then encodes each training image once, `tasks.locked_tower`).
 - `cross` (CCLM-X2VLM only, `x2vlm_model_config`; its presence selects `models.x2vlm.X2VLM`): num_layers,
   num_heads, intermediate_size, layer_norm_eps of the separate cross encoder.
 - `text`: vocab_size (-1: the tokenizer's, resolved at the start of training), hidden_size, num_heads,
@@ -41,7 +43,7 @@ def base_model_config() -> ml_collections.ConfigDict:
         "vision": {
             "image_res": 224, "patch_size": 4, "embed_dim": 128, "depths": (2, 2, 18, 2),
             "num_heads": (4, 8, 16, 32), "window_size": 7, "mlp_ratio": 4.0, "drop_path_rate": 0.1,
-            "ape": False,
+            "ape": False, "frozen": False,
         },
         "text": {
             "vocab_size": 250002, "hidden_size": 1024, "num_heads": 16, "intermediate_size": 4096,
@@ -75,7 +77,7 @@ def vit_vision_config(variant: str, size: str) -> ml_collections.ConfigDict:
     6 heads), 'base' (768 x 12, 12 heads) or 'large' (1024 x 24, 16 heads)."""
     width, depth, heads = {"small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16)}[size]
     fields = {"kind": "vit", "image_res": 224, "embed_dim": width, "depth": depth, "num_heads": heads,
-              "mlp_ratio": 4.0, "layer_norm_eps": 1e-6}
+              "mlp_ratio": 4.0, "layer_norm_eps": 1e-6, "frozen": False}
     if variant == "beit2":
         fields.update(patch_size=16, drop_path_rate=0.1, qkv_bias="qv", rel_pos_bias=True, pos_grid=0,
                       layer_scale_init=0.1, pool="mean")

@@ -10,7 +10,8 @@ Tasks (`config.task`):
 
 Batches (host numpy, built by `data.finetune_input`; images uint8 NHWC are normalised on device by
 `data.image.prepare_batch`):
-- retrieval: `image` (B, H, W, 3), `text_ids`, `text_atts` (B, L), `idx` (B,) image id (same id = positive).
+- retrieval: `image` (B, H, W, 3), `text_ids`, `text_atts` (B, L), `idx` (B,) image id (same id = positive);
+  or, instead of `image`, `image_embeds` (B, T, D): a locked image tower's outputs (`tasks.locked_tower`).
 - xvnli: `image`, `text_ids`, `text_atts` (the hypothesis), `label` (B,).
 - marvl: `image` (left), `image_2` (right), `text_ids`, `text_atts`, `label` (B,) (1 = true).
 - xgqa: `image`, `text_ids`, `text_atts` (the question), `answer_ids`, `answer_atts` (B, A, La) (`<s> answer
@@ -80,7 +81,9 @@ def default_finetune_config(task: str) -> ml_collections.ConfigDict:
     data: tokenizer (SentencePiece model; default: the init workdir's), max_tokens, max_words, languages
       (evaluated), train_language, augment (the reference's training image transform; False: resize only);
       test_root (folder of the test annotation files when not the training root), skip_missing_images (drop and
-      count records whose image file is missing instead of stopping); the task configs add their annotation and
+      count records whose image file is missing instead of stopping), cache_locked_features (retrieval with a
+      locked image tower and no augmentation: encode each training image once, `tasks.locked_tower`; False:
+      run the tower in every step); the task configs add their annotation and
       image locations (`data.finetune_data`).
     mesh: `parallel.make_mesh` sizes. distributed: call `jax.distributed.initialize()` first (multi-host).
     """
@@ -103,7 +106,7 @@ def default_finetune_config(task: str) -> ml_collections.ConfigDict:
         "eval": {"batch_size": 96, "k_test": 128, "start_epoch": 0},
         "evals": {"test": {"kind": "test", "every": 1, "unit": "epochs"}},
         "data": {"tokenizer": "", "max_tokens": 40, "max_words": 40, "languages": ("en",), "train_language": "en",
-                 "augment": True, "test_root": "", "skip_missing_images": False},
+                 "augment": True, "test_root": "", "skip_missing_images": False, "cache_locked_features": True},
         "mesh": {"data": -1},
         "distributed": False,
     })
@@ -239,7 +242,11 @@ def retrieval_losses(model: CCLM, params, batch, rng, *, config: ml_collections.
     if not dropout:
         k_img = k_txt = k_itm = None
     idx, valid = batch.get("idx"), batch.get("valid")
-    image_embeds, image_atts = ctx("encode_image", batch["image"], rng=k_img)
+    if "image_embeds" in batch:  # a locked tower's outputs, computed once (`tasks.locked_tower`)
+        image_embeds = batch["image_embeds"]
+        image_atts = jnp.ones(image_embeds.shape[:2], jnp.int32)
+    else:
+        image_embeds, image_atts = ctx("encode_image", batch["image"], rng=k_img)
     text_embeds = ctx("encode_text", batch["text_ids"], batch["text_atts"], rng=k_txt)
     image_feat, text_feat = ctx("features", image_embeds, text_embeds)
     temp = params["temp"]

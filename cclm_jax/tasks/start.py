@@ -43,7 +43,7 @@ from cclm_jax.tasks import definitions
 log = logging.getLogger(__name__)
 
 RUNTIME_FIELDS = ("dtype", "remat", "attention_impl", "cache_cross_kv", "scan_layers", "vision.drop_path_rate",
-                  "text.hidden_dropout", "text.attention_dropout")
+                  "vision.frozen", "text.hidden_dropout", "text.attention_dropout")
 GEOMETRY_FIELDS = ("vision.image_res", "vision.window_size")
 RELATIVE_POSITION_TABLE = "relative_position_bias_table"
 
@@ -87,7 +87,8 @@ def task_model_config(source: ml_collections.ConfigDict, requested: ml_collectio
     """The checkpoint's architecture `source` with `requested`'s geometry and runtime fields."""
     out = ml_collections.ConfigDict(source.to_dict())
     for field in GEOMETRY_FIELDS + RUNTIME_FIELDS:
-        _set(out, field, _get(requested, field))
+        if field != "vision.frozen" or "frozen" in requested.vision:
+            _set(out, field, _get(requested, field))
     validate_model_config(out)
     return out
 

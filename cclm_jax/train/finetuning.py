@@ -46,18 +46,20 @@ from cclm_jax import optimizer as optimizer_lib
 from cclm_jax import parallel
 from cclm_jax.checkpoint import Checkpointer
 from cclm_jax.data.finetune_data import load_task_data, report_name
-from cclm_jax.data.finetune_input import TrainBatches
+from cclm_jax.data.finetune_input import TrainBatches, row_images
 from cclm_jax.data.tokenizer import Tokenizer
 from cclm_jax.evaluation import report
 from cclm_jax.evaluation.finetune_eval import TaskEvaluator
 from cclm_jax.interop.workdir import read_run_config, restore_params
 from cclm_jax.tasks import definitions as task_lib
+from cclm_jax.tasks import locked_tower
 from cclm_jax.tasks import start as task_start
 from cclm_jax.train import steps, trainer
 
 log = logging.getLogger(__name__)
 
-TEXT_FIELDS = ("max_answers", "answer_tokens")  # xGQA training fields besides max_tokens / max_words
+TEXT_FIELDS = ("max_answers", "answer_tokens")
+LOCKED_TOWER_NO_DECAY = (("vision_encoder/.*", 0.0),)  # xGQA training fields besides max_tokens / max_words
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
@@ -90,8 +92,14 @@ def finetune_schedule(train_config: ml_collections.ConfigDict, num_train_example
 def make_task_optimizer(config: ml_collections.ConfigDict, schedule: ml_collections.ConfigDict,
                         params) -> optax.GradientTransformation:
     """`optimizer.make_optimizer` with the run's `optimizer` section (lr 3e-5, lr x2 for the task head) and
-    `schedule` (one scheduler step per update)."""
-    return optimizer_lib.make_optimizer(config.optimizer, schedule, params)
+    `schedule` (one scheduler step per update). A locked image tower (`model.vision.frozen`) gets no weight decay
+    either (`LOCKED_TOWER_NO_DECAY` heads the decay table), so AdamW leaves it bitwise as loaded."""
+    optimizer_config = config.optimizer
+    if config.model.vision.get("frozen", False) and LOCKED_TOWER_NO_DECAY[0] not in [
+            tuple(row) for row in optimizer_config.wd_mults]:
+        optimizer_config = ml_collections.ConfigDict(optimizer_config.to_dict())
+        optimizer_config.wd_mults = LOCKED_TOWER_NO_DECAY + tuple(optimizer_config.wd_mults)
+    return optimizer_lib.make_optimizer(optimizer_config, schedule, params)
 
 
 def make_train_step(config: ml_collections.ConfigDict, optimizer: optax.GradientTransformation, *,
@@ -187,10 +195,17 @@ def build_task(config: ml_collections.ConfigDict, workdir: str, resuming: bool) 
     init_rng, _ = jax.random.split(jax.random.PRNGKey(config.train.seed))
     tokenizer, host_params = _resolve(config, workdir, resuming, init_rng)
     schedule = finetune_schedule(config.train, len(data.train))
+    features = None
+    if locked_tower.uses_cached_features(config):
+        params = host_params if host_params is not None else restore_params(workdir)[1]  # the tower never changes
+        sources = [s for row in data.train for s in row_images(config.task, row)]
+        features = locked_tower.encode_training_images(config.model, params, sources,
+                                                       image_res=config.model.vision.image_res,
+                                                       batch_size=config.eval.batch_size)
     inputs = TrainBatches(config.task, data.train, tokenizer, global_batch=config.train.batch_size,
                           image_res=config.model.vision.image_res, seed=config.train.seed,
                           augment=config.data.augment, process_index=jax.process_index(),
-                          process_count=jax.process_count(), **_text_options(config))
+                          process_count=jax.process_count(), image_features=features, **_text_options(config))
     per_epoch = inputs.steps_per_epoch
     log.info("%s: %d training examples, %d steps (%d epochs of %d)", report_name(config), len(data.train),
              schedule.total_steps, config.train.epochs, per_epoch)

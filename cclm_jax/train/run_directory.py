@@ -57,12 +57,14 @@ def _as_json(config: ml_collections.ConfigDict) -> dict:
 
 
 def added_since(saved: dict, config: dict) -> set[str]:
-    """Dotted keys of `config` that `saved` lacks and whose value is today's default (`default_run_config`): keys
-    added to the package after the run was written, at the value the run used without knowing them (a new batch
-    kind's ratio only at 0)."""
+    """Dotted keys of `config` that `saved` lacks and whose value is today's default (`default_run_config`, or a
+    fine-tuning task's `default_finetune_config`): keys added to the package after the run was written, at the
+    value the run used without knowing them (a new batch kind's ratio only at 0)."""
     from cclm_jax.run_config import default_run_config
+    from cclm_jax.tasks import default_finetune_config
 
-    old, new, defaults = _flat(saved), _flat(config), _flat(_as_json(default_run_config()))
+    default = default_finetune_config(config["task"]) if config.get("task") else default_run_config()
+    old, new, defaults = _flat(saved), _flat(config), _flat(_as_json(default))
     return {k for k, v in new.items() if k not in old and k in defaults and defaults[k] == v
             and (not k.startswith("data.mix.") or v == 0)}
 
