@@ -19,8 +19,8 @@ import tensorflow as tf
 from flax import linen as nn
 
 from cclm_jax.checkpoint import Checkpointer
-from cclm_jax.data.finetune_data import load_task_data
 from cclm_jax.data import finetune_input
+from cclm_jax.data.finetune_data import load_task_data
 from cclm_jax.data.finetune_input import TrainBatches
 from cclm_jax.data.tokenizer import Tokenizer
 from cclm_jax.evaluation import metrics, report

@@ -46,6 +46,7 @@ def test_base_model_lowers_full_forward():
     ("text.fusion_layer", 12, "fusion_layer"),
     ("text.num_heads", 3, "not divisible by num_heads"),
     ("dtype", "float8", "model.dtype"),
+    ("text.pool", "max", "model.text.pool must be 'cls' or 'mean'"),
 ])
 def test_invalid_model_config_is_rejected_before_building(field, value, message):
     cfg = tiny_model_config()
@@ -95,3 +96,20 @@ def test_dropout_is_active_only_when_not_deterministic(tiny_params):
         {"params": p}, ids, atts, method=train_model.encode_text, rngs={"dropout": key}))
     a, b = np.asarray(noisy(params, jax.random.PRNGKey(1))), np.asarray(noisy(params, jax.random.PRNGKey(2)))
     assert not np.allclose(a, det) and not np.allclose(a, b)
+
+
+def test_mean_pooled_text_puts_the_sentence_mean_in_the_cls_slot(tiny_params):
+    """text.pool='mean': position 0 of the text states is the masked mean of the 'cls' model's states (padding
+    left out), every other position unchanged; the ITC text feature is its projection."""
+    cfg, params = tiny_params
+    ids = jnp.arange(16, dtype=jnp.int32).reshape(2, 8) + 5
+    atts = jnp.array([[1] * 8, [1] * 5 + [0] * 3], jnp.int32)
+    mean_cfg = cfg.copy_and_resolve_references()
+    mean_cfg.text.pool = "mean"
+    cls_model, mean_model = build_model(cfg), build_model(mean_cfg)
+    cls_states = np.asarray(cls_model.apply({"params": params}, ids, atts, method=cls_model.encode_text))
+    mean_states = np.asarray(mean_model.apply({"params": params}, ids, atts, method=mean_model.encode_text))
+    np.testing.assert_array_equal(mean_states[:, 1:], cls_states[:, 1:])
+    expected = [cls_states[0].mean(0), cls_states[1, :5].mean(0)]
+    np.testing.assert_allclose(mean_states[:, 0], np.stack(expected), rtol=1e-6, atol=1e-6)  # measured 2e-7
+    assert not np.allclose(mean_states[:, 0], cls_states[:, 0])

@@ -21,7 +21,7 @@ Texts: `encode_texts` (captions, hypotheses, statements; questions with `text.pr
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 

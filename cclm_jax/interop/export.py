@@ -51,6 +51,9 @@ def architecture_dict(model_config: ml_collections.ConfigDict) -> dict:
     CCLM-X2VLM adds `cross` (num_layers, num_heads, intermediate_size, layer_norm_eps).
     """
     v, t = model_config.vision, model_config.text
+    if t.get("pool", "cls") != "cls":
+        raise ValueError(f"model.text.pool={t.pool!r}: only CLS pooling can be exported (the official layout and the "
+                         "PyTorch port have no other)")
     if v.get("kind", "swin") == "vit":
         vision = {name: v[name] for name in VIT_FIELDS}
     elif v.get("ape", False):

@@ -108,7 +108,12 @@ class CCLM(nn.Module):
         return embeds, jnp.ones(embeds.shape[:2], jnp.int32)
 
     def encode_text(self, ids: jax.Array, atts: jax.Array) -> jax.Array:
-        return self.text_encoder.encode(ids, atts)
+        embeds = self.text_encoder.encode(ids, atts)
+        if self.config.text.get("pool", "cls") == "mean":  # the CLS slot carries the sentence's mean state
+            weights = atts[..., None].astype(embeds.dtype)
+            mean = (embeds * weights).sum(1) / jnp.maximum(weights.sum(1), 1)
+            embeds = embeds.at[:, 0].set(mean)
+        return embeds
 
     def image_features(self, image_embeds: jax.Array) -> jax.Array:
         return l2_normalize(self.vision_proj(image_embeds[:, 0].astype(jnp.float32)))

@@ -16,7 +16,10 @@
   num_heads, intermediate_size, layer_norm_eps of the separate cross encoder.
 - `text`: vocab_size (-1: the tokenizer's, resolved at the start of training), hidden_size, num_heads,
   intermediate_size, num_layers, fusion_layer (first layer with cross-attention), max_position_embeddings,
-  type_vocab_size, layer_norm_eps, hidden_dropout, attention_dropout, pad_token_id, mask_token_id.
+  type_vocab_size, layer_norm_eps, hidden_dropout, attention_dropout, pad_token_id, mask_token_id, pool ('cls':
+  the first token's state after the text layers feeds ITC and starts the fusion stack, as in CCLM; 'mean': that
+  slot carries the masked mean of the sentence's states instead, for text towers trained with mean pooling such
+  as e5, whose CLS state is the same for every sentence; CCLM only).
 - `embed_dim`: contrastive projection width; `temp`: initial temperature.
 - `dtype`: compute dtype ('float32' | 'bfloat16'); parameters are always float32.
 - `remat`: rematerialise each Swin block and text layer in the backward pass.
@@ -49,7 +52,7 @@ def base_model_config() -> ml_collections.ConfigDict:
             "vocab_size": 250002, "hidden_size": 1024, "num_heads": 16, "intermediate_size": 4096,
             "num_layers": 12, "fusion_layer": 6, "max_position_embeddings": 514, "type_vocab_size": 1,
             "layer_norm_eps": 1e-5, "hidden_dropout": 0.1, "attention_dropout": 0.1,
-            "pad_token_id": 1, "mask_token_id": 250001,
+            "pad_token_id": 1, "mask_token_id": 250001, "pool": "cls",
         },
         "embed_dim": 256,
         "temp": 0.07,
@@ -204,6 +207,10 @@ def validate_model_config(cfg: ml_collections.ConfigDict) -> None:
         errors.append(f"model.dtype {cfg.dtype!r} is not one of {sorted(DTYPES)}")
     if cfg.get("attention_impl", "xla") not in ATTENTION_IMPLS:
         errors.append(f"model.attention_impl {cfg.attention_impl!r} is not one of {ATTENTION_IMPLS}")
+    if t.get("pool", "cls") not in ("cls", "mean"):
+        errors.append(f"model.text.pool must be 'cls' or 'mean', got {t.pool!r}")
+    elif t.get("pool", "cls") == "mean" and "cross" in cfg:
+        errors.append("model.text.pool='mean' is a CCLM option; CCLM-X2VLM pools its text tower's CLS state")
     for switch in ("cache_cross_kv", "scan_layers"):
         if not isinstance(cfg.get(switch, False), bool):
             errors.append(f"model.{switch} must be True or False, got {cfg[switch]!r}")

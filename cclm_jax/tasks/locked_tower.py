@@ -5,12 +5,12 @@ as loaded) and `data.augment = False` (every epoch sees the same resized pixels)
 image never changes during a run. Retrieval fine-tuning then encodes each distinct training image once, before the
 first step, and the batches carry `image_embeds` (B, T, D) instead of pixels (`data.finetune_input.TrainBatches`),
 so a step runs only the text, fusion and head layers: on the 2-core CPU `configs/small_real.py` goes from 5.1 s to
-~1 s per step of 32 (benchmarks/RESULTS.md). The losses are the same function of the same numbers up to float32
+2.4 s per step of 32 (benchmarks/RESULTS.md). The losses are the same function of the same numbers up to float32
 rounding of the tower's batched forward (test_finetune_program).
 
-The cache is host memory: images x T x D in the compute dtype (Flickr8k's 3,000 training pictures through DINOv2-S/14 at 224 px:
-3,000 x 257 x 384 x 4 B = 1.2 GB). Every process encodes every distinct training image (the mixture of rows a host
-reads changes with the epoch).
+The cache is host memory: images x T x D in the compute dtype (Flickr8k's 3,000 training pictures through
+DINOv2-S/14 at 224 px, float32: 3,000 x 257 x 384 x 4 B = 1.2 GB, encoded in 265 s on the 2-core CPU). Every
+process encodes every distinct training image (the rows a host reads change with the epoch).
 """
 from __future__ import annotations
 
@@ -27,13 +27,13 @@ from cclm_jax.data.finetune_input import eval_image_batches
 from cclm_jax.data.normalize import normalize
 from cclm_jax.models import build_model
 
-log = logging.getLogger(__name__)
+progress = logging.getLogger("cclm_jax.progress")  # the run's console lines (`train.console.PROGRESS`)
 
 
 @dataclasses.dataclass(frozen=True)
 class ImageFeatures:
-    """The locked tower's outputs: ``embeds`` (N, T, D) in the model's compute dtype for the images ``index`` maps to rows
-    ({(path or base64 text, is_base64): row})."""
+    """The locked tower's outputs: ``embeds`` (N, T, D) in the model's compute dtype for the images ``index``
+    maps to rows ({(path or base64 text, is_base64): row})."""
 
     index: dict
     embeds: np.ndarray
@@ -63,6 +63,7 @@ def encode_training_images(model_config: ml_collections.ConfigDict, params: dict
         embeds, _ = model.apply({"params": params}, normalize(pixels), method=model.encode_image)
         return embeds
 
+    progress.info("locked image tower: encoding the %d training images once", len(distinct))
     start, parts = time.perf_counter(), []
     for pixels in eval_image_batches(distinct, image_res, batch_size):
         n = len(pixels)
@@ -70,6 +71,6 @@ def encode_training_images(model_config: ml_collections.ConfigDict, params: dict
             pixels = np.concatenate([pixels, np.repeat(pixels[-1:], batch_size - n, axis=0)])
         parts.append(np.asarray(encode(pixels))[:n])
     embeds = np.concatenate(parts)
-    log.info("locked image tower: %d training images encoded once in %.0f s (%.2f GB of features; "
+    progress.info("locked image tower: %d training images encoded once in %.0f s (%.2f GB of features; "
              "data.cache_locked_features)", len(distinct), time.perf_counter() - start, embeds.nbytes / 1e9)
     return ImageFeatures({s: i for i, s in enumerate(distinct)}, embeds)
