@@ -383,6 +383,9 @@ JAX_ATOL = 5e-6
 def test_torch_x2vlm_equals_the_jax_model(jax_x2vlm, kind):
     variant, expected, export_dir, th_path, x = jax_x2vlm
     model = load(export_dir if kind == "export_dir" else th_path)
+    if kind == "official_th":  # official.save records the architecture under config['architecture']
+        with pytest.raises(ConfigError, match="records 2 text attention heads, but text_num_heads=3 was given"):
+            load(th_path, text_num_heads=3)
     assert isinstance(model, X2VLM) and not model.training
     assert model.config["vision"]["pool"] == ("mean" if variant == "beit2" else "cls")
     assert model.config["text"]["num_heads"] == 2 and model.config["cross"]["num_heads"] == 4  # recorded, not guessed

@@ -155,6 +155,10 @@ def load(path: str | pathlib.Path, config: Mapping | None = None, text_num_heads
             state_dict = checkpoint["model"]
             if config is None:
                 config = _recorded_architecture(checkpoint.get("config"))
+                recorded = None if config is None else config["text"].get("num_heads")
+                if text_num_heads and recorded is not None and int(text_num_heads) != int(recorded):
+                    raise ConfigError(f"{path} records {recorded} text attention heads, but text_num_heads="
+                                      f"{text_num_heads} was given: leave it unset to use the file's value")
         else:
             state_dict = checkpoint
         if not isinstance(state_dict, Mapping) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
