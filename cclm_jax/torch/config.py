@@ -41,12 +41,12 @@ def _positive_float(value: Any, field: str) -> float:
     return float(value)
 
 
-def _section(config: Mapping, name: str, fields: tuple) -> Mapping:
+def _section(config: Mapping, name: str, fields: tuple, optional: tuple = ()) -> Mapping:
     section = config.get(name)
     if not isinstance(section, Mapping):
         raise ConfigError(f"config field {name!r}: expected a dict, got {section!r}")
     missing = [f for f in fields if f not in section]
-    unknown = sorted(set(section) - set(fields))
+    unknown = sorted(set(section) - set(fields) - set(optional))
     if missing:
         raise ConfigError(f"config section {name!r} lacks field(s) {missing}")
     if unknown:
@@ -76,9 +76,17 @@ def vision_width(vision: Mapping) -> int:
 
 
 def validate_config(config: Mapping) -> dict:
-    """Check an architecture config (layout in the module docstring) and return a normalised copy.
+    """Check an architecture config and return a normalised copy: a CCLM config (layout in the module docstring)
+    or, when it has a ``cross`` section, a CCLM-X2VLM one (``validate_x2vlm_config``).
 
     Raises ConfigError naming the offending field."""
+    if is_x2vlm_config(config):
+        return validate_x2vlm_config(config)
+    return validate_cclm_config(config)
+
+
+def validate_cclm_config(config: Mapping) -> dict:
+    """Check a CCLM architecture config (layout in the module docstring) and return a normalised copy."""
     if not isinstance(config, Mapping):
         raise ConfigError(f"config: expected a dict, got {type(config).__name__}")
     unknown = sorted(set(config) - {"vision", "text", "embed_dim"})
@@ -130,20 +138,24 @@ def validate_config(config: Mapping) -> dict:
     return {"vision": vision, "text": text, "embed_dim": embed_dim}
 
 
-def _shape(state_dict: Mapping, key: str) -> tuple:
+def _shape(state_dict: Mapping, key: str, family: str = "CCLM") -> tuple:
     if key not in state_dict:
-        raise ConfigError(f"state_dict has no {key!r}: not a CCLM pre-training state_dict")
+        raise ConfigError(f"state_dict has no {key!r}: not a {family} pre-training state_dict")
     return tuple(state_dict[key].shape)
 
 
-def config_from_state_dict(state_dict: Mapping[str, torch.Tensor], text_num_heads: int = 16,
+def config_from_state_dict(state_dict: Mapping[str, torch.Tensor], text_num_heads: int | None = None,
                            image_res: int | None = None, layer_norm_eps: float = 1e-5) -> dict:
-    """Infer the architecture config from the tensor shapes of an official CCLM state_dict.
+    """Infer the architecture config from the tensor shapes of an official CCLM or CCLM-X2VLM pre-training
+    state_dict (``state_dict_family``); ConfigError in one line for anything else.
 
-    Shapes cannot tell the number of text attention heads (``text_num_heads``: 16 for XLM-R-large) nor
-    the text LayerNorm eps. ``image_res`` is read from the shifted-window mask buffer
+    Shapes cannot tell the number of text attention heads nor the text LayerNorm eps. CCLM:
+    ``text_num_heads`` defaults to 16 (XLM-R-large); ``image_res`` is read from the shifted-window mask buffer
     ``vision_encoder.layers.0.blocks.1.attn_mask`` (num_windows, window², window²); pass it when that
-    buffer is absent. Returns a validated config dict."""
+    buffer is absent. CCLM-X2VLM: see ``x2vlm_config_from_state_dict``. Returns a validated config dict."""
+    if state_dict_family(state_dict) == "x2vlm":
+        return x2vlm_config_from_state_dict(state_dict, text_num_heads, image_res, layer_norm_eps)
+    text_num_heads = text_num_heads or 16
     v, t = "vision_encoder.", "text_encoder."
     embed, _, patch, _ = _shape(state_dict, v + "patch_embed.proj.weight")
     block_re = re.compile(r"^vision_encoder\.layers\.(\d+)\.blocks\.(\d+)\.")
@@ -186,4 +198,178 @@ def config_from_state_dict(state_dict: Mapping[str, torch.Tensor], text_num_head
                  "layer_norm_eps": layer_norm_eps},
         "embed_dim": _shape(state_dict, "text_proj.weight")[0],
     }
-    return validate_config(config)
+    return validate_cclm_config(config)
+
+
+# ------------------------------------------------------------------------------------------------ CCLM-X2VLM
+VIT_FIELDS = ("kind", "image_res", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "layer_norm_eps",
+              "qkv_bias", "rel_pos_bias", "pos_grid", "layer_scale_init", "pool")
+CROSS_FIELDS = ("num_layers", "num_heads", "intermediate_size", "layer_norm_eps")
+QKV_BIASES, POOLS = ("qv", "qkv", "none"), ("mean", "cls")
+XLMR_PAD_TOKEN_ID = 1  # XLM-R's <pad>: RoBERTa position ids count from pad + 1
+KNOWN_TEXT_HEADS = {1024: 16, 768: 12}  # XLM-R large / base, by width (as cclm_jax.interop.official)
+X2VLM = "CCLM-X2VLM"
+CROSS_LAYER_NORM_EPS = 1e-12  # X2-VLM's cross encoder is built from a BertConfig
+
+
+def is_x2vlm_config(config: object) -> bool:
+    """A CCLM-X2VLM architecture config: it has a ``cross`` section (the separate cross encoder)."""
+    return isinstance(config, Mapping) and "cross" in config
+
+
+def state_dict_family(state_dict: Mapping) -> str:
+    """'x2vlm' for a CCLM-X2VLM state_dict (``cross_encoder.*`` keys), 'cclm' for a CCLM pre-training one
+    (``text_encoder.bert.*``); anything else raises ConfigError in one line."""
+    if any(key.startswith("cross_encoder.") for key in state_dict):
+        return "x2vlm"
+    if "text_encoder.bert.embeddings.word_embeddings.weight" in state_dict:
+        return "cclm"
+    hint = (" (it looks like a fine-tuned CCLM: retrieval / XVNLI / NLVR / VQA layouts are not supported)"
+            if "text_encoder.embeddings.word_embeddings.weight" in state_dict else "")
+    raise ConfigError(f"state_dict is neither a CCLM pre-training state_dict (no "
+                      f"'text_encoder.bert.embeddings.word_embeddings.weight') nor a CCLM-X2VLM one (no "
+                      f"'cross_encoder.*' keys){hint}; its first keys: {list(state_dict)[:3]}")
+
+
+def _flag(value: Any, field: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"config field {field!r}: expected true or false, got {value!r}")
+    return value
+
+
+def _choice(value: Any, field: str, choices: tuple) -> str:
+    if value not in choices:
+        raise ConfigError(f"config field {field!r}: expected one of {list(choices)}, got {value!r}")
+    return value
+
+
+def _non_negative(value: Any, field: str, kind: type) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) or value < 0:
+        raise ConfigError(f"config field {field!r}: expected a non-negative {kind.__name__}, got {value!r}")
+    return kind(value)
+
+
+def validate_x2vlm_config(config: Mapping) -> dict:
+    """Check a CCLM-X2VLM architecture config and return a normalised copy. Layout (``config.json`` of
+    ``cclm-jax export``)::
+
+        {"vision": {"kind": "vit", "image_res": 224, "patch_size": 16, "embed_dim": 768, "depth": 12,
+                    "num_heads": 12, "mlp_ratio": 4.0, "layer_norm_eps": 1e-6, "qkv_bias": "qv",
+                    "rel_pos_bias": true, "pos_grid": 0, "layer_scale_init": 0.1, "pool": "mean"},
+         "text": {... the CCLM text fields, fusion_layer = num_layers; optional pad_token_id (1) ...},
+         "cross": {"num_layers": 6, "num_heads": 12, "intermediate_size": 3072, "layer_norm_eps": 1e-12},
+         "embed_dim": 256}
+
+    ``vision`` is the ViT of ``cclm_jax.torch.vit`` (BEiT-v2: qkv_bias 'qv', rel_pos_bias, layer scale, pool
+    'mean'; DINOv2: qkv_bias 'qkv', pos_grid, pool 'cls'). Raises ConfigError naming the offending field."""
+    if not isinstance(config, Mapping):
+        raise ConfigError(f"config: expected a dict, got {type(config).__name__}")
+    unknown = sorted(set(config) - {"vision", "text", "cross", "embed_dim"})
+    if unknown:
+        raise ConfigError(f"config has unknown top-level field(s) {unknown}; expected vision, text, cross, "
+                          f"embed_dim")
+    if "embed_dim" not in config:
+        raise ConfigError("config lacks the top-level field 'embed_dim' (ITC projection size)")
+    v = _section(config, "vision", VIT_FIELDS)
+    t = _section(config, "text", _TEXT_INT_FIELDS + ("layer_norm_eps",), optional=("pad_token_id",))
+    c = _section(config, "cross", CROSS_FIELDS)
+    if v["kind"] != "vit":
+        raise ConfigError(f"config field 'vision.kind': CCLM-X2VLM takes a ViT ('vit'), got {v['kind']!r}")
+    vision = {"kind": "vit"}
+    for f in ("image_res", "patch_size", "embed_dim", "depth", "num_heads"):
+        vision[f] = _positive_int(v[f], f"vision.{f}")
+    vision["mlp_ratio"] = _positive_float(v["mlp_ratio"], "vision.mlp_ratio")
+    vision["layer_norm_eps"] = _positive_float(v["layer_norm_eps"], "vision.layer_norm_eps")
+    vision["qkv_bias"] = _choice(v["qkv_bias"], "vision.qkv_bias", QKV_BIASES)
+    vision["rel_pos_bias"] = _flag(v["rel_pos_bias"], "vision.rel_pos_bias")
+    vision["pos_grid"] = _non_negative(v["pos_grid"], "vision.pos_grid", int)
+    vision["layer_scale_init"] = _non_negative(v["layer_scale_init"], "vision.layer_scale_init", float)
+    vision["pool"] = _choice(v["pool"], "vision.pool", POOLS)
+    text = {f: _positive_int(t[f], f"text.{f}") for f in _TEXT_INT_FIELDS}
+    text["layer_norm_eps"] = _positive_float(t["layer_norm_eps"], "text.layer_norm_eps")
+    text["pad_token_id"] = _non_negative(t.get("pad_token_id", XLMR_PAD_TOKEN_ID), "text.pad_token_id", int)
+    cross = {f: _positive_int(c[f], f"cross.{f}") for f in CROSS_FIELDS[:3]}
+    cross["layer_norm_eps"] = _positive_float(c["layer_norm_eps"], "cross.layer_norm_eps")
+    embed_dim = _positive_int(config["embed_dim"], "embed_dim")
+
+    if vision["image_res"] % vision["patch_size"]:
+        raise ConfigError(f"config field 'vision.image_res' {vision['image_res']} is not a multiple of "
+                          f"'vision.patch_size' {vision['patch_size']}")
+    if vision["embed_dim"] % vision["num_heads"]:
+        raise ConfigError(f"config field 'vision.embed_dim' {vision['embed_dim']} is not divisible by "
+                          f"'vision.num_heads' {vision['num_heads']}")
+    for name, heads in (("text.num_heads", text["num_heads"]), ("cross.num_heads", cross["num_heads"])):
+        if text["hidden_size"] % heads:
+            raise ConfigError(f"config field 'text.hidden_size' {text['hidden_size']} is not divisible by "
+                              f"{name!r} {heads}")
+    if text["fusion_layer"] != text["num_layers"]:
+        raise ConfigError(f"config field 'text.fusion_layer' {text['fusion_layer']} must equal text.num_layers "
+                          f"{text['num_layers']}: the CCLM-X2VLM text encoder has no cross-attention")
+    if text["max_position_embeddings"] <= text["pad_token_id"] + 1:
+        raise ConfigError(f"config field 'text.max_position_embeddings' {text['max_position_embeddings']} leaves "
+                          f"no position after text.pad_token_id {text['pad_token_id']} + 1 (RoBERTa positions)")
+    if vision["embed_dim"] != text["hidden_size"]:
+        raise ConfigError(f"ViT width 'vision.embed_dim' {vision['embed_dim']} must equal text.hidden_size "
+                          f"{text['hidden_size']}: the cross encoder's key/value projections take image tokens and "
+                          f"sentence states alike")
+    return {"vision": vision, "text": text, "cross": cross, "embed_dim": embed_dim}
+
+
+def _count(pattern: str, keys) -> int:
+    found = {int(m.group(1)) for m in map(re.compile(pattern).match, keys) if m}
+    if sorted(found) != list(range(len(found))):
+        raise ConfigError(f"state_dict blocks matching {pattern!r} are numbered {sorted(found)}, not 0..n-1")
+    return len(found)
+
+
+def x2vlm_config_from_state_dict(state_dict: Mapping[str, torch.Tensor], text_num_heads: int | None = None,
+                                 image_res: int | None = None, layer_norm_eps: float = 1e-5) -> dict:
+    """Infer the CCLM-X2VLM architecture from an official X2-VLM ``CrossViewLM`` state_dict (as
+    ``cclm_jax.interop.official`` does): ViT variant from which keys exist, sizes from shapes, vision heads
+    from the relative position table. Shapes cannot tell the text heads: ``text_num_heads`` (default 16 for
+    width 1024, 12 for 768, else width / 32); the cross encoder gets as many, and LayerNorm eps 1e-12 (a
+    BertConfig). ``image_res``: default the relative-position grid (or the stored ``pos_embed`` grid, else 224)
+    times the patch size."""
+    v, keys = "vision_encoder.", list(state_dict)
+
+    def shape(key: str) -> tuple:
+        return _shape(state_dict, key, X2VLM)
+
+    width, _, patch, _ = shape(v + "patch_embed.proj.weight")
+    block = v + "blocks.0."
+    rel_pos_bias = block + "attn.relative_position_bias_table" in state_dict
+    pos_grid = math.isqrt(shape(v + "pos_embed")[1] - 1) if v + "pos_embed" in state_dict else 0
+    if rel_pos_bias:
+        rows, heads = shape(block + "attn.relative_position_bias_table")
+        grid = (math.isqrt(rows - 3) + 1) // 2
+        if (2 * grid - 1) ** 2 + 3 != rows:
+            raise ConfigError(f"state_dict {block + 'attn.relative_position_bias_table'!r} has {rows} rows, not "
+                              f"(2*grid-1)^2 + 3 for any grid")
+    else:
+        heads, grid = max(1, width // 64), pos_grid or 224 // patch
+    vision = {"kind": "vit", "image_res": image_res or grid * patch, "patch_size": patch, "embed_dim": width,
+              "depth": _count(r"^vision_encoder\.blocks\.(\d+)\.", keys), "num_heads": heads,
+              "mlp_ratio": shape(block + "mlp.fc1.weight")[0] / width, "layer_norm_eps": 1e-6,
+              "qkv_bias": ("qv" if block + "attn.q_bias" in state_dict
+                           else "qkv" if block + "attn.qkv.bias" in state_dict else "none"),
+              "rel_pos_bias": rel_pos_bias, "pos_grid": pos_grid,
+              "layer_scale_init": 0.1 if block + "gamma_1" in state_dict else 0.0,
+              "pool": "mean" if v + "fc_norm.weight" in state_dict else "cls"}
+    t = "text_encoder."
+    vocab, hidden = shape(t + "embeddings.word_embeddings.weight")
+    heads = text_num_heads or KNOWN_TEXT_HEADS.get(hidden, max(1, hidden // 32))
+    layers = _count(r"^text_encoder\.encoder\.layer\.(\d+)\.", keys)
+    config = {
+        "vision": vision,
+        "text": {"vocab_size": vocab, "hidden_size": hidden, "num_heads": heads,
+                 "intermediate_size": shape(t + "encoder.layer.0.intermediate.dense.weight")[0],
+                 "num_layers": layers, "fusion_layer": layers,
+                 "max_position_embeddings": shape(t + "embeddings.position_embeddings.weight")[0],
+                 "type_vocab_size": shape(t + "embeddings.token_type_embeddings.weight")[0],
+                 "layer_norm_eps": layer_norm_eps, "pad_token_id": XLMR_PAD_TOKEN_ID},
+        "cross": {"num_layers": _count(r"^cross_encoder\.encoder\.layer\.(\d+)\.", keys), "num_heads": heads,
+                  "intermediate_size": shape("cross_encoder.encoder.layer.0.intermediate.dense.weight")[0],
+                  "layer_norm_eps": CROSS_LAYER_NORM_EPS},
+        "embed_dim": shape("text_proj.weight")[0],
+    }
+    return validate_x2vlm_config(config)

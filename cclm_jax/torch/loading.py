@@ -1,5 +1,7 @@
-"""Load CCLM weights into ``cclm_jax.torch.CCLM`` from official ``.th`` files, bare state_dicts or
-``model.safetensors`` + ``config.json``, with key-by-key checks.
+"""Load CCLM or CCLM-X2VLM weights into ``cclm_jax.torch.CCLM`` / ``cclm_jax.torch.X2VLM`` from official ``.th``
+files, bare state_dicts or ``model.safetensors`` + ``config.json``, with key-by-key checks. The family comes from
+the config (a ``cross`` section: CCLM-X2VLM) or, without one, from the state_dict's keys
+(``config.state_dict_family``).
 
 Torch files are read with ``torch.load(..., weights_only=True)``: a file from the internet can run code
 when unpickled. ``allow_pickle=True`` switches to full unpickling (with a warning) for trusted files only.
@@ -12,20 +14,17 @@ from collections.abc import Mapping
 
 import torch
 
-from cclm_jax.torch.config import ConfigError, config_from_state_dict
-from cclm_jax.torch.model import CCLM
+from cclm_jax.torch.config import ConfigError, config_from_state_dict, is_x2vlm_config
+from cclm_jax.torch.model import CCLM, ContrastiveMatchingHeads
+from cclm_jax.torch.x2vlm import X2VLM
 
-# (key, its tied twin): the MLM decoder shares storage with the word embeddings and the prediction bias.
-TIED_KEYS = (
-    ("text_encoder.bert.embeddings.word_embeddings.weight", "text_encoder.cls.predictions.decoder.weight"),
-    ("text_encoder.cls.predictions.bias", "text_encoder.cls.predictions.decoder.bias"),
-)
+TIED_KEYS = CCLM.TIED_KEYS  # the CCLM pairs (kept for callers); each model class lists its own
 SAFETENSORS_NAME, CONFIG_NAME = "model.safetensors", "config.json"
 _LISTED = 5  # offending keys named per kind of mismatch
 
 
 class StateDictMismatchError(ValueError):
-    """A state_dict does not fit the CCLM module: missing / unexpected keys, wrong shapes or buffers."""
+    """A state_dict does not fit the CCLM / CCLM-X2VLM module: missing / unexpected keys, wrong shapes or buffers."""
 
 
 def _listing(kind: str, keys: list) -> str:
@@ -33,16 +32,17 @@ def _listing(kind: str, keys: list) -> str:
     return f"{len(keys)} {kind}: {keys[:_LISTED]}{more}"
 
 
-def complete_state_dict(model: CCLM, state_dict: Mapping[str, torch.Tensor]) -> dict:
+def complete_state_dict(model: ContrastiveMatchingHeads, state_dict: Mapping[str, torch.Tensor]) -> dict:
     """Check ``state_dict`` against ``model`` and return it completed for ``load_state_dict(strict=True)``.
 
     Absent buffers (relative_position_index, attn_mask, position_ids) are taken from the model, which built
-    them from its config; an absent tied copy (decoder weight/bias) is taken from its twin. Raises
+    them from its config; an absent tied copy (``model.TIED_KEYS``: decoder weight/bias) is taken from its twin. Raises
     StateDictMismatchError naming the first offending keys for missing or unexpected keys, shape
     mismatches, tied copies that differ, and buffers that differ from the ones the config implies."""
     expected = model.state_dict()
     result = dict(state_dict)
-    for key, twin in TIED_KEYS:
+    tied = model.TIED_KEYS
+    for key, twin in tied:
         if key in result and twin not in result:
             result[twin] = result[key]
         elif twin in result and key not in result:
@@ -59,26 +59,36 @@ def complete_state_dict(model: CCLM, state_dict: Mapping[str, torch.Tensor]) -> 
                 (("missing key(s)", missing), ("unexpected key(s)", unexpected), ("shape mismatch(es)", shapes))
                 if keys]
     if problems:
-        raise StateDictMismatchError("state_dict does not fit the CCLM config: " + "; ".join(problems))
+        raise StateDictMismatchError(f"state_dict does not fit the {model.FAMILY} config: " + "; ".join(problems))
 
-    untied = [twin for key, twin in TIED_KEYS if not torch.equal(result[key], result[twin])]
+    untied = [twin for key, twin in tied if not torch.equal(result[key], result[twin])]
     if untied:
         raise StateDictMismatchError(f"tied tensors differ: {untied} must equal "
-                                     f"{[key for key, twin in TIED_KEYS if twin in untied]}")
+                                     f"{[key for key, twin in tied if twin in untied]}")
     stale = [name for name, buffer in buffers.items() if not torch.equal(result[name].to(buffer.dtype), buffer)]
     if stale:
-        raise StateDictMismatchError(_listing("buffer(s) differ from those the config implies (check "
-                                              "vision.image_res / vision.window_size)", stale))
+        geometry = "vision.image_res / vision.patch_size" if isinstance(model, X2VLM) else \
+            "vision.image_res / vision.window_size"
+        raise StateDictMismatchError(_listing(f"buffer(s) differ from those the config implies (check {geometry})",
+                                              stale))
     return result
 
 
+def build(config: Mapping) -> CCLM | X2VLM:
+    """The module of an architecture config: X2VLM when it has a ``cross`` section, else CCLM (train mode,
+    as any new torch module)."""
+    return X2VLM(config) if is_x2vlm_config(config) else CCLM(config)
+
+
 def from_state_dict(state_dict: Mapping[str, torch.Tensor], config: Mapping | None = None,
-                    text_num_heads: int | None = None, image_res: int | None = None) -> CCLM:
-    """Build a CCLM in eval mode from a state_dict; ``config`` defaults to ``config_from_state_dict(state_dict,
-    text_num_heads or 16, image_res)``."""
+                    text_num_heads: int | None = None, image_res: int | None = None) -> CCLM | X2VLM:
+    """Build a CCLM or CCLM-X2VLM in eval mode from a state_dict; ``config`` defaults to
+    ``config_from_state_dict(state_dict, text_num_heads, image_res)`` (text heads: 16 for a CCLM; by width for
+    a CCLM-X2VLM, see ``config.x2vlm_config_from_state_dict``). A state_dict of neither family raises
+    ConfigError."""
     if config is None:
-        config = config_from_state_dict(state_dict, text_num_heads or 16, image_res)
-    model = CCLM(config)
+        config = config_from_state_dict(state_dict, text_num_heads, image_res)
+    model = build(config)
     model.load_state_dict(complete_state_dict(model, state_dict), strict=True)
     return model.eval()
 
@@ -102,17 +112,29 @@ def _is_architecture(config: object) -> bool:
     return isinstance(config, Mapping) and "vision" in config and "text" in config
 
 
+def _recorded_architecture(config: object) -> Mapping | None:
+    """The architecture a torch file's ``'config'`` records: itself when it has this package's layout, or its
+    ``'architecture'`` entry (what ``cclm_jax.interop.official.save`` and ``cclm-jax export`` write)."""
+    if _is_architecture(config):
+        return config
+    if isinstance(config, Mapping) and _is_architecture(config.get("architecture")):
+        return config["architecture"]
+    return None
+
+
 def load(path: str | pathlib.Path, config: Mapping | None = None, text_num_heads: int | None = None,
-         image_res: int | None = None, allow_pickle: bool = False) -> CCLM:
-    """Load a CCLM (eval mode, float32, CPU) from one of:
+         image_res: int | None = None, allow_pickle: bool = False) -> CCLM | X2VLM:
+    """Load a CCLM or CCLM-X2VLM (eval mode, float32, CPU) from one of:
 
     - a torch file (``.th``/``.pth``/``.bin``): ``{'model': state_dict, 'config': ...}`` or a bare state_dict;
     - a ``.safetensors`` file, or a directory holding ``model.safetensors``, with ``config.json`` beside it.
 
     The architecture is ``config`` if given, else ``config.json`` (safetensors), else the checkpoint's
-    ``'config'`` when it has this package's layout (``vision``/``text``/``embed_dim``), else inferred from
-    tensor shapes (``text_num_heads`` defaults to 16, XLM-R-large; the official training config holds no
-    architecture numbers). Raises StateDictMismatchError / ConfigError / ValueError naming the file and key."""
+    ``'config'`` when it has this package's layout (``vision``/``text``/``embed_dim``, also under
+    ``'architecture'`` as our ``.th`` exports write it), else inferred from tensor shapes (text heads: see
+    ``from_state_dict``; the official training config holds no architecture numbers). Official X2-VLM
+    ``CrossViewLM`` files (``cross_encoder.*`` keys) give an X2VLM. Raises StateDictMismatchError / ConfigError /
+    ValueError naming the file and key."""
     path = pathlib.Path(path)
     if path.is_dir():
         path = path / SAFETENSORS_NAME
@@ -131,8 +153,12 @@ def load(path: str | pathlib.Path, config: Mapping | None = None, text_num_heads
         checkpoint = _read_torch_file(path, allow_pickle)
         if isinstance(checkpoint, Mapping) and "model" in checkpoint:
             state_dict = checkpoint["model"]
-            if config is None and _is_architecture(checkpoint.get("config")):
-                config = checkpoint["config"]
+            if config is None:
+                config = _recorded_architecture(checkpoint.get("config"))
+                recorded = None if config is None else config["text"].get("num_heads")
+                if text_num_heads and recorded is not None and int(text_num_heads) != int(recorded):
+                    raise ConfigError(f"{path} records {recorded} text attention heads, but text_num_heads="
+                                      f"{text_num_heads} was given: leave it unset to use the file's value")
         else:
             state_dict = checkpoint
         if not isinstance(state_dict, Mapping) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):

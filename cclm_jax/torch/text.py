@@ -40,11 +40,14 @@ class Embeddings(nn.Module):
 
 
 class MultiHeadProjections(nn.Module):
-    """Scaled dot-product attention; ``key``/``value`` read the context (itself, or the condition)."""
+    """Scaled dot-product attention; ``key``/``value`` read the context (itself, or the condition).
 
-    def __init__(self, hidden: int, num_heads: int):
+    ``scale_query_first``: divide q by sqrt(head_dim) before q.k^T (X2-VLM's XLM-R text encoder) instead of the
+    scores after it (BERT); the same maths, rounded differently in float32."""
+
+    def __init__(self, hidden: int, num_heads: int, scale_query_first: bool = False):
         super().__init__()
-        self.num_heads = num_heads
+        self.num_heads, self.scale_query_first = num_heads, scale_query_first
         self.query = nn.Linear(hidden, hidden)
         self.key = nn.Linear(hidden, hidden)
         self.value = nn.Linear(hidden, hidden)
@@ -56,7 +59,10 @@ class MultiHeadProjections(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """x (B, Lq, H), context (B, Lk, H), mask (B, 1, 1, Lk) additive -> (B, Lq, H)."""
         q, k, v = self._heads(self.query(x)), self._heads(self.key(context)), self._heads(self.value(context))
-        scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]) + mask
+        if self.scale_query_first:
+            scores = (q / math.sqrt(q.shape[-1])) @ k.transpose(-2, -1) + mask
+        else:
+            scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]) + mask
         out = scores.softmax(dim=-1) @ v
         return out.transpose(1, 2).reshape(x.shape)
 
@@ -79,7 +85,8 @@ class Attention(nn.Module):
     def __init__(self, text: Mapping):
         super().__init__()
         hidden = text["hidden_size"]
-        self.self = MultiHeadProjections(hidden, text["num_heads"])  # official key name "self"
+        self.self = MultiHeadProjections(hidden, text["num_heads"],  # official key name "self"
+                                         text.get("scale_query_first", False))
         self.output = ResidualOutput(hidden, hidden, text["layer_norm_eps"])
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -145,14 +152,16 @@ class PredictionTransform(nn.Module):
 
 
 class LMPredictionHead(nn.Module):
-    """transform -> decoder (weight = word embeddings, bias = ``bias``); both tied copies stay in the state_dict."""
+    """transform -> decoder (weight = word embeddings, or its own when ``word_embeddings`` is None as in
+    CCLM-X2VLM; bias = ``bias``); both tied copies stay in the state_dict."""
 
-    def __init__(self, text: Mapping, word_embeddings: nn.Embedding):
+    def __init__(self, text: Mapping, word_embeddings: nn.Embedding | None):
         super().__init__()
         self.bias = nn.Parameter(torch.zeros(text["vocab_size"]))
         self.transform = PredictionTransform(text)
         self.decoder = nn.Linear(text["hidden_size"], text["vocab_size"])
-        self.decoder.weight = word_embeddings.weight
+        if word_embeddings is not None:
+            self.decoder.weight = word_embeddings.weight
         self.decoder.bias = self.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -163,7 +172,7 @@ class LMPredictionHead(nn.Module):
 class MLMHead(nn.Module):
     """Holds ``predictions`` (official key ``cls.predictions``)."""
 
-    def __init__(self, text: Mapping, word_embeddings: nn.Embedding):
+    def __init__(self, text: Mapping, word_embeddings: nn.Embedding | None):
         super().__init__()
         self.predictions = LMPredictionHead(text, word_embeddings)
 
