@@ -91,6 +91,10 @@ def test_tower_parameters_are_marked(towers):
     assert not from_pretrained["text_encoder"]["layer_6"]["crossattention"]["self"]["query"]["kernel"]
     assert not from_pretrained["itm_head"]["fc1"]["kernel"] and not from_pretrained["temp"]
     assert not from_pretrained["text_encoder"]["layer_5"].get("crossattention")  # text layers have none
+    _, params, _, _ = towers
+    dense = params["text_encoder"]["layer_6"]["crossattention"]["output"]["dense"]
+    assert not np.any(np.asarray(dense["kernel"])) and not np.any(np.asarray(dense["bias"]))  # starts closed
+    assert np.any(np.asarray(params["text_encoder"]["layer_6"]["crossattention"]["self"]["query"]["kernel"]))
 
 
 def test_dinov2_matches_onnxruntime_on_photos(towers, shared_data_dir):

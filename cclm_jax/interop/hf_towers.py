@@ -17,7 +17,12 @@
   p = (u - m_p) / s_p, so t = p * s_p / s_t + (m_p - m_t) / s_t and, the convolution being linear without
   padding, W' = W * s_p / s_t per input channel and b' = b + sum over (c, y, x) of W * (m_p - m_t) / s_t exactly;
 - new parameters (cross-attention, projections, ITM/bbox heads, the MLM head's transform and bias, `temp`) keep
-  the values `model.init(rng)` gives them.
+  the values `model.init(rng)` gives them, except the cross-attention's output projection
+  (`crossattention/output/dense`), which starts at zero: the fusion layers then start as the text tower's upper
+  layers over the sentence alone and the image enters as that projection learns. With the random projection the
+  image term swamped the sentence (DINOv2's final-norm features reach ~11): after 230 steps of
+  `configs/small_real.py` every fusion position carried the same image-determined state (ITM logits of a caption
+  with a shifted image equal those of that image's own caption) and ITM stayed at chance (0.637).
 
 Each directory holds `model.safetensors` + `config.json` (as `convert_real.save_hf` writes them); the config's
 sizes must match `model_config` (CheckpointError naming the field otherwise). `from_pretrained` mirrors `params`
@@ -169,7 +174,8 @@ def init_from_hf_towers(model_config: ml_collections.ConfigDict, vision_dir: str
         raise CheckpointError(f"the towers do not fit the model: {errors[:3]}; unused tensors {unused[:5]}")
     new_paths = [path for path, flag in _leaves(from_pretrained) if not flag]
     for path, value in zip(new_paths, _init_leaves(model_config, rng, new_paths)):
-        set_path(params, path, value)
+        gate = path[-4:-1] == ("crossattention", "output", "dense")
+        set_path(params, path, jnp.zeros_like(value) if gate else value)
     return params, from_pretrained
 
 
