@@ -123,7 +123,7 @@ def _infer_vit(sd: Mapping, keys: list[str], recorded: Mapping,
     v = ml_collections.ConfigDict({"kind": "vit", "patch_size": patch_size, "embed_dim": width,
                                    "depth": _count(rf"{re.escape(pre)}\.blocks\.(\d+)\.", keys),
                                    "mlp_ratio": _shape(sd, f"{block}.mlp.fc1.weight")[0] / width,
-                                   "layer_norm_eps": 1e-6, "drop_path_rate": 0.1})
+                                   "layer_norm_eps": 1e-6, "drop_path_rate": 0.1, "frozen": False})
     v.rel_pos_bias = f"{block}.attn.relative_position_bias_table" in sd
     v.qkv_bias = ("qv" if f"{block}.attn.q_bias" in sd else "qkv" if f"{block}.attn.qkv.bias" in sd else "none")
     v.layer_scale_init = 0.1 if f"{block}.gamma_1" in sd else 0.0
