@@ -13,7 +13,8 @@ project's CLIP input normalisation).
 Training: Flickr8k retrieval fine-tuning (ITC + ITM with image ids; test on the 237 val images at the end by the
 dual encoder's ITC scores; `eval.rerank=True` adds ITM re-ranking of the top `eval.k_test`), captions of all five
 languages (en/de/fr/cs/zh) unless a training language is given. lr 1e-4 for the text tower, x10
-(`optimizer.lr_mults`) for the new parameters (cross-attention, projections, ITM head, temperature); 5 epochs at batch 32, no augmentation. The image tower is locked (LiT):
+(`optimizer.lr_mults`) for the new parameters (cross-attention, projections, ITM head, temperature); 5 epochs
+at batch 32, no augmentation. The image tower is locked (LiT):
 `model.vision.frozen` stops its gradient and `vision_encoder/.*` heads the weight-decay table at 0, so AdamW
 leaves it exactly as loaded, and each training image is encoded once before the first step
 (`tasks.locked_tower`). The text side pools like e5 (`model.text.pool = 'mean'`): e5 was trained mean-pooled and
